@@ -1,0 +1,261 @@
+/* moe-bench: the MoE layer without sockets, alone or under mpirun.
+ *   moe-bench --config F [--tokens 1,16,256,4096] [--iters N] [--warmup N] [--json]
+ * For each token count (per rank) it runs the layers of the config in turn
+ * and prints ms per layer (median over iterations of the slowest rank),
+ * tokens/s and GFLOP/s over all ranks. */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../config/moe_config.h"
+#include "../config/moe_log.h"
+#include "../daemon/moe_mpi_boot.h"
+#include "../kernels/cpu/moe_cpu.h"
+
+#define MAX_SIZES 32
+
+typedef struct {
+    const char *config;
+    int sizes[MAX_SIZES];
+    int n_sizes;
+    int iters;
+    int warmup;
+    int json;
+} bench_args_t;
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "usage: moe-bench --config FILE [--tokens 1,16,256,4096] [--iters N] [--warmup N] [--json]\n"
+            "  Runs the configured MoE layers without sockets (alone, or under mpirun -np N).\n"
+            "  --tokens  token counts per rank, comma-separated (default 1,16,256,4096)\n"
+            "  --iters   timed iterations per token count (default 20)\n"
+            "  --warmup  untimed iterations first (default 3)\n"
+            "  --json    one JSON document instead of the table\n");
+}
+
+static int parse_int(const char *text, int min, int max, int *out) {
+    char *end = NULL;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    if (errno != 0 || end == text || *end != '\0' || v < min || v > max) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, bench_args_t *args) {
+    static const struct option options[] = {
+        {"config", required_argument, NULL, 'c'}, {"tokens", required_argument, NULL, 't'},
+        {"iters", required_argument, NULL, 'i'},  {"warmup", required_argument, NULL, 'w'},
+        {"json", no_argument, NULL, 'j'},         {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    *args = (bench_args_t){NULL, {1, 16, 256, 4096}, 4, 20, 3, 0};
+    int opt;
+    while ((opt = getopt_long(argc, argv, "c:t:i:w:jh", options, NULL)) != -1) {
+        switch (opt) {
+        case 'c': args->config = optarg; break;
+        case 't': {
+            args->n_sizes = 0;
+            char *copy = strdup(optarg), *save = NULL;
+            for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+                if (args->n_sizes == MAX_SIZES || parse_int(tok, 1, 1 << 24, &args->sizes[args->n_sizes]) != 0) {
+                    fprintf(stderr, "moe-bench: --tokens: '%s' is not a token count in [1, %d] (at most %d counts)\n",
+                            tok, 1 << 24, MAX_SIZES);
+                    free(copy);
+                    return -1;
+                }
+                args->n_sizes++;
+            }
+            free(copy);
+            if (args->n_sizes == 0) return -1;
+            break;
+        }
+        case 'i':
+            if (parse_int(optarg, 1, 1000000, &args->iters) != 0) {
+                fprintf(stderr, "moe-bench: --iters must be in [1, 1000000]\n");
+                return -1;
+            }
+            break;
+        case 'w':
+            if (parse_int(optarg, 0, 1000000, &args->warmup) != 0) {
+                fprintf(stderr, "moe-bench: --warmup must be in [0, 1000000]\n");
+                return -1;
+            }
+            break;
+        case 'j': args->json = 1; break;
+        case 'h': usage(stdout); exit(0);
+        default: usage(stderr); return -1;
+        }
+    }
+    if (args->config == NULL) {
+        usage(stderr);
+        return -1;
+    }
+    return 0;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int compare_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+typedef struct {
+    int tokens_per_rank;
+    long long tokens_total;
+    double ms_median, ms_min;
+    double tokens_per_s, gflops;
+} bench_row_t;
+
+/* Times one token count; every rank returns the same row. */
+static moe_err_t bench_size(moe_cpu_engine_t *engine, const moe_config_t *cfg, moe_ep_t ep,
+                            int n_tokens, const bench_args_t *args, bench_row_t *row, char *msg,
+                            size_t msg_size) {
+    const size_t H = (size_t)cfg->model.hidden, k = (size_t)cfg->model.top_k;
+    moe_err_t ret = MOE_OK;
+    float *x = malloc(sizeof(float) * n_tokens * H), *out = malloc(sizeof(float) * n_tokens * H);
+    int32_t *ids = malloc(sizeof(int32_t) * n_tokens * k);
+    float *weights = malloc(sizeof(float) * n_tokens * k);
+    double *times = malloc(sizeof(double) * (size_t)args->iters);
+    if (!x || !out || !ids || !weights || !times) {
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "moe-bench: out of memory for %d tokens", n_tokens);
+        goto done;
+    }
+    uint64_t s = 0x1234567ull + (uint64_t)ep.rank;
+    for (size_t i = 0; i < (size_t)n_tokens * H; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        x[i] = (float)((double)(s >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+    }
+    /* client routing: spread ids, equal weights */
+    for (size_t t = 0; t < (size_t)n_tokens; t++)
+        for (size_t i = 0; i < k; i++) {
+            ids[t * k + i] = (int32_t)((t * 7 + i) % (size_t)cfg->model.experts);
+            weights[t * k + i] = 1.0f / (float)k;
+        }
+    const int client = cfg->model.routing.method == MOE_ROUTE_CLIENT;
+    for (int it = 0; it < args->warmup + args->iters; it++) {
+        int layer = cfg->model.layer_ids[it % cfg->model.n_layers];
+        if (ep.size > 1) MPI_Barrier(ep.comm);
+        double start = now_seconds();
+        MOE_CHECK_GOTO(moe_cpu_forward(engine, layer, x, n_tokens, client ? ids : NULL,
+                                       client ? weights : NULL, out, NULL, msg, msg_size),
+                       ret, done);
+        double elapsed = now_seconds() - start;
+        if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &elapsed, 1, MPI_DOUBLE, MPI_MAX, ep.comm);
+        if (it >= args->warmup) times[it - args->warmup] = elapsed;
+    }
+    qsort(times, (size_t)args->iters, sizeof(double), compare_double);
+    row->tokens_per_rank = n_tokens;
+    row->tokens_total = (long long)n_tokens * ep.size;
+    row->ms_median = times[args->iters / 2] * 1e3;
+    row->ms_min = times[0] * 1e3;
+    row->tokens_per_s = row->tokens_total / times[args->iters / 2];
+    row->gflops = moe_cpu_flops(cfg, row->tokens_total) / times[args->iters / 2] / 1e9;
+done:
+    free(x), free(out), free(ids), free(weights), free(times);
+    return ret;
+}
+
+static void print_json(const moe_config_t *cfg, moe_ep_t ep, const bench_row_t *rows, int n_rows) {
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "backend", moe_backend_name(cfg->moe.backend));
+    cJSON_AddNumberToObject(root, "ranks", ep.size);
+    cJSON *model = cJSON_AddObjectToObject(root, "model");
+    cJSON_AddNumberToObject(model, "hidden", cfg->model.hidden);
+    cJSON_AddNumberToObject(model, "moe_intermediate", cfg->model.moe_intermediate);
+    cJSON_AddNumberToObject(model, "experts", cfg->model.experts);
+    cJSON_AddNumberToObject(model, "top_k", cfg->model.top_k);
+    cJSON_AddNumberToObject(model, "shared_intermediate", cfg->model.shared_intermediate);
+    cJSON_AddStringToObject(model, "routing", moe_route_method_name(cfg->model.routing.method));
+    cJSON_AddNumberToObject(model, "layers", cfg->model.n_layers);
+    cJSON *results = cJSON_AddArrayToObject(root, "results");
+    for (int i = 0; i < n_rows; i++) {
+        cJSON *r = cJSON_CreateObject();
+        cJSON_AddNumberToObject(r, "tokens_per_rank", rows[i].tokens_per_rank);
+        cJSON_AddNumberToObject(r, "tokens_total", (double)rows[i].tokens_total);
+        cJSON_AddNumberToObject(r, "ms_per_layer", rows[i].ms_median);
+        cJSON_AddNumberToObject(r, "ms_per_layer_min", rows[i].ms_min);
+        cJSON_AddNumberToObject(r, "tokens_per_s", rows[i].tokens_per_s);
+        cJSON_AddNumberToObject(r, "gflop_per_s", rows[i].gflops);
+        cJSON_AddItemToArray(results, r);
+    }
+    char *text = cJSON_Print(root);
+    if (text != NULL) printf("%s\n", text);
+    free(text);
+    cJSON_Delete(root);
+}
+
+int main(int argc, char **argv) {
+    bench_args_t args;
+    char msg[1024] = "";
+    moe_ep_t ep;
+    if (parse_args(argc, argv, &args) != 0) return 2;
+    if (moe_mpi_boot(&argc, &argv, &ep, msg, sizeof msg) != MOE_OK) {
+        fprintf(stderr, "moe-bench: %s\n", msg);
+        return 1;
+    }
+    moe_log_set_rank(ep.rank);
+    moe_config_t cfg;
+    moe_config_errors_t errs;
+    if (moe_config_load(args.config, &cfg, &errs) != MOE_OK) {
+        if (ep.rank == 0)
+            for (int i = 0; i < errs.count; i++) fprintf(stderr, "%s\n", errs.messages[i]);
+        moe_mpi_shutdown();
+        return 1;
+    }
+    moe_log_set_level((moe_log_level_t)cfg.log.level);
+    if (cfg.moe.backend != MOE_BACKEND_CPU) {
+        if (ep.rank == 0)
+            fprintf(stderr, "moe-bench: moe.backend '%s' is not available in this build; "
+                            "supported: cpu\n", moe_backend_name(cfg.moe.backend));
+        moe_mpi_shutdown();
+        return 1;
+    }
+    moe_cpu_engine_t *engine = NULL;
+    moe_err_t err = moe_cpu_create(&cfg, ep, &engine, msg, sizeof msg);
+    /* creation can fail on one rank only (memory): agree before any step */
+    int failed = err != MOE_OK;
+    if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, ep.comm);
+    if (failed) {
+        if (err != MOE_OK) fprintf(stderr, "moe-bench: rank %d: %s\n", ep.rank, msg);
+        moe_cpu_destroy(engine);
+        moe_mpi_shutdown();
+        return 1;
+    }
+    bench_row_t rows[MAX_SIZES];
+    if (!args.json && ep.rank == 0) {
+        printf("moe-bench: backend %s, %d rank%s, H=%d I=%d E=%d k=%d shared=%d, routing %s, "
+               "%d layer%s, %d iters\n",
+               moe_backend_name(cfg.moe.backend), ep.size, ep.size == 1 ? "" : "s",
+               cfg.model.hidden, cfg.model.moe_intermediate, cfg.model.experts, cfg.model.top_k,
+               cfg.model.shared_intermediate, moe_route_method_name(cfg.model.routing.method),
+               cfg.model.n_layers, cfg.model.n_layers == 1 ? "" : "s", args.iters);
+        printf("%12s %12s %12s %14s %12s\n", "tokens/rank", "tokens", "ms/layer", "tokens/s", "GFLOP/s");
+    }
+    int status = 0;
+    for (int i = 0; i < args.n_sizes; i++) {
+        if (bench_size(engine, &cfg, ep, args.sizes[i], &args, &rows[i], msg, sizeof msg) != MOE_OK) {
+            fprintf(stderr, "moe-bench: rank %d: %s\n", ep.rank, msg);
+            status = 1;
+            moe_mpi_abort_job(1);
+            break;
+        }
+        if (!args.json && ep.rank == 0) {
+            printf("%12d %12lld %12.3f %14.0f %12.2f\n", rows[i].tokens_per_rank,
+                   rows[i].tokens_total, rows[i].ms_median, rows[i].tokens_per_s, rows[i].gflops);
+            fflush(stdout);
+        }
+    }
+    if (status == 0 && args.json && ep.rank == 0) print_json(&cfg, ep, rows, args.n_sizes);
+    moe_cpu_destroy(engine);
+    moe_mpi_shutdown();
+    return status;
+}

@@ -1,0 +1,166 @@
+/* cpu_engine: builds the CPU engine — validates shapes against the rank
+ * count, builds the slot table, checks that the weights fit in memory, and
+ * loads the router, bias and shared expert of every layer and the experts of
+ * this rank's slots. */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../../config/moe_log.h"
+#include "../moe_weights.h"
+#include "cpu_internal.h"
+
+void *moe_cpu_reserve(moe_cpu_buffer_t *buffer, size_t size) {
+    if (size <= buffer->size && buffer->ptr != NULL) return buffer->ptr;
+    size_t grown = buffer->size * 2 > size ? buffer->size * 2 : size;
+    if (grown == 0) grown = 64;
+    void *ptr = realloc(buffer->ptr, grown);
+    if (ptr == NULL) return NULL;
+    buffer->ptr = ptr;
+    buffer->size = grown;
+    return ptr;
+}
+
+double moe_cpu_flops(const moe_config_t *cfg, int64_t n_tokens) {
+    const moe_model_config_t *m = &cfg->model;
+    double per_token = 0.0;
+    if (moe_route_needs_logits(m->routing.method)) per_token += 2.0 * m->hidden * m->experts;
+    per_token += (double)m->top_k * 6.0 * m->hidden * m->moe_intermediate;
+    per_token += 6.0 * m->hidden * m->shared_intermediate;
+    return per_token * (double)n_tokens;
+}
+
+/* Bytes of float32 weights one rank holds. */
+static double engine_bytes(const moe_config_t *cfg, int slots_per_rank) {
+    const moe_model_config_t *m = &cfg->model;
+    double per_layer = (double)m->experts * m->hidden + m->experts +
+                       3.0 * m->hidden * m->shared_intermediate + m->hidden +
+                       3.0 * (double)slots_per_rank * m->hidden * m->moe_intermediate;
+    return per_layer * m->n_layers * sizeof(float);
+}
+
+static void layer_free(moe_cpu_layer_t *layer) {
+    free(layer->router);
+    free(layer->bias);
+    free(layer->shared_w1);
+    free(layer->shared_w3);
+    free(layer->shared_w2);
+    free(layer->shared_gate);
+    free(layer->slot_w1);
+    free(layer->slot_w3);
+    free(layer->slot_w2);
+}
+
+static moe_err_t layer_load(moe_cpu_engine_t *engine, moe_weights_t *weights, int index,
+                            char *msg, size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    moe_cpu_layer_t *layer = &engine->layers[index];
+    const size_t H = (size_t)m->hidden, I = (size_t)m->moe_intermediate,
+                 E = (size_t)m->experts, Is = (size_t)m->shared_intermediate,
+                 spr = (size_t)engine->slots.slots_per_rank;
+    layer->layer = m->layer_ids[index];
+    layer->router = malloc(sizeof(float) * E * H);
+    layer->slot_w1 = malloc(sizeof(float) * spr * I * H);
+    layer->slot_w3 = malloc(sizeof(float) * spr * I * H);
+    layer->slot_w2 = malloc(sizeof(float) * spr * H * I);
+    if (m->routing.method == MOE_ROUTE_SIGMOID_GROUP_TOPK) layer->bias = malloc(sizeof(float) * E);
+    if (Is > 0) {
+        layer->shared_w1 = malloc(sizeof(float) * Is * H);
+        layer->shared_w3 = malloc(sizeof(float) * Is * H);
+        layer->shared_w2 = malloc(sizeof(float) * H * Is);
+        if (m->shared_expert_gate) layer->shared_gate = malloc(sizeof(float) * H);
+    }
+    if (layer->router == NULL || layer->slot_w1 == NULL || layer->slot_w3 == NULL ||
+        layer->slot_w2 == NULL ||
+        (m->routing.method == MOE_ROUTE_SIGMOID_GROUP_TOPK && layer->bias == NULL) ||
+        (Is > 0 && (layer->shared_w1 == NULL || layer->shared_w3 == NULL ||
+                    layer->shared_w2 == NULL || (m->shared_expert_gate && layer->shared_gate == NULL))))
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "layer %d: out of memory for weights",
+                           layer->layer);
+    MOE_CHECK(moe_weights_router(weights, layer->layer, layer->router, msg, msg_size));
+    if (layer->bias != NULL) MOE_CHECK(moe_weights_bias(weights, layer->layer, layer->bias, msg, msg_size));
+    if (Is > 0)
+        MOE_CHECK(moe_weights_shared(weights, layer->layer, layer->shared_w1, layer->shared_w3,
+                                     layer->shared_w2, layer->shared_gate, msg, msg_size));
+    int first_slot = engine->ep.rank * engine->slots.slots_per_rank;
+    for (size_t s = 0; s < spr; s++) {
+        int expert = engine->slots.slot_expert[first_slot + (int)s];
+        MOE_CHECK(moe_weights_expert(weights, layer->layer, expert, layer->slot_w1 + s * I * H,
+                                     layer->slot_w3 + s * I * H, layer->slot_w2 + s * H * I, msg,
+                                     msg_size));
+    }
+    return MOE_OK;
+}
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+moe_err_t moe_cpu_create(const moe_config_t *cfg, moe_ep_t ep, moe_cpu_engine_t **out, char *msg,
+                         size_t msg_size) {
+    moe_err_t ret = MOE_OK;
+    moe_weights_t *weights = NULL;
+    *out = NULL;
+    moe_cpu_engine_t *engine = calloc(1, sizeof *engine);
+    if (engine == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cpu engine: out of memory");
+    engine->cfg = *cfg;
+    engine->ep = ep;
+    const moe_model_config_t *m = &engine->cfg.model;
+    if (m->n_layers < 1 || m->hidden < 1 || m->moe_intermediate < 1) {
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "cpu engine: model has no layers or an empty shape");
+        goto fail;
+    }
+    moe_route_params_t params;
+    moe_route_params_init(&params, m, NULL, 0, ep.rank, ep.size);
+    MOE_CHECK_GOTO(moe_route_validate(&params, msg, msg_size), ret, fail);
+    MOE_CHECK_GOTO(moe_slots_build(&engine->cfg.eplb, m->experts, ep.size, &engine->slots, msg, msg_size),
+                   ret, fail);
+    double bytes = engine_bytes(&engine->cfg, engine->slots.slots_per_rank);
+    double physical = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (physical > 0 && bytes > 0.8 * physical) {
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM,
+                          "cpu engine: rank %d needs %.1f GiB of float32 weights for %d layers, "
+                          "more than 80%% of this machine's %.1f GiB; use fewer model.layers, "
+                          "more ranks, or the cuda backend",
+                          ep.rank, bytes / (1 << 30), m->n_layers, physical / (1 << 30));
+        goto fail;
+    }
+    engine->n_layers = m->n_layers;
+    engine->layers = calloc((size_t)m->n_layers, sizeof *engine->layers);
+    if (engine->layers == NULL) {
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cpu engine: out of memory");
+        goto fail;
+    }
+    MOE_CHECK_GOTO(moe_weights_open(m, &weights, msg, msg_size), ret, fail);
+    double start = now_seconds(), last_report = start;
+    for (int i = 0; i < m->n_layers; i++) {
+        MOE_CHECK_GOTO(layer_load(engine, weights, i, msg, msg_size), ret, fail);
+        double now = now_seconds();
+        if (now - last_report > 2.0) {
+            moe_log(MOE_LOG_INFO, "weights", "loaded %d/%d layers (%.1f s)", i + 1, m->n_layers,
+                    now - start);
+            last_report = now;
+        }
+    }
+    moe_log(MOE_LOG_DEBUG, "weights", "rank %d: %d layers, %d slots, %.1f MiB in %.2f s", ep.rank,
+            m->n_layers, engine->slots.slots_per_rank, bytes / (1 << 20), now_seconds() - start);
+    moe_weights_close(weights);
+    *out = engine;
+    return MOE_OK;
+fail:
+    moe_weights_close(weights);
+    moe_cpu_destroy(engine);
+    return ret;
+}
+
+void moe_cpu_destroy(moe_cpu_engine_t *engine) {
+    if (engine == NULL) return;
+    for (int i = 0; i < engine->n_layers && engine->layers != NULL; i++) layer_free(&engine->layers[i]);
+    free(engine->layers);
+    moe_cpu_buffer_t *buffers = (moe_cpu_buffer_t *)&engine->ws;
+    for (size_t i = 0; i < sizeof engine->ws / sizeof(moe_cpu_buffer_t); i++) free(buffers[i].ptr);
+    free(engine);
+}

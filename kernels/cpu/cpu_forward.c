@@ -1,0 +1,323 @@
+/* cpu_forward: one MoE layer forward on the CPU (DESIGN §4), collective over
+ * the EP group.
+ *   1. route every local token (router GEMM + the configured method);
+ *   2. agree with the other ranks (max tokens, any rejected input) so that
+ *      every rank runs the same number of chunks, or every rank fails;
+ *   per chunk of at most moe.chunking.max_tokens_per_chunk tokens:
+ *   3. map experts to slots; per destination rank the distinct tokens that
+ *      need it (a token travels to a rank once) with a (local slot, weight)
+ *      entry per chosen expert; counts, then rows, with MPI_Alltoallv;
+ *   4. experts: (row, entry) pairs grouped by local slot, SwiGLU, weighted;
+ *      a token's partial sum over this rank's experts is reduced here;
+ *   5. combine: partial rows travel back; out = Σ partials (in rank order)
+ *      + the shared expert.
+ * Every sum runs in a fixed order, so a result does not depend on the
+ * thread count. */
+#include <limits.h>
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+
+#include "cpu_internal.h"
+
+#define ROWS_PER_TASK 16
+
+typedef struct {
+    int slot;
+    int first; /* index into the slot-sorted pair order */
+    int count;
+} expert_task_t;
+
+#define RESERVE(engine, buf, type, n)                                              \
+    ((type *)moe_cpu_reserve(&(engine)->ws.buf, sizeof(type) * ((size_t)(n) + 1)))
+
+static float dot(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+    for (int j = 0; j < n; j++) sum += a[j] * b[j];
+    return sum;
+}
+
+static moe_err_t mpi_fail(int code, const char *what, char *msg, size_t msg_size) {
+    char text[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(code, text, &len);
+    return moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "%s failed: %s", what, text);
+}
+
+#define MOE_MPI_CHECK(call, what)                                         \
+    do {                                                                  \
+        int mpi_rc_ = (call);                                             \
+        if (mpi_rc_ != MPI_SUCCESS) return mpi_fail(mpi_rc_, what, msg, msg_size); \
+    } while (0)
+
+/* Step 3: builds the send buffers of one chunk, grouped by destination rank. */
+static moe_err_t pack_dispatch(moe_cpu_engine_t *engine, const float *x, const int32_t *slot,
+                               const float *weights, int n_tokens, int *send_counts,
+                               int *n_send_out, char *msg, size_t msg_size) {
+    const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k;
+    const int spr = engine->slots.slots_per_rank, n_ranks = engine->ep.size;
+    /* a token goes to at most min(ranks, k) ranks */
+    const size_t max_send = (size_t)n_tokens * (size_t)(n_ranks < k ? n_ranks : k);
+    int32_t *send_token = RESERVE(engine, send_token, int32_t, max_send);
+    float *rows = RESERVE(engine, send_rows, float, max_send * H);
+    moe_cpu_meta_t *meta = RESERVE(engine, send_meta, moe_cpu_meta_t, (max_send + 1) * k);
+    if (send_token == NULL || rows == NULL || meta == NULL)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "dispatch: out of memory");
+    int n_send = 0;
+    for (int d = 0; d < n_ranks; d++) {
+        send_counts[d] = 0;
+        for (int t = 0; t < n_tokens; t++) {
+            bool needed = false;
+            moe_cpu_meta_t *entry = meta + (size_t)n_send * k;
+            for (int i = 0; i < k; i++) {
+                int s = slot[(size_t)t * k + i];
+                bool here = s / spr == d;
+                entry[i].local_slot = here ? s % spr : -1;
+                entry[i].weight = here ? weights[(size_t)t * k + i] : 0.0f;
+                needed |= here;
+            }
+            if (!needed) continue;
+            memcpy(rows + (size_t)n_send * H, x + (size_t)t * H, sizeof(float) * H);
+            send_token[n_send++] = t;
+            send_counts[d]++;
+        }
+    }
+    *n_send_out = n_send;
+    return MOE_OK;
+}
+
+/* Step 4: partial[r] = Σ_i w_ri · expert_{slot_ri}(row r) over this rank's
+ * entries of each received row. */
+static moe_err_t run_experts(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer, const float *rows,
+                             const moe_cpu_meta_t *meta, int n_rows, float *partial, char *msg,
+                             size_t msg_size) {
+    const int H = engine->cfg.model.hidden, I = engine->cfg.model.moe_intermediate;
+    const int k = engine->cfg.model.top_k, spr = engine->slots.slots_per_rank;
+    const size_t n_entries = (size_t)n_rows * k;
+    int *slot_start = RESERVE(engine, slot_start, int, spr + 1);
+    int *order = RESERVE(engine, pair_order, int, n_entries);
+    float *pair_out = RESERVE(engine, pair_out, float, n_entries * H);
+    expert_task_t *tasks = RESERVE(engine, tasks, expert_task_t, n_entries / ROWS_PER_TASK + spr + 1);
+    int n_threads = omp_get_max_threads();
+    size_t per_thread = (size_t)2 * I + 2 * (size_t)ROWS_PER_TASK * H;
+    float *scratch = RESERVE(engine, scratch, float, per_thread * n_threads);
+    if (slot_start == NULL || order == NULL || pair_out == NULL || tasks == NULL || scratch == NULL)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "experts: out of memory");
+    /* counting sort of the (row, entry) pairs by local slot */
+    memset(slot_start, 0, sizeof(int) * (size_t)(spr + 1));
+    for (size_t p = 0; p < n_entries; p++)
+        if (meta[p].local_slot >= 0) slot_start[meta[p].local_slot + 1]++;
+    for (int s = 0; s < spr; s++) slot_start[s + 1] += slot_start[s];
+    int n_tasks = 0;
+    for (int s = 0; s < spr; s++)
+        for (int first = slot_start[s]; first < slot_start[s + 1]; first += ROWS_PER_TASK) {
+            int count = slot_start[s + 1] - first;
+            tasks[n_tasks++] = (expert_task_t){s, first, count < ROWS_PER_TASK ? count : ROWS_PER_TASK};
+        }
+    {
+        int *fill = RESERVE(engine, slot_fill, int, spr);
+        if (fill == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "experts: out of memory");
+        memcpy(fill, slot_start, sizeof(int) * (size_t)spr);
+        for (size_t p = 0; p < n_entries; p++)
+            if (meta[p].local_slot >= 0) order[fill[meta[p].local_slot]++] = (int)p;
+    }
+    const size_t IH = (size_t)I * H;
+#pragma omp parallel for schedule(dynamic)
+    for (int task_index = 0; task_index < n_tasks; task_index++) {
+        expert_task_t task = tasks[task_index];
+        float *hidden = scratch + per_thread * (size_t)omp_get_thread_num();
+        float *gathered = hidden + 2 * (size_t)I;
+        float *y = gathered + (size_t)ROWS_PER_TASK * H;
+        for (int j = 0; j < task.count; j++)
+            memcpy(gathered + (size_t)j * H, rows + (size_t)(order[task.first + j] / k) * H,
+                   sizeof(float) * H);
+        moe_cpu_swiglu_rows(gathered, task.count, H, I, layer->slot_w1 + task.slot * IH,
+                            layer->slot_w3 + task.slot * IH, layer->slot_w2 + task.slot * IH,
+                            hidden, y);
+        for (int j = 0; j < task.count; j++) {
+            int pair = order[task.first + j];
+            float w = meta[pair].weight;
+            float *dst = pair_out + (size_t)pair * H;
+            for (int h = 0; h < H; h++) dst[h] = w * y[(size_t)j * H + h];
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < n_rows; r++) {
+        float *acc = partial + (size_t)r * H;
+        memset(acc, 0, sizeof(float) * H);
+        for (int i = 0; i < k; i++) {
+            size_t pair = (size_t)r * k + i;
+            if (meta[pair].local_slot < 0) continue;
+            for (int h = 0; h < H; h++) acc[h] += pair_out[pair * H + h];
+        }
+    }
+    return MOE_OK;
+}
+
+/* out[t] += sigmoid(g·x) · shared_expert(x) (gate only for qwen_moe). */
+static moe_err_t run_shared(moe_cpu_engine_t *engine, const moe_cpu_layer_t *layer, const float *x,
+                            int n_tokens, float *out, char *msg, size_t msg_size) {
+    const int H = engine->cfg.model.hidden, Is = engine->cfg.model.shared_intermediate;
+    int n_threads = omp_get_max_threads();
+    size_t per_thread = (size_t)Is + H;
+    float *scratch = RESERVE(engine, scratch, float, per_thread * n_threads);
+    if (scratch == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "shared expert: out of memory");
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < n_tokens; t++) {
+        float *hidden = scratch + per_thread * (size_t)omp_get_thread_num();
+        float *y = hidden + Is;
+        const float *row = x + (size_t)t * H;
+        moe_cpu_swiglu_rows(row, 1, H, Is, layer->shared_w1, layer->shared_w3, layer->shared_w2,
+                            hidden, y);
+        float gate = 1.0f;
+        if (layer->shared_gate != NULL) gate = 1.0f / (1.0f + expf(-dot(layer->shared_gate, row, H)));
+        for (int h = 0; h < H; h++) out[(size_t)t * H + h] += gate * y[h];
+    }
+    return MOE_OK;
+}
+
+static moe_err_t forward_chunk(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer, const float *x,
+                               const int32_t *ids, const float *weights, int n_tokens,
+                               int64_t first_token, float *out, char *msg, size_t msg_size) {
+    const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k;
+    const int n_ranks = engine->ep.size;
+    int send_counts[n_ranks], recv_counts[n_ranks], send_displs[n_ranks], recv_displs[n_ranks];
+    int row_send[n_ranks], row_recv[n_ranks], row_sdispl[n_ranks], row_rdispl[n_ranks];
+    int32_t *slot = RESERVE(engine, slot, int32_t, (size_t)n_tokens * k);
+    if (slot == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "slots: out of memory");
+    for (int t = 0; t < n_tokens; t++)
+        for (int i = 0; i < k; i++)
+            slot[(size_t)t * k + i] = moe_slots_pick(&engine->slots, ids[(size_t)t * k + i],
+                                                     engine->ep.rank, first_token + t);
+    int n_send = 0;
+    MOE_CHECK(pack_dispatch(engine, x, slot, weights, n_tokens, send_counts, &n_send, msg, msg_size));
+    float *recv_rows = engine->ws.send_rows.ptr;
+    moe_cpu_meta_t *recv_meta = engine->ws.send_meta.ptr;
+    int n_recv = n_send;
+    if (n_ranks > 1) {
+        MOE_MPI_CHECK(MPI_Alltoall(send_counts, 1, MPI_INT, recv_counts, 1, MPI_INT, engine->ep.comm),
+                      "dispatch counts (MPI_Alltoall)");
+        n_recv = 0;
+        for (int d = 0; d < n_ranks; d++) {
+            send_displs[d] = d == 0 ? 0 : send_displs[d - 1] + send_counts[d - 1];
+            recv_displs[d] = n_recv;
+            n_recv += recv_counts[d];
+        }
+        if ((int64_t)n_recv * H > INT_MAX || (int64_t)n_send * H > INT_MAX)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_RANGE,
+                               "dispatch: %d rows of %d exceed MPI's int counts; lower "
+                               "moe.chunking.max_tokens_per_chunk", n_recv, H);
+        recv_rows = RESERVE(engine, recv_rows, float, (size_t)n_recv * H);
+        recv_meta = RESERVE(engine, recv_meta, moe_cpu_meta_t, (size_t)n_recv * k);
+        if (recv_rows == NULL || recv_meta == NULL)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "dispatch: out of memory");
+        const int meta_bytes = (int)sizeof(moe_cpu_meta_t) * k;
+        for (int d = 0; d < n_ranks; d++) {
+            row_send[d] = send_counts[d] * H, row_sdispl[d] = send_displs[d] * H;
+            row_recv[d] = recv_counts[d] * H, row_rdispl[d] = recv_displs[d] * H;
+        }
+        MOE_MPI_CHECK(MPI_Alltoallv(engine->ws.send_rows.ptr, row_send, row_sdispl, MPI_FLOAT,
+                                    recv_rows, row_recv, row_rdispl, MPI_FLOAT, engine->ep.comm),
+                      "dispatch rows (MPI_Alltoallv)");
+        int meta_send[n_ranks], meta_sdispl[n_ranks], meta_recv[n_ranks], meta_rdispl[n_ranks];
+        for (int d = 0; d < n_ranks; d++) {
+            meta_send[d] = send_counts[d] * meta_bytes, meta_sdispl[d] = send_displs[d] * meta_bytes;
+            meta_recv[d] = recv_counts[d] * meta_bytes, meta_rdispl[d] = recv_displs[d] * meta_bytes;
+        }
+        MOE_MPI_CHECK(MPI_Alltoallv(engine->ws.send_meta.ptr, meta_send, meta_sdispl, MPI_BYTE,
+                                    recv_meta, meta_recv, meta_rdispl, MPI_BYTE, engine->ep.comm),
+                      "dispatch entries (MPI_Alltoallv)");
+    }
+    float *partial = RESERVE(engine, partial, float, (size_t)n_recv * H);
+    if (partial == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "experts: out of memory");
+    MOE_CHECK(run_experts(engine, layer, recv_rows, recv_meta, n_recv, partial, msg, msg_size));
+    float *back = partial;
+    if (n_ranks > 1) {
+        back = RESERVE(engine, back, float, (size_t)n_send * H);
+        if (back == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "combine: out of memory");
+        MOE_MPI_CHECK(MPI_Alltoallv(partial, row_recv, row_rdispl, MPI_FLOAT, back, row_send,
+                                    row_sdispl, MPI_FLOAT, engine->ep.comm),
+                      "combine rows (MPI_Alltoallv)");
+    }
+    const int32_t *send_token = engine->ws.send_token.ptr;
+    memset(out, 0, sizeof(float) * (size_t)n_tokens * H);
+    for (int j = 0; j < n_send; j++) {
+        float *dst = out + (size_t)send_token[j] * H;
+        const float *src = back + (size_t)j * H;
+        for (int h = 0; h < H; h++) dst[h] += src[h];
+    }
+    if (engine->cfg.model.shared_intermediate > 0)
+        MOE_CHECK(run_shared(engine, layer, x, n_tokens, out, msg, msg_size));
+    return MOE_OK;
+}
+
+/* Step 1: logits and routing for all local tokens (before any collective, so
+ * that a rejected input is known before the ranks agree). */
+static moe_err_t route_all(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer, const float *x,
+                           int n_tokens, const int32_t *routed_ids, const float *routed_weights,
+                           int32_t *ids, float *weights, char *msg, size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    const int H = m->hidden, E = m->experts;
+    float *logits = NULL;
+    if (moe_route_needs_logits(m->routing.method)) {
+        logits = RESERVE(engine, logits, float, (size_t)n_tokens * E);
+        if (logits == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "router: out of memory");
+#pragma omp parallel for schedule(static)
+        for (int t = 0; t < n_tokens; t++)
+            for (int e = 0; e < E; e++)
+                logits[(size_t)t * E + e] = dot(x + (size_t)t * H, layer->router + (size_t)e * H, H);
+    }
+    moe_route_params_t params;
+    moe_route_params_init(&params, m, layer->bias, layer->layer, engine->ep.rank, engine->ep.size);
+    return moe_route_tokens(&params, logits, routed_ids, routed_weights, n_tokens, layer->step, 0,
+                            ids, weights, msg, msg_size);
+}
+
+moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer_id, const float *x, int n_tokens,
+                          const int32_t *routed_ids, const float *routed_weights, float *out,
+                          moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k;
+    moe_cpu_layer_t *layer = NULL;
+    for (int i = 0; i < engine->n_layers; i++)
+        if (engine->layers[i].layer == layer_id) layer = &engine->layers[i];
+    moe_err_t local = MOE_OK;
+    int32_t *ids = NULL;
+    float *weights = NULL;
+    if (layer == NULL || n_tokens < 0) {
+        local = moe_err_fmt(msg, msg_size, MOE_ERR_INVAL,
+                            "layer %d is not served, or bad token count %d", layer_id, n_tokens);
+    } else {
+        ids = RESERVE(engine, step_ids, int32_t, (size_t)n_tokens * k);
+        weights = RESERVE(engine, step_weights, float, (size_t)n_tokens * k);
+        if (ids == NULL || weights == NULL)
+            local = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "routing: out of memory");
+        else
+            local = route_all(engine, layer, x, n_tokens, routed_ids, routed_weights, ids, weights,
+                              msg, msg_size);
+    }
+    /* Step 2: every rank runs the same number of chunks, or every rank fails. */
+    int agree[2] = {local == MOE_OK ? n_tokens : 0, local != MOE_OK};
+    if (engine->ep.size > 1)
+        MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, agree, 2, MPI_INT, MPI_MAX, engine->ep.comm),
+                      "step agreement (MPI_Allreduce)");
+    if (local != MOE_OK) return local;
+    if (agree[1])
+        return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL,
+                           "another rank rejected its input for layer %d; step skipped", layer_id);
+    layer->step++;
+    if (trace != NULL) {
+        memcpy(trace->ids, ids, sizeof(int32_t) * (size_t)n_tokens * k);
+        memcpy(trace->weights, weights, sizeof(float) * (size_t)n_tokens * k);
+    }
+    const int chunk = engine->cfg.moe.chunking.max_tokens_per_chunk > 0
+                          ? engine->cfg.moe.chunking.max_tokens_per_chunk
+                          : agree[0] + 1;
+    for (int begin = 0; begin < agree[0]; begin += chunk) {
+        int count = n_tokens - begin;
+        count = count < 0 ? 0 : count > chunk ? chunk : count;
+        size_t row = (size_t)(count > 0 ? begin : 0);
+        MOE_CHECK(forward_chunk(engine, layer, x + row * H, ids + row * k, weights + row * k,
+                                count, begin, out + row * H, msg, msg_size));
+    }
+    return MOE_OK;
+}

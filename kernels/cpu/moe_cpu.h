@@ -1,0 +1,53 @@
+/* moe_cpu: the reference backend — the MoE layer forward of DESIGN §4 in
+ * float32, multi-threaded (OpenMP), expert-parallel over MPI ranks.
+ *
+ * Each rank holds the router of every layer and the experts of its own slots
+ * (eplb off: slot = expert; static: the slot table's placement, replicas
+ * honoured when routing). A forward is a collective over the EP group: every
+ * rank calls it for the same layer, with its own tokens (possibly none).
+ * Used by the daemon's step loop (through moe_backend), moe-bench and tests. */
+#ifndef MOE_CPU_H
+#define MOE_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../../config/moe_config.h"
+#include "../moe_ep.h"
+
+typedef struct moe_cpu_engine moe_cpu_engine_t;
+
+/* What routing chose for each token, expert-level (before slot mapping):
+ * ids[t*k+i], weights[t*k+i]. Filled by moe_cpu_forward when non-NULL. */
+typedef struct {
+    int32_t *ids;
+    float *weights;
+} moe_route_trace_t;
+
+/* Builds the engine: the slot table, then loads the router (and bias, shared
+ * expert) of every layer and the experts of this rank's slots from the
+ * configured weight source. cfg is copied. Errors (with context) go to msg.
+ * The caller owns *out; free it with moe_cpu_destroy. */
+moe_err_t moe_cpu_create(const moe_config_t *cfg, moe_ep_t ep, moe_cpu_engine_t **out,
+                         char *msg, size_t msg_size);
+void moe_cpu_destroy(moe_cpu_engine_t *engine);
+
+/* One layer forward, collective over the EP group.
+ *   layer:   a model layer index from cfg->model.layer_ids
+ *   x:       [n_tokens, H] float32 inputs of this rank
+ *   routed_ids / routed_weights: [n_tokens, k] for routing method `client`
+ *            (NULL otherwise); ids must be in [0, E)
+ *   out:     [n_tokens, H] float32, fully written
+ *   trace:   optional, receives the routing decision
+ * Returns MOE_OK, MOE_ERR_INVAL (bad layer, bad routed ids: checked before
+ * any communication so that every rank still joins the collective — the
+ * caller validates requests first), or MOE_ERR_MPI. */
+moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer, const float *x, int n_tokens,
+                          const int32_t *routed_ids, const float *routed_weights, float *out,
+                          moe_route_trace_t *trace, char *msg, size_t msg_size);
+
+/* Number of floating-point operations of the forward for n_tokens tokens of
+ * this rank (router + k experts per token + shared expert). */
+double moe_cpu_flops(const moe_config_t *cfg, int64_t n_tokens);
+
+#endif

@@ -1,0 +1,63 @@
+/* The CPU layer on 1 rank against the dense reference, every routing method,
+ * with and without shared expert, replicas and chunking, on fresh random
+ * inputs (the seed is in every failure message). */
+#include <criterion/criterion.h>
+#include <criterion/parameterized.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "../kernels/cpu/moe_cpu.h"
+
+#include "support/dense_ref.h"
+#include "support/layer_check.h"
+
+ParameterizedTestParameters(layer, matches_dense_reference) {
+    static int indices[64];
+    for (int i = 0; i < moe_test_case_count; i++) indices[i] = i;
+    return cr_make_param_array(int, indices, (size_t)moe_test_case_count);
+}
+
+ParameterizedTest(int *index, layer, matches_dense_reference, .timeout = 60) {
+    const moe_test_case_t *c = &moe_test_cases[*index];
+    moe_config_t cfg;
+    moe_test_case_config(c, 1, &cfg);
+    uint64_t seed = moe_test_fresh_seed();
+    char msg[512] = "";
+    const int sizes[] = {0, 1, 5, 64, 203};
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+        double err = moe_test_layer_check(&cfg, moe_ep_single(), sizes[s], seed + s, msg, sizeof msg);
+        cr_assert(err <= 1e-5, "case %s, %d tokens, seed %llu: relative error %g %s", c->name,
+                  sizes[s], (unsigned long long)(seed + s), err, msg);
+    }
+}
+
+Test(layer, rejects_unknown_layer_and_bad_client_ids, .timeout = 30) {
+    moe_config_t cfg;
+    moe_test_case_config(&moe_test_cases[7], 1, &cfg); /* client routing */
+    cr_assert_eq(cfg.model.routing.method, MOE_ROUTE_CLIENT);
+    char msg[512] = "";
+    moe_cpu_engine_t *engine = NULL;
+    cr_assert_eq(moe_cpu_create(&cfg, moe_ep_single(), &engine, msg, sizeof msg), MOE_OK, "%s", msg);
+    float x[2 * 48] = {0}, out[2 * 48];
+    int32_t ids[4] = {0, 1, 2, 9};
+    float w[4] = {1, 1, 1, 1};
+    cr_assert_eq(moe_cpu_forward(engine, 1, x, 2, ids, w, out, NULL, msg, sizeof msg), MOE_ERR_INVAL);
+    cr_assert(strstr(msg, "layer 1") != NULL, "%s", msg);
+    cr_assert_eq(moe_cpu_forward(engine, 3, x, 2, ids, w, out, NULL, msg, sizeof msg), MOE_ERR_INVAL);
+    cr_assert(strstr(msg, "expert id 9") != NULL, "%s", msg);
+    ids[3] = 3;
+    cr_assert_eq(moe_cpu_forward(engine, 3, x, 2, ids, w, out, NULL, msg, sizeof msg), MOE_OK, "%s", msg);
+    moe_cpu_destroy(engine);
+}
+
+Test(layer, rejects_shapes_that_cannot_be_placed, .timeout = 30) {
+    moe_config_t cfg;
+    moe_test_case_config(&moe_test_cases[0], 3, &cfg);
+    char msg[512] = "";
+    moe_cpu_engine_t *engine = NULL;
+    moe_ep_t three = {0, 3, MPI_COMM_NULL};
+    cr_assert_eq(moe_cpu_create(&cfg, three, &engine, msg, sizeof msg), MOE_ERR_CONFIG);
+    cr_assert(strstr(msg, "3 ranks") != NULL, "%s", msg);
+    cr_assert_null(engine);
+}
