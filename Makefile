@@ -30,7 +30,7 @@ LDFLAGS  += -fopenmp $(SAN)
 LDLIBS   += -luv -lyaml -lcjson $(MPI_LIBS) -lm -lpthread
 
 LIB_SRC  := $(wildcard config/*.c) $(wildcard kernels/*.c) $(wildcard kernels/cpu/*.c) \
-            $(filter-out protocol/moectl.c,$(wildcard protocol/*.c)) \
+            $(filter-out protocol/moectl%,$(wildcard protocol/*.c)) \
             $(filter-out daemon/main.c,$(wildcard daemon/*.c))
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 LIB      := $(BUILD)/libmoe.a
@@ -49,9 +49,13 @@ MPI_BINS  := $(MPI_SRC:tests/%.c=$(BUILD)/tests/%)
 .PHONY: all test unit-test asan install deps clean demo
 all: $(BINS) $(UNIT_BINS) $(MPI_BINS)
 
+# V=1 shows the whole command lines.
+Q := $(if $(V),,@)
+
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c $< -o $@
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(CFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
@@ -65,7 +69,8 @@ $(BUILD)/bin/moe-bench: $(BUILD)/obj/bench/moe_bench.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/bin/moectl: $(BUILD)/obj/protocol/moectl.o $(LIB)
+MOECTL_OBJ := $(patsubst %.c,$(BUILD)/obj/%.o,$(wildcard protocol/moectl*.c))
+$(BUILD)/bin/moectl: $(MOECTL_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 

@@ -17,6 +17,7 @@
 
 #include "config_fields.h"
 #include "moe_config.h"
+#include "moe_log.h"
 
 /* A config is a few KB; anything larger is not a config (and is not read
  * into memory). */
@@ -405,7 +406,7 @@ void moe_config_defaults(moe_config_t *cfg) {
          * would be a bug in the table, never the user's. */
         const moe_config_field_t *field = &moe_config_fields[i];
         if (!moe_config_field_set_scalar(i, cfg, field->def, false, msg, sizeof msg))
-            fprintf(stderr, "moe_config: bad default for %s: %s\n", field->path, msg);
+            moe_log(MOE_LOG_ERROR, "config", "bad default for %s: %s", field->path, msg);
     }
 }
 

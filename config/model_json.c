@@ -126,11 +126,46 @@ static void fact_key(resolve_t *r, const char *path, const char *key, const char
 
 /* ---- per model type ------------------------------------------------------------ */
 
+/* Fields read straight from config.json, per family: field, key, default
+ * when absent (NULL = required). Hugging Face's Qwen2MoeConfig and
+ * Qwen3MoeConfig default norm_topk_prob to false, DeepseekV3Config to true. */
+typedef struct {
+    const char *path, *key, *def;
+} json_key_t;
+
+static const json_key_t mixtral_keys[] = {
+    {"model.hidden", "hidden_size", NULL},
+    {"model.moe_intermediate", "intermediate_size", NULL},
+    {"model.experts", "num_local_experts", NULL},
+    {"model.top_k", "num_experts_per_tok", NULL},
+    {NULL, NULL, NULL},
+};
+static const json_key_t qwen_moe_keys[] = {
+    {"model.hidden", "hidden_size", NULL},
+    {"model.moe_intermediate", "moe_intermediate_size", NULL},
+    {"model.experts", "num_experts", NULL},
+    {"model.top_k", "num_experts_per_tok", NULL},
+    {"model.routing.norm_topk_prob", "norm_topk_prob", "false"},
+    {NULL, NULL, NULL},
+};
+static const json_key_t deepseek_v3_keys[] = {
+    {"model.hidden", "hidden_size", NULL},
+    {"model.moe_intermediate", "moe_intermediate_size", NULL},
+    {"model.experts", "n_routed_experts", NULL},
+    {"model.top_k", "num_experts_per_tok", NULL},
+    {"model.routing.n_group", "n_group", "1"},
+    {"model.routing.topk_group", "topk_group", "1"},
+    {"model.routing.routed_scaling_factor", "routed_scaling_factor", "1.0"},
+    {"model.routing.norm_topk_prob", "norm_topk_prob", "true"},
+    {NULL, NULL, NULL},
+};
+
+static void fact_keys(resolve_t *r, const json_key_t *keys) {
+    for (; keys->path != NULL; keys++) fact_key(r, keys->path, keys->key, keys->def);
+}
+
 static bool read_mixtral(resolve_t *r, long long n_layers) {
-    fact_key(r, "model.hidden", "hidden_size", NULL);
-    fact_key(r, "model.moe_intermediate", "intermediate_size", NULL);
-    fact_key(r, "model.experts", "num_local_experts", NULL);
-    fact_key(r, "model.top_k", "num_experts_per_tok", NULL);
+    fact_keys(r, mixtral_keys);
     fact(r, "model.shared_intermediate", "the shared expert size (mixtral has none)", "0", false);
     fact(r, "model.shared_expert_gate", "the shared expert gate (mixtral has none)", "false",
          false);
@@ -143,12 +178,7 @@ static bool read_mixtral(resolve_t *r, long long n_layers) {
 }
 
 static bool read_qwen_moe(resolve_t *r, long long n_layers) {
-    fact_key(r, "model.hidden", "hidden_size", NULL);
-    fact_key(r, "model.moe_intermediate", "moe_intermediate_size", NULL);
-    fact_key(r, "model.experts", "num_experts", NULL);
-    fact_key(r, "model.top_k", "num_experts_per_tok", NULL);
-    /* Hugging Face's Qwen2MoeConfig and Qwen3MoeConfig default to false. */
-    fact_key(r, "model.routing.norm_topk_prob", "norm_topk_prob", "false");
+    fact_keys(r, qwen_moe_keys);
     long long shared = 0, sparse_step = 1;
     if (json_int(r, "shared_expert_intermediate_size", 0, 0, &shared)) {
         char text[32];
@@ -179,14 +209,7 @@ static bool read_qwen_moe(resolve_t *r, long long n_layers) {
 }
 
 static bool read_deepseek_v3(resolve_t *r, long long n_layers) {
-    fact_key(r, "model.hidden", "hidden_size", NULL);
-    fact_key(r, "model.moe_intermediate", "moe_intermediate_size", NULL);
-    fact_key(r, "model.experts", "n_routed_experts", NULL);
-    fact_key(r, "model.top_k", "num_experts_per_tok", NULL);
-    fact_key(r, "model.routing.n_group", "n_group", "1");
-    fact_key(r, "model.routing.topk_group", "topk_group", "1");
-    fact_key(r, "model.routing.routed_scaling_factor", "routed_scaling_factor", "1.0");
-    fact_key(r, "model.routing.norm_topk_prob", "norm_topk_prob", "true");
+    fact_keys(r, deepseek_v3_keys);
     long long n_shared = 0, intermediate = 0, first_dense = 0, freq = 1;
     if (json_int(r, "n_shared_experts", 0, 0, &n_shared) &&
         json_int(r, "moe_intermediate_size", 1, 1, &intermediate)) {

@@ -164,3 +164,12 @@ void moe_cpu_destroy(moe_cpu_engine_t *engine) {
     for (size_t i = 0; i < sizeof engine->ws / sizeof(moe_cpu_buffer_t); i++) free(buffers[i].ptr);
     free(engine);
 }
+
+void moe_cpu_reconfigure(moe_cpu_engine_t *engine, const moe_config_t *cfg) {
+    engine->cfg.moe.chunking = cfg->moe.chunking;
+    engine->cfg.moe.max_tokens_per_step = cfg->moe.max_tokens_per_step;
+}
+
+int moe_cpu_slot_count(const moe_cpu_engine_t *engine) { return engine->slots.n_slots; }
+
+const int *moe_cpu_placement(const moe_cpu_engine_t *engine) { return engine->slots.slot_expert; }

@@ -305,9 +305,16 @@ moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer_id, const float *x
         return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL,
                            "another rank rejected its input for layer %d; step skipped", layer_id);
     layer->step++;
-    if (trace != NULL) {
+    if (trace != NULL && trace->ids != NULL)
         memcpy(trace->ids, ids, sizeof(int32_t) * (size_t)n_tokens * k);
+    if (trace != NULL && trace->weights != NULL)
         memcpy(trace->weights, weights, sizeof(float) * (size_t)n_tokens * k);
+    if (trace != NULL && trace->slot_counts != NULL) {
+        memset(trace->slot_counts, 0, sizeof(int64_t) * (size_t)engine->slots.n_slots);
+        for (int t = 0; t < n_tokens; t++)
+            for (int i = 0; i < k; i++)
+                trace->slot_counts[moe_slots_pick(&engine->slots, ids[(size_t)t * k + i],
+                                                  engine->ep.rank, t)]++;
     }
     const int chunk = engine->cfg.moe.chunking.max_tokens_per_chunk > 0
                           ? engine->cfg.moe.chunking.max_tokens_per_chunk

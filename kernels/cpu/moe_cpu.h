@@ -18,10 +18,13 @@
 typedef struct moe_cpu_engine moe_cpu_engine_t;
 
 /* What routing chose for each token, expert-level (before slot mapping):
- * ids[t*k+i], weights[t*k+i]. Filled by moe_cpu_forward when non-NULL. */
+ * ids[t*k+i], weights[t*k+i]; and, when slot_counts is non-NULL, the number
+ * of this rank's (token, expert) entries sent to each physical slot
+ * (n_slots entries; EPLB statistics). Each member may be NULL. */
 typedef struct {
     int32_t *ids;
     float *weights;
+    int64_t *slot_counts;
 } moe_route_trace_t;
 
 /* Builds the engine: the slot table, then loads the router (and bias, shared
@@ -45,6 +48,16 @@ void moe_cpu_destroy(moe_cpu_engine_t *engine);
 moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer, const float *x, int n_tokens,
                           const int32_t *routed_ids, const float *routed_weights, float *out,
                           moe_route_trace_t *trace, char *msg, size_t msg_size);
+
+/* Applies the reloadable fields of cfg (chunking; the rest is the
+ * daemon's). The model, slots and backend must be unchanged. */
+void moe_cpu_reconfigure(moe_cpu_engine_t *engine, const moe_config_t *cfg);
+
+/* Number of physical slots (eplb.num_slots, or experts). */
+int moe_cpu_slot_count(const moe_cpu_engine_t *engine);
+
+/* Slot s -> expert, n_slots entries (the placement). */
+const int *moe_cpu_placement(const moe_cpu_engine_t *engine);
 
 /* Number of floating-point operations of the forward for n_tokens tokens of
  * this rank (router + k experts per token + shared expert). */

@@ -1,0 +1,79 @@
+/* moe_stats: the daemon's counters and windows (DESIGN §8 stats, metrics):
+ * requests completed/rejected (by status), tokens, request latency and step
+ * time samples, and per layer the slot loads over the last
+ * eplb.window_steps steps. Written by both threads under one mutex; read by
+ * the control channel (JSON) and /metrics (Prometheus text). Rank 0 holds
+ * the loads of all ranks (the step loop reduces them there). */
+#ifndef MOE_STATS_H
+#define MOE_STATS_H
+
+#include <cjson/cJSON.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "../config/moe_config.h"
+#include "../protocol/moe_frame.h"
+
+#define MOE_STATS_SAMPLES 4096  /* latency samples kept for percentiles */
+#define MOE_STATS_BUCKETS 8     /* a load window is kept as 8 buckets of steps */
+#define MOE_STATS_RATE_SLOTS 16 /* tokens/s over the last 16 one-second slots */
+
+/* Prometheus histogram bounds (seconds) for request latency and step time. */
+#define MOE_STATS_HIST_BOUNDS 12
+
+typedef struct {
+    int layer;
+    long long steps;
+    long long bucket_stamp[MOE_STATS_BUCKETS + 1];
+    int64_t *bucket_loads; /* [(BUCKETS + 1) * n_slots] */
+} moe_layer_stats_t;
+
+typedef struct moe_stats {
+    pthread_mutex_t lock;
+    int n_layers;
+    int n_slots;
+    int n_ranks;
+    int experts;
+    int window_steps;
+    moe_layer_stats_t *layers;
+    int placement[MOE_MAX_SLOTS];
+
+    long long completed;
+    long long completed_tokens;
+    long long rejected;
+    long long rejected_by_status[MOE_STATUS_COUNT];
+    long long steps;
+    double latency[MOE_STATS_SAMPLES];
+    long long latency_count;
+    double step_time[MOE_STATS_SAMPLES];
+    long long step_count;
+    long long latency_hist[MOE_STATS_HIST_BOUNDS + 1];
+    double latency_sum;
+    long long step_hist[MOE_STATS_HIST_BOUNDS + 1];
+    double step_sum;
+    long long rate_tokens[MOE_STATS_RATE_SLOTS];
+    long long rate_second[MOE_STATS_RATE_SLOTS];
+} moe_stats_t;
+
+moe_err_t moe_stats_init(moe_stats_t *stats, const moe_config_t *cfg, int n_ranks, int n_slots,
+                         const int *placement);
+void moe_stats_destroy(moe_stats_t *stats);
+/* Applies a reloaded window length (eplb.window_steps). */
+void moe_stats_reconfigure(moe_stats_t *stats, const moe_config_t *cfg);
+
+void moe_stats_completed(moe_stats_t *stats, double now, double latency_s, int n_tokens);
+void moe_stats_rejected(moe_stats_t *stats, uint32_t status);
+/* One finished step of model layer `layer`; slot_loads (n_slots entries,
+ * summed over ranks) may be NULL on ranks other than 0. */
+void moe_stats_step(moe_stats_t *stats, long long step, int layer, double step_s,
+                    const int64_t *slot_loads);
+
+/* The `stats` result object (DESIGN §8); layer < 0: every layer. Caller
+ * adds the daemon-level fields (queued, uptime) and owns the object. */
+cJSON *moe_stats_json(moe_stats_t *stats, double now, long long step, int layer);
+
+/* Prometheus text exposition of the same, appended to out. */
+void moe_stats_prometheus(moe_stats_t *stats, double now, FILE *out);
+
+#endif

@@ -1,0 +1,384 @@
+/* scheduler: the step loop of DESIGN §3 on the compute thread.
+ *   1. take new requests into per-layer FIFOs (timed-out ones are answered);
+ *   2. agree with every rank (MPI_Iallgather of pending tokens per layer,
+ *      starvation flags, the config epoch rank 0 wants, drain and shutdown);
+ *   3. at the boundary: a new config (broadcast from rank 0), drain, exit;
+ *   4. choose the layer identically everywhere: a starving layer (oldest
+ *      request older than scheduler.max_wait_ms) first, then the most
+ *      pending tokens, ties to the lower layer;
+ *   5. take whole requests FIFO up to moe.max_tokens_per_step and run the
+ *      layer (a collective: a rank without tokens joins with none);
+ *   6. hand results to the I/O thread; reduce slot loads to rank 0.
+ * Collectives are waited on with MPI_Test and short sleeps, so an idle rank
+ * does not spin a core, and the watchdog can see how long one has lasted. */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../config/moe_log.h"
+#include "moe_daemon.h"
+
+typedef struct {
+    moe_request_t *head, *tail;
+    long long tokens;
+} fifo_t;
+
+typedef struct {
+    moe_daemon_t *daemon;
+    fifo_t *fifos;
+    int n_layers;
+    long long *record;     /* this rank's agreement record */
+    long long *records;    /* every rank's */
+    size_t step_capacity;  /* tokens the step buffers hold */
+    float *step_x, *step_out;
+    int32_t *step_ids;
+    float *step_weights;
+    int64_t *slot_loads, *slot_loads_sum;
+} scheduler_t;
+
+enum { REC_EPOCH = 0, REC_DRAIN, REC_SHUTDOWN, REC_FIXED };
+
+static void sleep_us(long us) {
+    struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
+    nanosleep(&ts, NULL);
+}
+
+/* Waits for a nonblocking collective without spinning a core. */
+static int wait_request(moe_daemon_t *daemon, MPI_Request *request) {
+    int done = 0, spins = 0;
+    daemon->collective_since = moe_now();
+    for (;;) {
+        int rc = MPI_Test(request, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS || done) {
+            daemon->collective_since = 0;
+            return rc;
+        }
+        sleep_us(spins++ < 100 ? 5 : 100);
+    }
+}
+
+static void answer(moe_daemon_t *daemon, moe_request_t *request, uint32_t status, const char *text) {
+    request->status = status;
+    if (text != NULL) snprintf(request->error, sizeof request->error, "%s", text);
+    atomic_fetch_sub(&daemon->queued_tokens, request->n_tokens);
+    atomic_fetch_sub(&daemon->queued_requests, 1);
+    request->done.kind = MOE_EVENT_RESULT;
+    request->done.request = request;
+    moe_daemon_post(daemon, &request->done);
+}
+
+static int layer_position(const moe_config_t *cfg, int layer) {
+    for (int i = 0; i < cfg->model.n_layers; i++)
+        if (cfg->model.layer_ids[i] == layer) return i;
+    return -1;
+}
+
+static void take_new(scheduler_t *s, long wait_us) {
+    moe_daemon_t *daemon = s->daemon;
+    moe_request_t *list = moe_queue_take_all(&daemon->inbound, wait_us);
+    while (list != NULL) {
+        moe_request_t *request = list;
+        list = list->next;
+        request->next = NULL;
+        int pos = layer_position(&daemon->cfg, request->layer);
+        if (pos < 0) { /* the I/O thread checked; a reload cannot change layers */
+            answer(daemon, request, MOE_STATUS_BAD_LAYER, "layer not served");
+            continue;
+        }
+        fifo_t *fifo = &s->fifos[pos];
+        if (fifo->tail != NULL) fifo->tail->next = request;
+        else fifo->head = request;
+        fifo->tail = request;
+        fifo->tokens += request->n_tokens;
+    }
+}
+
+/* Answers `timeout` for requests that waited past serve.request_timeout_ms,
+ * and publishes the oldest arrival for health. */
+static void expire_and_age(scheduler_t *s, double now) {
+    moe_daemon_t *daemon = s->daemon;
+    double limit = daemon->cfg.serve.request_timeout_ms / 1e3, oldest = 0;
+    for (int l = 0; l < s->n_layers; l++) {
+        fifo_t *fifo = &s->fifos[l];
+        while (fifo->head != NULL && now - fifo->head->arrival > limit) {
+            moe_request_t *request = fifo->head;
+            fifo->head = request->next;
+            if (fifo->head == NULL) fifo->tail = NULL;
+            fifo->tokens -= request->n_tokens;
+            answer(daemon, request, MOE_STATUS_TIMEOUT, "request waited longer than serve.request_timeout_ms");
+        }
+        if (fifo->head != NULL && (oldest == 0 || fifo->head->arrival < oldest)) oldest = fifo->head->arrival;
+    }
+    daemon->oldest_queued = oldest;
+}
+
+static moe_err_t agree(scheduler_t *s, double now) {
+    moe_daemon_t *daemon = s->daemon;
+    long long *rec = s->record;
+    double max_wait = daemon->cfg.scheduler.max_wait_ms / 1e3;
+    pthread_mutex_lock(&daemon->reload_lock);
+    rec[REC_EPOCH] = daemon->pending_config != NULL ? daemon->pending_epoch : daemon->epoch;
+    pthread_mutex_unlock(&daemon->reload_lock);
+    rec[REC_DRAIN] = atomic_load(&daemon->draining);
+    rec[REC_SHUTDOWN] = atomic_load(&daemon->shutdown);
+    for (int l = 0; l < s->n_layers; l++) {
+        rec[REC_FIXED + l] = s->fifos[l].tokens;
+        rec[REC_FIXED + s->n_layers + l] = s->fifos[l].head != NULL && now - s->fifos[l].head->arrival > max_wait;
+    }
+    int count = REC_FIXED + 2 * s->n_layers;
+    if (daemon->ep.size == 1) {
+        memcpy(s->records, rec, sizeof(long long) * (size_t)count);
+        return MOE_OK;
+    }
+    MPI_Request request;
+    if (MPI_Iallgather(rec, count, MPI_LONG_LONG, s->records, count, MPI_LONG_LONG, daemon->ep.comm,
+                       &request) != MPI_SUCCESS ||
+        wait_request(daemon, &request) != MPI_SUCCESS) {
+        moe_log(MOE_LOG_ERROR, "step", "agreement (MPI_Iallgather) failed");
+        return MOE_ERR_MPI;
+    }
+    return MOE_OK;
+}
+
+/* Rank 0's wanted epoch is ahead: every rank takes its config now. */
+static moe_err_t apply_reload(scheduler_t *s, int epoch) {
+    moe_daemon_t *daemon = s->daemon;
+    moe_config_t *next = malloc(sizeof *next);
+    if (next == NULL) return MOE_ERR_NOMEM;
+    if (daemon->ep.rank == 0) {
+        pthread_mutex_lock(&daemon->reload_lock);
+        *next = *daemon->pending_config;
+        free(daemon->pending_config);
+        daemon->pending_config = NULL;
+        pthread_mutex_unlock(&daemon->reload_lock);
+    }
+    if (daemon->ep.size > 1) {
+        MPI_Request request;
+        if (MPI_Ibcast(next, (int)sizeof *next, MPI_BYTE, 0, daemon->ep.comm, &request) != MPI_SUCCESS ||
+            wait_request(daemon, &request) != MPI_SUCCESS) {
+            free(next);
+            moe_log(MOE_LOG_ERROR, "reload", "config broadcast (MPI_Ibcast) failed");
+            return MOE_ERR_MPI;
+        }
+    }
+    daemon->cfg = *next;
+    daemon->epoch = epoch;
+    moe_log_set_level((moe_log_level_t)next->log.level);
+    daemon->backend.ops->reconfigure(daemon->backend.state, next);
+    moe_stats_reconfigure(&daemon->stats, next);
+    long long step = atomic_load(&daemon->step);
+    if (daemon->ep.rank == 0)
+        moe_log(MOE_LOG_INFO, "reload", "config epoch %d (%s) applied at step %lld on every rank", epoch,
+                next->source_path, step);
+    moe_event_t *event = calloc(1, sizeof *event);
+    if (event == NULL) {
+        free(next);
+        return MOE_ERR_NOMEM;
+    }
+    event->kind = MOE_EVENT_CONFIG;
+    event->config = next;
+    event->epoch = epoch;
+    event->step = step;
+    event->ok = true;
+    moe_daemon_post(daemon, event);
+    return MOE_OK;
+}
+
+static bool grow_step_buffers(scheduler_t *s, size_t tokens) {
+    if (tokens <= s->step_capacity) return true;
+    const moe_model_config_t *m = &s->daemon->cfg.model;
+    size_t H = (size_t)m->hidden, k = (size_t)m->top_k;
+    float *x = realloc(s->step_x, sizeof(float) * tokens * H);
+    if (x != NULL) s->step_x = x;
+    float *out = realloc(s->step_out, sizeof(float) * tokens * H);
+    if (out != NULL) s->step_out = out;
+    int32_t *ids = realloc(s->step_ids, sizeof(int32_t) * tokens * k);
+    if (ids != NULL) s->step_ids = ids;
+    float *w = realloc(s->step_weights, sizeof(float) * tokens * k);
+    if (w != NULL) s->step_weights = w;
+    if (x == NULL || out == NULL || ids == NULL || w == NULL) return false;
+    s->step_capacity = tokens;
+    return true;
+}
+
+/* Steps 4-6 for the chosen layer position. */
+static moe_err_t run_step(scheduler_t *s, int pos) {
+    moe_daemon_t *daemon = s->daemon;
+    const moe_config_t *cfg = &daemon->cfg;
+    const size_t H = (size_t)cfg->model.hidden, k = (size_t)cfg->model.top_k;
+    fifo_t *fifo = &s->fifos[pos];
+    moe_request_t *taken = NULL, **tail = &taken;
+    long long tokens = 0;
+    while (fifo->head != NULL &&
+           (taken == NULL || tokens + fifo->head->n_tokens <= cfg->moe.max_tokens_per_step)) {
+        moe_request_t *request = fifo->head;
+        fifo->head = request->next;
+        if (fifo->head == NULL) fifo->tail = NULL;
+        fifo->tokens -= request->n_tokens;
+        tokens += request->n_tokens;
+        request->next = NULL;
+        *tail = request;
+        tail = &request->next;
+    }
+    bool ok = grow_step_buffers(s, (size_t)tokens);
+    if (!ok) tokens = 0; /* still join the collective, with nothing */
+    size_t at = 0;
+    bool routed = cfg->model.routing.method == MOE_ROUTE_CLIENT;
+    for (moe_request_t *r = taken; ok && r != NULL; r = r->next) {
+        memcpy(s->step_x + at * H, r->x, sizeof(float) * r->n_tokens * H);
+        if (routed) {
+            memcpy(s->step_ids + at * k, r->routed_ids, sizeof(int32_t) * r->n_tokens * k);
+            memcpy(s->step_weights + at * k, r->routed_weights, sizeof(float) * r->n_tokens * k);
+        }
+        at += (size_t)r->n_tokens;
+    }
+    char msg[512] = "";
+    moe_route_trace_t trace = {NULL, NULL, s->slot_loads};
+    double start = moe_now();
+    daemon->collective_since = start;
+    moe_err_t err = daemon->backend.ops->forward(daemon->backend.state, cfg->model.layer_ids[pos], s->step_x,
+                                                 (int)tokens, routed ? s->step_ids : NULL,
+                                                 routed ? s->step_weights : NULL, s->step_out, &trace,
+                                                 msg, sizeof msg);
+    daemon->collective_since = 0;
+    double elapsed = moe_now() - start;
+    if (err != MOE_OK) {
+        moe_log(MOE_LOG_ERROR, "step", "layer %d forward of %lld tokens failed: %s",
+                cfg->model.layer_ids[pos], tokens, msg);
+        if (err == MOE_ERR_MPI) return err;
+    } else if (!ok) {
+        snprintf(msg, sizeof msg, "out of memory for a step of this size");
+    }
+    at = 0;
+    while (taken != NULL) {
+        moe_request_t *r = taken;
+        taken = r->next;
+        if (err == MOE_OK && ok) {
+            memcpy(r->x, s->step_out + at * H, sizeof(float) * r->n_tokens * H);
+            answer(daemon, r, MOE_STATUS_OK, NULL);
+        } else {
+            answer(daemon, r, MOE_STATUS_INTERNAL, msg);
+        }
+        at += (size_t)r->n_tokens;
+    }
+    /* slot loads of this step, summed on rank 0 for stats and EPLB */
+    int n_slots = daemon->backend.ops->slot_count(daemon->backend.state);
+    if (err != MOE_OK) memset(s->slot_loads, 0, sizeof(int64_t) * (size_t)n_slots);
+    long long step = atomic_fetch_add(&daemon->step, 1) + 1;
+    if (daemon->ep.size > 1) {
+        MPI_Request request;
+        if (MPI_Ireduce(s->slot_loads, s->slot_loads_sum, n_slots, MPI_INT64_T, MPI_SUM, 0, daemon->ep.comm,
+                        &request) != MPI_SUCCESS ||
+            wait_request(daemon, &request) != MPI_SUCCESS)
+            return MOE_ERR_MPI;
+    } else {
+        memcpy(s->slot_loads_sum, s->slot_loads, sizeof(int64_t) * (size_t)n_slots);
+    }
+    moe_stats_step(&daemon->stats, step, cfg->model.layer_ids[pos], elapsed,
+                   daemon->ep.rank == 0 ? s->slot_loads_sum : NULL);
+    daemon->last_step_done = moe_now();
+    return MOE_OK;
+}
+
+static int choose_layer(const scheduler_t *s, long long *total_out) {
+    const int n_ranks = s->daemon->ep.size, count = REC_FIXED + 2 * s->n_layers;
+    int best = -1;
+    long long best_tokens = 0, total = 0;
+    bool best_starving = false;
+    for (int l = 0; l < s->n_layers; l++) {
+        long long tokens = 0;
+        bool starving = false;
+        for (int r = 0; r < n_ranks; r++) {
+            tokens += s->records[(size_t)r * count + REC_FIXED + l];
+            starving |= s->records[(size_t)r * count + REC_FIXED + s->n_layers + l] != 0;
+        }
+        total += tokens;
+        if (tokens == 0) continue;
+        if (best < 0 || (starving && !best_starving) ||
+            (starving == best_starving && tokens > best_tokens)) {
+            best = l;
+            best_tokens = tokens;
+            best_starving = starving;
+        }
+    }
+    *total_out = total;
+    return best;
+}
+
+static void scheduler_free(scheduler_t *s) {
+    free(s->fifos);
+    free(s->record);
+    free(s->records);
+    free(s->step_x);
+    free(s->step_out);
+    free(s->step_ids);
+    free(s->step_weights);
+    free(s->slot_loads);
+    free(s->slot_loads_sum);
+}
+
+moe_err_t moe_scheduler_run(moe_daemon_t *daemon) {
+    scheduler_t s;
+    memset(&s, 0, sizeof s);
+    s.daemon = daemon;
+    s.n_layers = daemon->cfg.model.n_layers;
+    int count = REC_FIXED + 2 * s.n_layers, n_slots = daemon->backend.ops->slot_count(daemon->backend.state);
+    s.fifos = calloc((size_t)s.n_layers, sizeof *s.fifos);
+    s.record = calloc((size_t)count, sizeof(long long));
+    s.records = calloc((size_t)count * daemon->ep.size, sizeof(long long));
+    s.slot_loads = calloc((size_t)n_slots, sizeof(int64_t));
+    s.slot_loads_sum = calloc((size_t)n_slots, sizeof(int64_t));
+    if (!s.fifos || !s.record || !s.records || !s.slot_loads || !s.slot_loads_sum) {
+        scheduler_free(&s);
+        return MOE_ERR_NOMEM;
+    }
+    moe_err_t ret = MOE_OK;
+    long idle_us = daemon->cfg.scheduler.idle_poll_us;
+    double watchdog_interval = 0, last_watchdog = 0;
+    bool systemd_watchdog = daemon->ep.rank == 0 && moe_notify_watchdog_enabled(&watchdog_interval);
+    for (;;) {
+        double now = moe_now();
+        take_new(&s, 0);
+        expire_and_age(&s, now);
+        if ((ret = agree(&s, now)) != MOE_OK) break;
+        if (systemd_watchdog && now - last_watchdog > watchdog_interval / 2) {
+            moe_notify("WATCHDOG=1");
+            last_watchdog = now;
+        }
+        /* step boundary: what every rank agreed on */
+        if (s.records[REC_EPOCH] > daemon->epoch && (ret = apply_reload(&s, (int)s.records[REC_EPOCH])) != MOE_OK)
+            break;
+        bool drain = false, shutdown = false;
+        for (int r = 0; r < daemon->ep.size; r++) {
+            drain |= s.records[(size_t)r * count + REC_DRAIN] != 0;
+            shutdown |= s.records[(size_t)r * count + REC_SHUTDOWN] != 0;
+        }
+        if (drain && !atomic_load(&daemon->draining)) moe_server_request_drain(daemon, shutdown);
+        long long total = 0;
+        int pos = choose_layer(&s, &total);
+        daemon->cluster_pending = total;
+        if (pos < 0) {
+            if (shutdown) break; /* every rank saw the same: nothing left anywhere */
+            /* idle: wait for a local arrival, backing off up to 2 ms so an
+             * idle job costs little CPU; an arrival resets the backoff */
+            if (moe_queue_wait(&daemon->inbound, idle_us)) {
+                idle_us = daemon->cfg.scheduler.idle_poll_us;
+            } else {
+                long cap = daemon->cfg.scheduler.idle_poll_us > 2000 ? daemon->cfg.scheduler.idle_poll_us : 2000;
+                idle_us = idle_us * 2 < cap ? idle_us * 2 : cap;
+            }
+            continue;
+        }
+        idle_us = daemon->cfg.scheduler.idle_poll_us;
+        if ((ret = run_step(&s, pos)) != MOE_OK) break;
+    }
+    /* answer whatever is left (only after an MPI failure) */
+    for (int l = 0; l < s.n_layers; l++)
+        while (s.fifos[l].head != NULL) {
+            moe_request_t *r = s.fifos[l].head;
+            s.fifos[l].head = r->next;
+            answer(daemon, r, MOE_STATUS_INTERNAL, "the daemon stopped");
+        }
+    scheduler_free(&s);
+    return ret;
+}

@@ -1,0 +1,693 @@
+/* server: the I/O thread — listeners, connections and the data plane
+ * (DESIGN §2, §8, §10). Frames are parsed incrementally; every FORWARD is
+ * checked against the config and the limits before anything is queued, and
+ * every rejection is an ERROR frame, a counter and (at debug) a log line.
+ * A connection is freed only when its handle is closed AND none of its
+ * requests is still with the compute thread. */
+#include <errno.h>
+#include <math.h>
+#include <netdb.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../config/moe_log.h"
+#include "moe_mpi_boot.h"
+#include "server_internal.h"
+
+typedef struct {
+    uv_write_t req;
+    moe_conn_t *conn;
+    size_t bytes;
+    uint8_t prefix[MOE_FRAME_HEADER_SIZE];
+    void *owned;
+} write_req_t;
+
+static void conn_maybe_free(moe_conn_t *conn) {
+    if (!conn->handle_closed || conn->in_flight > 0 || conn->timer_started) return;
+    moe_frame_parser_reset(&conn->parser);
+    free(conn->text);
+    free(conn);
+}
+
+static void on_subscribe_timer_closed(uv_handle_t *handle) {
+    moe_conn_t *conn = handle->data;
+    conn->timer_started = false;
+    conn_maybe_free(conn);
+}
+
+static void on_conn_closed(uv_handle_t *handle) {
+    moe_conn_t *conn = (moe_conn_t *)handle;
+    moe_server_t *server = conn->server;
+    if (conn->prev != NULL) conn->prev->next = conn->next;
+    else server->conns = conn->next;
+    if (conn->next != NULL) conn->next->prev = conn->prev;
+    if (conn->kind == MOE_CONN_DATA) server->n_data_conns--;
+    conn->handle_closed = true;
+    if (conn->timer_started) {
+        uv_close((uv_handle_t *)&conn->subscribe_timer, on_subscribe_timer_closed);
+        return;
+    }
+    conn_maybe_free(conn);
+}
+
+void moe_conn_close(moe_conn_t *conn) {
+    if (conn->closing) return;
+    conn->closing = true;
+    if (conn->timer_started) uv_timer_stop(&conn->subscribe_timer);
+    uv_close(&conn->h.handle, on_conn_closed);
+}
+
+moe_conn_t *moe_server_find_conn(moe_server_t *server, uint64_t id) {
+    for (moe_conn_t *c = server->conns; c != NULL; c = c->next)
+        if (c->id == id && !c->closing) return c;
+    return NULL;
+}
+
+static void on_write(uv_write_t *req, int status) {
+    write_req_t *w = (write_req_t *)req;
+    moe_conn_t *conn = w->conn;
+    conn->unsent_bytes -= w->bytes;
+    free(w->owned);
+    free(w);
+    if (status < 0 && !conn->closing) {
+        moe_log(MOE_LOG_DEBUG, "server", "connection %llu: write failed: %s",
+                (unsigned long long)conn->id, uv_strerror(status));
+        moe_conn_close(conn);
+    } else if (conn->close_after_write && conn->unsent_bytes == 0) {
+        moe_conn_close(conn);
+    }
+}
+
+void moe_conn_write(moe_conn_t *conn, const void *prefix, size_t prefix_len, void *owned, size_t owned_len) {
+    if (conn->closing) {
+        free(owned);
+        return;
+    }
+    write_req_t *w = calloc(1, sizeof *w);
+    if (w == NULL || prefix_len > sizeof w->prefix) {
+        free(w);
+        free(owned);
+        moe_conn_close(conn);
+        return;
+    }
+    memcpy(w->prefix, prefix, prefix_len);
+    w->conn = conn;
+    w->owned = owned;
+    w->bytes = prefix_len + owned_len;
+    uv_buf_t bufs[2] = {uv_buf_init((char *)w->prefix, (unsigned)prefix_len),
+                        uv_buf_init(owned, (unsigned)owned_len)};
+    int rc = uv_write(&w->req, &conn->h.stream, prefix_len > 0 ? bufs : bufs + 1,
+                      prefix_len > 0 ? 2 : 1, on_write);
+    if (rc < 0) {
+        free(owned);
+        free(w);
+        moe_conn_close(conn);
+        return;
+    }
+    conn->unsent_bytes += w->bytes;
+    if ((long long)conn->unsent_bytes > conn->server->daemon->io_cfg.serve.max_output_bytes) {
+        moe_log(MOE_LOG_WARN, "server",
+                "connection %llu: %zu unsent bytes exceed serve.max_output_bytes; the client does "
+                "not read, disconnecting it", (unsigned long long)conn->id, conn->unsent_bytes);
+        moe_conn_close(conn);
+    }
+}
+
+void moe_conn_write_json(moe_conn_t *conn, cJSON *value) {
+    char *text = cJSON_PrintUnformatted(value);
+    cJSON_Delete(value);
+    if (text == NULL) return;
+    size_t len = strlen(text);
+    text[len] = '\0';
+    char *line = realloc(text, len + 2);
+    if (line == NULL) {
+        free(text);
+        return;
+    }
+    line[len] = '\n';
+    moe_conn_write(conn, NULL, 0, line, len + 1);
+}
+
+/* An ERROR frame for a request (or the connection, with request_id 0). */
+static void send_error(moe_conn_t *conn, uint64_t request_id, uint32_t layer, uint32_t status,
+                       const char *text) {
+    moe_frame_header_t h = {MOE_FRAME_VERSION, MOE_FRAME_ERROR, request_id, layer, 0, 0, 0, 0, 0, status, 0};
+    size_t len = strlen(text);
+    char *copy = malloc(len + 1);
+    if (copy == NULL) return;
+    memcpy(copy, text, len + 1);
+    h.payload_len = len;
+    uint8_t header[MOE_FRAME_HEADER_SIZE];
+    moe_frame_encode_header(&h, header);
+    moe_conn_write(conn, header, sizeof header, copy, len);
+    moe_stats_rejected(&conn->server->daemon->stats, status);
+    moe_log(MOE_LOG_DEBUG, "server", "connection %llu request %llu: %s: %s", (unsigned long long)conn->id,
+            (unsigned long long)request_id, moe_status_name(status), text);
+}
+
+static bool layer_served(const moe_config_t *cfg, uint32_t layer) {
+    for (int i = 0; i < cfg->model.n_layers; i++)
+        if ((uint32_t)cfg->model.layer_ids[i] == layer) return true;
+    return false;
+}
+
+/* Checks a FORWARD against the model and the limits; 0 = admit, else the
+ * status with text in msg. */
+static uint32_t check_forward(moe_conn_t *conn, const moe_frame_header_t *h, const uint8_t *payload,
+                              char *msg, size_t msg_size) {
+    moe_daemon_t *daemon = conn->server->daemon;
+    const moe_config_t *cfg = &daemon->io_cfg;
+    const moe_model_config_t *m = &cfg->model;
+    if (atomic_load(&daemon->draining)) {
+        snprintf(msg, msg_size, "the daemon is draining; no new requests");
+        return MOE_STATUS_SHUTTING_DOWN;
+    }
+    if (!layer_served(cfg, h->layer)) {
+        snprintf(msg, msg_size, "layer %u is not served (%d layers from %d)", h->layer, m->n_layers, m->layer_ids[0]);
+        return MOE_STATUS_BAD_LAYER;
+    }
+    if (moe_dtype_size(h->dtype) == 0) {
+        snprintf(msg, msg_size, "dtype %u unknown (1 f32, 2 bf16, 3 f16)", h->dtype);
+        return MOE_STATUS_BAD_DTYPE;
+    }
+    if (h->hidden != (uint32_t)m->hidden || h->n_tokens == 0) {
+        snprintf(msg, msg_size, "shape [%u, %u]: need n_tokens >= 1 and hidden = %d", h->n_tokens, h->hidden, m->hidden);
+        return MOE_STATUS_BAD_SHAPE;
+    }
+    if (h->n_tokens > (uint32_t)cfg->serve.max_request_tokens) {
+        snprintf(msg, msg_size, "%u tokens exceed serve.max_request_tokens (%d)", h->n_tokens,
+                 cfg->serve.max_request_tokens);
+        return MOE_STATUS_TOO_LARGE;
+    }
+    bool routed = (h->flags & MOE_FRAME_FLAG_ROUTED) != 0, client = m->routing.method == MOE_ROUTE_CLIENT;
+    if (routed != client) {
+        snprintf(msg, msg_size, client ? "routing method is 'client': the request must carry expert ids (ROUTED)"
+                                       : "ROUTED requests need model.routing.method 'client' (it is '%s')",
+                 moe_route_method_name(m->routing.method));
+        return MOE_STATUS_BAD_ROUTING;
+    }
+    if (routed) {
+        if (h->top_k != (uint32_t)m->top_k) {
+            snprintf(msg, msg_size, "top_k %u, the model routes %d experts per token", h->top_k, m->top_k);
+            return MOE_STATUS_BAD_SHAPE;
+        }
+        size_t k = h->top_k, n = (size_t)h->n_tokens * k;
+        const uint8_t *ids = payload + (size_t)h->n_tokens * h->hidden * moe_dtype_size(h->dtype);
+        const uint8_t *weights = ids + n * 4;
+        for (size_t t = 0; t < h->n_tokens; t++)
+            for (size_t i = 0; i < k; i++) {
+                int32_t id;
+                float w;
+                memcpy(&id, ids + (t * k + i) * 4, 4);
+                memcpy(&w, weights + (t * k + i) * 4, 4);
+                if (id < 0 || id >= m->experts || !isfinite(w)) {
+                    snprintf(msg, msg_size, "token %zu: expert id %d out of [0, %d) or weight not finite", t, id, m->experts);
+                    return MOE_STATUS_BAD_ROUTING;
+                }
+                for (size_t j = 0; j < i; j++) {
+                    int32_t other;
+                    memcpy(&other, ids + (t * k + j) * 4, 4);
+                    if (other == id) {
+                        snprintf(msg, msg_size, "token %zu: expert id %d given twice", t, id);
+                        return MOE_STATUS_BAD_ROUTING;
+                    }
+                }
+            }
+    }
+    long long per_conn = cfg->serve.max_queue_tokens / 4 > cfg->serve.max_request_tokens
+                             ? cfg->serve.max_queue_tokens / 4 : cfg->serve.max_request_tokens;
+    if (conn->queued_tokens + h->n_tokens > per_conn) {
+        snprintf(msg, msg_size, "this connection has %lld tokens queued; at most %lld per connection",
+                 conn->queued_tokens, per_conn);
+        return MOE_STATUS_OVERLOADED;
+    }
+    if (atomic_load(&daemon->queued_tokens) + h->n_tokens > cfg->serve.max_queue_tokens) {
+        snprintf(msg, msg_size, "queue full: %lld tokens queued, serve.max_queue_tokens %lld",
+                 (long long)atomic_load(&daemon->queued_tokens), (long long)cfg->serve.max_queue_tokens);
+        return MOE_STATUS_OVERLOADED;
+    }
+    return MOE_STATUS_OK;
+}
+
+static void handle_forward(moe_conn_t *conn, const moe_frame_header_t *h, uint8_t *payload) {
+    moe_daemon_t *daemon = conn->server->daemon;
+    char msg[200];
+    uint32_t status = check_forward(conn, h, payload, msg, sizeof msg);
+    if (status != MOE_STATUS_OK) {
+        send_error(conn, h->request_id, h->layer, status, msg);
+        return;
+    }
+    size_t values = (size_t)h->n_tokens * h->hidden, k = h->top_k;
+    moe_request_t *r = calloc(1, sizeof *r);
+    if (r != NULL) r->x = malloc(sizeof(float) * values);
+    if (r != NULL && (h->flags & MOE_FRAME_FLAG_ROUTED)) {
+        r->routed_ids = malloc(sizeof(int32_t) * h->n_tokens * k);
+        r->routed_weights = malloc(sizeof(float) * h->n_tokens * k);
+    }
+    if (r == NULL || r->x == NULL || ((h->flags & MOE_FRAME_FLAG_ROUTED) && (!r->routed_ids || !r->routed_weights))) {
+        moe_request_free(r);
+        send_error(conn, h->request_id, h->layer, MOE_STATUS_OVERLOADED, "out of memory for this request");
+        return;
+    }
+    moe_dtype_to_f32(h->dtype, payload, r->x, values);
+    if (h->flags & MOE_FRAME_FLAG_ROUTED) {
+        const uint8_t *ids = payload + values * moe_dtype_size(h->dtype);
+        memcpy(r->routed_ids, ids, sizeof(int32_t) * h->n_tokens * k);
+        memcpy(r->routed_weights, ids + sizeof(int32_t) * h->n_tokens * k, sizeof(float) * h->n_tokens * k);
+    }
+    r->conn = conn;
+    r->request_id = h->request_id;
+    r->layer = (int)h->layer;
+    r->n_tokens = (int)h->n_tokens;
+    r->dtype = h->dtype;
+    r->arrival = moe_now();
+    conn->in_flight++;
+    conn->queued_tokens += r->n_tokens;
+    atomic_fetch_add(&daemon->queued_tokens, r->n_tokens);
+    atomic_fetch_add(&daemon->queued_requests, 1);
+    moe_queue_push(&daemon->inbound, r);
+}
+
+static void handle_frame(moe_conn_t *conn, const moe_frame_header_t *h, uint8_t *payload) {
+    switch (h->type) {
+    case MOE_FRAME_FORWARD: handle_forward(conn, h, payload); break;
+    case MOE_FRAME_PING: {
+        moe_frame_header_t pong = *h;
+        pong.type = MOE_FRAME_PONG;
+        uint8_t header[MOE_FRAME_HEADER_SIZE];
+        moe_frame_encode_header(&pong, header);
+        moe_conn_write(conn, header, sizeof header, payload, h->payload_len);
+        return; /* payload handed over */
+    }
+    default:
+        send_error(conn, h->request_id, h->layer, MOE_STATUS_BAD_FRAME, "clients send only FORWARD and PING frames");
+        break;
+    }
+    free(payload);
+}
+
+static void on_data_read(moe_conn_t *conn, const char *data, size_t len) {
+    size_t offset = 0;
+    while (offset < len && !conn->closing && !conn->close_after_write) {
+        size_t consumed = 0;
+        moe_frame_header_t h;
+        uint8_t *payload = NULL;
+        moe_parse_result_t r = moe_frame_parse(&conn->parser, (const uint8_t *)data + offset, len - offset,
+                                               &consumed, &h, &payload);
+        offset += consumed;
+        if (r == MOE_PARSE_FRAME) {
+            conn->partial_since = 0;
+            handle_frame(conn, &h, payload);
+        } else if (r == MOE_PARSE_ERROR) {
+            moe_log(MOE_LOG_INFO, "server", "connection %llu: framing error: %s; closing it",
+                    (unsigned long long)conn->id, conn->parser.error_msg);
+            send_error(conn, 0, 0, MOE_STATUS_BAD_FRAME, conn->parser.error_msg);
+            conn->close_after_write = true;
+            uv_read_stop(&conn->h.stream);
+            if (conn->unsent_bytes == 0) moe_conn_close(conn);
+            return;
+        }
+    }
+    if ((conn->parser.header_have > 0 || conn->parser.in_payload) && conn->partial_since == 0)
+        conn->partial_since = moe_now();
+}
+
+static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf) {
+    (void)suggested;
+    moe_conn_t *conn = (moe_conn_t *)handle;
+    *buf = uv_buf_init(conn->server->read_buffer, sizeof conn->server->read_buffer);
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+    moe_conn_t *conn = (moe_conn_t *)stream;
+    if (nread < 0) {
+        if (nread != UV_EOF)
+            moe_log(MOE_LOG_DEBUG, "server", "connection %llu: %s", (unsigned long long)conn->id, uv_strerror((int)nread));
+        moe_conn_close(conn);
+        return;
+    }
+    if (nread == 0 || conn->closing) return;
+    switch (conn->kind) {
+    case MOE_CONN_DATA: on_data_read(conn, buf->base, (size_t)nread); break;
+    case MOE_CONN_CONTROL: {
+        /* split into lines; a line longer than the limit is an error */
+        for (ssize_t i = 0; i < nread && !conn->closing; i++) {
+            char c = buf->base[i];
+            if (c == '\n') {
+                char *line = conn->text != NULL ? conn->text : "";
+                if (conn->text != NULL) conn->text[conn->text_len] = '\0';
+                moe_control_on_line(conn, line);
+                conn->text_len = 0;
+                continue;
+            }
+            if (conn->text_len + 2 > conn->text_cap) {
+                if (conn->text_cap >= MOE_CONTROL_MAX_LINE) {
+                    cJSON *reply = cJSON_CreateObject();
+                    cJSON_AddNullToObject(reply, "id");
+                    cJSON_AddFalseToObject(reply, "ok");
+                    cJSON *error = cJSON_AddObjectToObject(reply, "error");
+                    cJSON_AddStringToObject(error, "code", "bad_request");
+                    cJSON_AddStringToObject(error, "message", "line longer than 64 KiB");
+                    moe_conn_write_json(conn, reply);
+                    conn->close_after_write = true;
+                    uv_read_stop(stream);
+                    return;
+                }
+                size_t cap = conn->text_cap ? conn->text_cap * 2 : 1024;
+                char *text = realloc(conn->text, cap);
+                if (text == NULL) {
+                    moe_conn_close(conn);
+                    return;
+                }
+                conn->text = text;
+                conn->text_cap = cap;
+            }
+            conn->text[conn->text_len++] = c;
+        }
+        break;
+    }
+    case MOE_CONN_METRICS: moe_metrics_on_data(conn, buf->base, (size_t)nread); break;
+    }
+}
+
+static void on_connection(uv_stream_t *listener, int status) {
+    moe_server_t *server = listener->data;
+    if (status < 0) {
+        moe_log(MOE_LOG_WARN, "server", "accept: %s", uv_strerror(status));
+        return;
+    }
+    moe_conn_t *conn = calloc(1, sizeof *conn);
+    if (conn == NULL) return;
+    conn->server = server;
+    conn->id = ++server->next_id;
+    conn->kind = listener == &server->data_listener.stream      ? MOE_CONN_DATA
+                 : listener == &server->control_listener.stream ? MOE_CONN_CONTROL
+                                                                : MOE_CONN_METRICS;
+    if (listener->type == UV_TCP) uv_tcp_init(server->loop, &conn->h.tcp);
+    else uv_pipe_init(server->loop, &conn->h.pipe, 0);
+    moe_frame_parser_init(&conn->parser, (uint64_t)server->daemon->io_cfg.serve.max_frame_bytes);
+    conn->next = server->conns;
+    if (server->conns != NULL) server->conns->prev = conn;
+    server->conns = conn;
+    if (conn->kind == MOE_CONN_DATA) server->n_data_conns++;
+    if (uv_accept(listener, &conn->h.stream) != 0) {
+        moe_conn_close(conn);
+        return;
+    }
+    if (listener->type == UV_TCP) uv_tcp_nodelay(&conn->h.tcp, 1);
+    if (conn->kind == MOE_CONN_DATA && server->n_data_conns > server->daemon->io_cfg.serve.max_connections) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "too many connections (serve.max_connections %d)",
+                 server->daemon->io_cfg.serve.max_connections);
+        send_error(conn, 0, 0, MOE_STATUS_OVERLOADED, msg);
+        conn->close_after_write = true;
+        return;
+    }
+    uv_read_start(&conn->h.stream, on_alloc, on_read);
+}
+
+/* Results and notices from the compute thread. */
+static void deliver_result(moe_server_t *server, moe_request_t *r) {
+    moe_conn_t *conn = r->conn;
+    conn->in_flight--;
+    conn->queued_tokens -= r->n_tokens;
+    if (conn->closing) {
+        moe_request_free(r);
+        conn_maybe_free(conn);
+        return;
+    }
+    if (r->status != MOE_STATUS_OK) {
+        send_error(conn, r->request_id, (uint32_t)r->layer, r->status, r->error);
+        moe_request_free(r);
+        return;
+    }
+    const moe_config_t *cfg = &server->daemon->io_cfg;
+    size_t values = (size_t)r->n_tokens * cfg->model.hidden, bytes = values * moe_dtype_size(r->dtype);
+    void *payload = r->dtype == MOE_DTYPE_F32 ? (void *)r->x : malloc(bytes);
+    if (payload == NULL) {
+        send_error(conn, r->request_id, (uint32_t)r->layer, MOE_STATUS_INTERNAL, "out of memory for the result");
+        moe_request_free(r);
+        return;
+    }
+    if (payload != r->x) moe_dtype_from_f32(r->dtype, r->x, payload, values);
+    else r->x = NULL; /* handed to the write */
+    moe_frame_header_t h = {MOE_FRAME_VERSION, MOE_FRAME_RESULT, r->request_id, (uint32_t)r->layer,
+                            (uint32_t)r->n_tokens, (uint32_t)cfg->model.hidden, r->dtype, 0, 0, 0, bytes};
+    uint8_t header[MOE_FRAME_HEADER_SIZE];
+    moe_frame_encode_header(&h, header);
+    double now = moe_now();
+    moe_stats_completed(&server->daemon->stats, now, now - r->arrival, r->n_tokens);
+    moe_conn_write(conn, header, sizeof header, payload, bytes);
+    moe_request_free(r);
+}
+
+static void close_handle_if_open(uv_handle_t *handle) {
+    if (handle->loop != NULL && !uv_is_closing(handle)) uv_close(handle, NULL);
+}
+
+static void on_stop_timer(uv_timer_t *timer) {
+    moe_server_t *server = timer->data;
+    for (moe_conn_t *c = server->conns; c != NULL; c = c->next) moe_conn_close(c);
+    close_handle_if_open((uv_handle_t *)timer);
+}
+
+static void stop_server(moe_server_t *server) {
+    server->stopping = true;
+    if (server->data_listening) close_handle_if_open(&server->data_listener.handle);
+    if (server->control_listening) close_handle_if_open(&server->control_listener.handle);
+    if (server->metrics_listening) close_handle_if_open(&server->metrics_listener.handle);
+    close_handle_if_open((uv_handle_t *)&server->sweep_timer);
+    close_handle_if_open((uv_handle_t *)&server->sighup);
+    close_handle_if_open((uv_handle_t *)&server->sigterm);
+    close_handle_if_open((uv_handle_t *)&server->sigint);
+    close_handle_if_open((uv_handle_t *)&server->daemon->outbound_async);
+    for (moe_conn_t *c = server->conns; c != NULL; c = c->next) {
+        if (c->unsent_bytes > 0) c->close_after_write = true;
+        else moe_conn_close(c);
+    }
+    /* a client that never reads must not hold the exit up */
+    uv_timer_start(&server->stop_timer, on_stop_timer, 2000, 0);
+    uv_unref((uv_handle_t *)&server->stop_timer);
+}
+
+static void on_outbound(uv_async_t *async) {
+    moe_daemon_t *daemon = async->data;
+    moe_server_t *server = daemon->server;
+    pthread_mutex_lock(&daemon->outbound_lock);
+    moe_event_t *list = daemon->outbound_head;
+    daemon->outbound_head = daemon->outbound_tail = NULL;
+    pthread_mutex_unlock(&daemon->outbound_lock);
+    while (list != NULL) {
+        moe_event_t *event = list;
+        list = list->next;
+        switch (event->kind) {
+        case MOE_EVENT_RESULT: deliver_result(server, event->request); break;
+        case MOE_EVENT_CONFIG:
+            daemon->io_cfg = *event->config;
+            moe_control_reload_done(server, event);
+            free(event->config);
+            free(event);
+            break;
+        case MOE_EVENT_STOP:
+            free(event);
+            stop_server(server);
+            break;
+        }
+    }
+}
+
+/* Slow-drip clients: a frame that has been arriving for longer than
+ * serve.request_timeout_ms is answered `timeout` and the connection closed. */
+static void on_sweep(uv_timer_t *timer) {
+    moe_server_t *server = timer->data;
+    double now = moe_now(), limit = server->daemon->io_cfg.serve.request_timeout_ms / 1e3;
+    for (moe_conn_t *c = server->conns; c != NULL; c = c->next) {
+        if (c->kind != MOE_CONN_DATA || c->closing || c->partial_since == 0 || now - c->partial_since <= limit)
+            continue;
+        moe_log(MOE_LOG_INFO, "server", "connection %llu: a frame incomplete for %.1f s; closing it",
+                (unsigned long long)c->id, now - c->partial_since);
+        send_error(c, 0, 0, MOE_STATUS_TIMEOUT, "frame incomplete past serve.request_timeout_ms");
+        c->partial_since = 0;
+        c->close_after_write = true;
+        uv_read_stop(&c->h.stream);
+    }
+}
+
+void moe_server_request_drain(moe_daemon_t *daemon, bool then_exit) {
+    if (then_exit) atomic_store(&daemon->shutdown, 1);
+    if (!atomic_exchange(&daemon->draining, 1))
+        moe_log(MOE_LOG_INFO, "server", "%s: new requests get shutting_down; %d queued requests finish",
+                then_exit ? "shutting down" : "draining", atomic_load(&daemon->queued_requests));
+}
+
+static void on_signal(uv_signal_t *handle, int signum) {
+    moe_server_t *server = handle->data;
+    if (signum == SIGHUP) {
+        cJSON *error = moe_control_start_reload(server, "", 0, NULL);
+        if (error != NULL) cJSON_Delete(error); /* logged by the reload itself */
+        return;
+    }
+    if (signum == SIGINT && ++server->sigint_count > 1) {
+        moe_log(MOE_LOG_ERROR, "server", "second SIGINT: stopping now without draining");
+        moe_mpi_abort_job(130);
+        _exit(130);
+    }
+    moe_log(MOE_LOG_INFO, "server", "%s: draining, then exiting", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    moe_server_request_drain(server->daemon, true);
+}
+
+/* Parses "unix:PATH" (with %r → rank) or "HOST:PORT" (+rank when add_rank). */
+static moe_err_t listen_on(moe_server_t *server, const char *address, int rank, bool add_rank,
+                           moe_stream_handle_t *handle, char *unix_path, mode_t mode, bool loopback_only,
+                           const char *field, char *msg, size_t msg_size) {
+    int rc;
+    if (strncmp(address, "unix:", 5) == 0) {
+        char path[MOE_PATH_MAX];
+        size_t n = 0;
+        for (const char *p = address + 5; *p && n + 12 < sizeof path; p++) {
+            if (p[0] == '%' && p[1] == 'r') {
+                n += (size_t)snprintf(path + n, sizeof path - n, "%d", rank);
+                p++;
+            } else {
+                path[n++] = *p;
+            }
+        }
+        path[n] = '\0';
+        struct stat st;
+        if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path); /* a stale socket */
+        uv_pipe_init(server->loop, &handle->pipe, 0);
+        if ((rc = uv_pipe_bind(&handle->pipe, path)) != 0)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_IO, "%s: cannot bind %s: %s", field, path, uv_strerror(rc));
+        if (chmod(path, mode) != 0)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_IO, "%s: chmod %s: %s", field, path, strerror(errno));
+        snprintf(unix_path, MOE_PATH_MAX, "%s", path);
+    } else {
+        const char *colon = strrchr(address, ':');
+        if (colon == NULL)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "%s: '%s' is neither HOST:PORT nor unix:PATH", field, address);
+        char host[256];
+        snprintf(host, sizeof host, "%.*s", (int)(colon - address), address);
+        if (host[0] == '[' && host[strlen(host) - 1] == ']') memmove(host, host + 1, strlen(host)), host[strlen(host) - 1] = '\0';
+        long port = strtol(colon + 1, NULL, 10) + (add_rank ? rank : 0);
+        if (port <= 0 || port > 65535)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "%s: port out of range in '%s'", field, address);
+        struct addrinfo hints = {0}, *ai = NULL;
+        hints.ai_family = AF_UNSPEC;
+        hints.ai_socktype = SOCK_STREAM;
+        hints.ai_flags = AI_PASSIVE;
+        char port_text[16];
+        snprintf(port_text, sizeof port_text, "%ld", port);
+        if ((rc = getaddrinfo(host, port_text, &hints, &ai)) != 0)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "%s: cannot resolve '%s': %s", field, host, gai_strerror(rc));
+        if (loopback_only) {
+            bool loop = ai->ai_family == AF_INET
+                            ? (ntohl(((struct sockaddr_in *)ai->ai_addr)->sin_addr.s_addr) >> 24) == 127
+                            : IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr);
+            if (!loop) {
+                freeaddrinfo(ai);
+                return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG,
+                                   "%s: TCP control on a non-loopback address needs serve.token_file", field);
+            }
+        }
+        uv_tcp_init(server->loop, &handle->tcp);
+        rc = uv_tcp_bind(&handle->tcp, ai->ai_addr, 0);
+        freeaddrinfo(ai);
+        if (rc != 0)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_IO, "%s: cannot bind %s port %ld: %s", field, host, port, uv_strerror(rc));
+    }
+    handle->handle.data = server;
+    if ((rc = uv_listen(&handle->stream, 511, on_connection)) != 0)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_IO, "%s: cannot listen on %s: %s", field, address, uv_strerror(rc));
+    return MOE_OK;
+}
+
+static moe_err_t read_token(moe_server_t *server, const char *path, char *msg, size_t msg_size) {
+    server->token[0] = '\0';
+    if (path[0] == '\0') return MOE_OK;
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_IO, "serve.token_file: %s: %s", path, strerror(errno));
+    size_t n = fread(server->token, 1, sizeof server->token - 1, f);
+    fclose(f);
+    server->token[n] = '\0';
+    while (n > 0 && (server->token[n - 1] == '\n' || server->token[n - 1] == '\r' || server->token[n - 1] == ' '))
+        server->token[--n] = '\0';
+    if (n == 0) return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "serve.token_file: %s is empty", path);
+    return MOE_OK;
+}
+
+static void *io_thread_main(void *arg) {
+    moe_daemon_t *daemon = arg;
+    uv_run(&daemon->loop, UV_RUN_DEFAULT);
+    return NULL;
+}
+
+moe_err_t moe_server_start(moe_daemon_t *daemon, char *msg, size_t msg_size) {
+    moe_server_t *server = calloc(1, sizeof *server);
+    if (server == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "server: out of memory");
+    daemon->server = server;
+    server->daemon = daemon;
+    server->loop = &daemon->loop;
+    server->last_reload_ok = true;
+    uv_loop_init(server->loop);
+    const moe_serve_config_t *serve = &daemon->io_cfg.serve;
+    const int rank = daemon->ep.rank;
+    MOE_CHECK(read_token(server, rank == 0 ? serve->token_file : "", msg, msg_size));
+    uv_async_init(server->loop, &daemon->outbound_async, on_outbound);
+    daemon->outbound_async.data = daemon;
+    uv_timer_init(server->loop, &server->sweep_timer);
+    server->sweep_timer.data = server;
+    uv_timer_start(&server->sweep_timer, on_sweep, 200, 200);
+    uv_timer_init(server->loop, &server->stop_timer);
+    server->stop_timer.data = server;
+    uv_signal_init(server->loop, &server->sigterm);
+    uv_signal_init(server->loop, &server->sigint);
+    uv_signal_init(server->loop, &server->sighup);
+    server->sigterm.data = server->sigint.data = server->sighup.data = server;
+    uv_signal_start(&server->sigterm, on_signal, SIGTERM);
+    uv_signal_start(&server->sigint, on_signal, SIGINT);
+    if (rank == 0) uv_signal_start(&server->sighup, on_signal, SIGHUP);
+    MOE_CHECK(listen_on(server, serve->data, rank, true, &server->data_listener, server->data_path, 0666, false,
+                        "serve.data", msg, msg_size));
+    server->data_listening = true;
+    if (rank == 0) {
+        MOE_CHECK(listen_on(server, serve->control, rank, false, &server->control_listener, server->control_path,
+                            0600, server->token[0] == '\0', "serve.control", msg, msg_size));
+        server->control_listening = true;
+        if (serve->metrics[0] != '\0') {
+            char unused[MOE_PATH_MAX];
+            MOE_CHECK(listen_on(server, serve->metrics, rank, false, &server->metrics_listener, unused, 0644,
+                                false, "serve.metrics", msg, msg_size));
+            server->metrics_listening = true;
+        }
+    }
+    if (pthread_create(&daemon->io_thread, NULL, io_thread_main, daemon) != 0)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "server: cannot start the I/O thread");
+    server->started = true;
+    return MOE_OK;
+}
+
+static void close_any(uv_handle_t *handle, void *arg) {
+    (void)arg;
+    if (!uv_is_closing(handle)) uv_close(handle, NULL);
+}
+
+void moe_server_join(moe_daemon_t *daemon) {
+    moe_server_t *server = daemon->server;
+    if (server == NULL) return;
+    if (server->started) pthread_join(daemon->io_thread, NULL);
+    /* what is left (the unreferenced stop timer; everything after a failed
+     * start) is closed here, on this thread, once the I/O thread is gone */
+    uv_walk(server->loop, close_any, NULL);
+    uv_run(server->loop, UV_RUN_DEFAULT);
+    for (int i = 0; i < server->n_reloads; i++) cJSON_Delete(server->reloads[i].id);
+    if (server->data_path[0]) unlink(server->data_path);
+    if (server->control_path[0]) unlink(server->control_path);
+    int rc = uv_loop_close(server->loop);
+    if (rc != 0) moe_log(MOE_LOG_WARN, "server", "uv_loop_close: %s (a handle was left open)", uv_strerror(rc));
+    free(server);
+    daemon->server = NULL;
+}

@@ -1,0 +1,302 @@
+/* stats: see moe_stats.h. Percentiles are computed on demand from the last
+ * MOE_STATS_SAMPLES samples (a copy sorted under the lock: small and rare). */
+#include "moe_stats.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const double hist_bounds[MOE_STATS_HIST_BOUNDS] = {0.0005, 0.001, 0.002, 0.005, 0.01, 0.02,
+                                                         0.05,   0.1,   0.2,   0.5,   1.0,  5.0};
+
+moe_err_t moe_stats_init(moe_stats_t *stats, const moe_config_t *cfg, int n_ranks, int n_slots,
+                         const int *placement) {
+    memset(stats, 0, sizeof *stats);
+    pthread_mutex_init(&stats->lock, NULL);
+    stats->n_layers = cfg->model.n_layers;
+    stats->n_slots = n_slots;
+    stats->n_ranks = n_ranks;
+    stats->experts = cfg->model.experts;
+    stats->window_steps = cfg->eplb.window_steps > 0 ? cfg->eplb.window_steps : 1000;
+    memcpy(stats->placement, placement, sizeof(int) * (size_t)n_slots);
+    stats->layers = calloc((size_t)stats->n_layers, sizeof *stats->layers);
+    if (stats->layers == NULL) return MOE_ERR_NOMEM;
+    for (int l = 0; l < stats->n_layers; l++) {
+        stats->layers[l].layer = cfg->model.layer_ids[l];
+        stats->layers[l].bucket_loads = calloc((size_t)(MOE_STATS_BUCKETS + 1) * n_slots, sizeof(int64_t));
+        if (stats->layers[l].bucket_loads == NULL) return MOE_ERR_NOMEM;
+        for (int b = 0; b <= MOE_STATS_BUCKETS; b++) stats->layers[l].bucket_stamp[b] = -1;
+    }
+    return MOE_OK;
+}
+
+void moe_stats_destroy(moe_stats_t *stats) {
+    for (int l = 0; stats->layers != NULL && l < stats->n_layers; l++) free(stats->layers[l].bucket_loads);
+    free(stats->layers);
+    stats->layers = NULL;
+    pthread_mutex_destroy(&stats->lock);
+}
+
+void moe_stats_reconfigure(moe_stats_t *stats, const moe_config_t *cfg) {
+    pthread_mutex_lock(&stats->lock);
+    stats->window_steps = cfg->eplb.window_steps > 0 ? cfg->eplb.window_steps : 1000;
+    pthread_mutex_unlock(&stats->lock);
+}
+
+static void hist_add(long long *hist, double value) {
+    int b = 0;
+    while (b < MOE_STATS_HIST_BOUNDS && value > hist_bounds[b]) b++;
+    hist[b]++;
+}
+
+void moe_stats_completed(moe_stats_t *stats, double now, double latency_s, int n_tokens) {
+    pthread_mutex_lock(&stats->lock);
+    stats->completed++;
+    stats->completed_tokens += n_tokens;
+    stats->latency[stats->latency_count++ % MOE_STATS_SAMPLES] = latency_s;
+    hist_add(stats->latency_hist, latency_s);
+    stats->latency_sum += latency_s;
+    long long second = (long long)now;
+    int slot = (int)(second % MOE_STATS_RATE_SLOTS);
+    if (stats->rate_second[slot] != second) stats->rate_second[slot] = second, stats->rate_tokens[slot] = 0;
+    stats->rate_tokens[slot] += n_tokens;
+    pthread_mutex_unlock(&stats->lock);
+}
+
+void moe_stats_rejected(moe_stats_t *stats, uint32_t status) {
+    pthread_mutex_lock(&stats->lock);
+    stats->rejected++;
+    if (status < MOE_STATUS_COUNT) stats->rejected_by_status[status]++;
+    pthread_mutex_unlock(&stats->lock);
+}
+
+/* Bucket b of a window covers steps [b·w/8, (b+1)·w/8); the window is the
+ * current bucket and the 8 before it, less what has aged out. */
+static long long bucket_width(const moe_stats_t *stats) {
+    long long width = stats->window_steps / MOE_STATS_BUCKETS;
+    return width < 1 ? 1 : width;
+}
+
+void moe_stats_step(moe_stats_t *stats, long long step, int layer, double step_s,
+                    const int64_t *slot_loads) {
+    pthread_mutex_lock(&stats->lock);
+    stats->steps++;
+    stats->step_time[stats->step_count++ % MOE_STATS_SAMPLES] = step_s;
+    hist_add(stats->step_hist, step_s);
+    stats->step_sum += step_s;
+    for (int l = 0; l < stats->n_layers; l++) {
+        moe_layer_stats_t *ls = &stats->layers[l];
+        if (ls->layer != layer) continue;
+        ls->steps++;
+        if (slot_loads == NULL) break;
+        long long stamp = step / bucket_width(stats);
+        int b = (int)(stamp % (MOE_STATS_BUCKETS + 1));
+        int64_t *loads = ls->bucket_loads + (size_t)b * stats->n_slots;
+        if (ls->bucket_stamp[b] != stamp) {
+            memset(loads, 0, sizeof(int64_t) * (size_t)stats->n_slots);
+            ls->bucket_stamp[b] = stamp;
+        }
+        for (int s = 0; s < stats->n_slots; s++) loads[s] += slot_loads[s];
+        break;
+    }
+    pthread_mutex_unlock(&stats->lock);
+}
+
+/* Slot loads over the window ending at `step`, into loads[n_slots]. */
+static void window_loads(const moe_stats_t *stats, const moe_layer_stats_t *ls, long long step,
+                         int64_t *loads) {
+    long long now_stamp = step / bucket_width(stats);
+    memset(loads, 0, sizeof(int64_t) * (size_t)stats->n_slots);
+    for (int b = 0; b <= MOE_STATS_BUCKETS; b++) {
+        long long stamp = ls->bucket_stamp[b];
+        if (stamp < 0 || stamp < now_stamp - MOE_STATS_BUCKETS || stamp > now_stamp) continue;
+        for (int s = 0; s < stats->n_slots; s++) loads[s] += ls->bucket_loads[(size_t)b * stats->n_slots + s];
+    }
+}
+
+static int compare_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Percentiles of the last samples, in milliseconds. */
+static void percentiles(const double *samples, long long count, const double *q, double *out, int n_q) {
+    int n = (int)(count < MOE_STATS_SAMPLES ? count : MOE_STATS_SAMPLES);
+    for (int i = 0; i < n_q; i++) out[i] = 0.0;
+    if (n == 0) return;
+    double *copy = malloc(sizeof(double) * (size_t)n);
+    if (copy == NULL) return;
+    memcpy(copy, samples, sizeof(double) * (size_t)n);
+    qsort(copy, (size_t)n, sizeof(double), compare_double);
+    for (int i = 0; i < n_q; i++) {
+        int at = (int)ceil(q[i] * n) - 1;
+        out[i] = copy[at < 0 ? 0 : at >= n ? n - 1 : at] * 1e3;
+    }
+    free(copy);
+}
+
+static double tokens_per_second(const moe_stats_t *stats, double now) {
+    long long second = (long long)now, total = 0;
+    int seconds = 0;
+    /* the last 10 whole seconds, excluding the current partial one */
+    for (int i = 1; i <= 10; i++) {
+        for (int s = 0; s < MOE_STATS_RATE_SLOTS; s++)
+            if (stats->rate_second[s] == second - i) total += stats->rate_tokens[s];
+        seconds++;
+    }
+    return seconds > 0 ? (double)total / seconds : 0.0;
+}
+
+static cJSON *layer_json(const moe_stats_t *stats, const moe_layer_stats_t *ls, long long step) {
+    int64_t *loads = malloc(sizeof(int64_t) * (size_t)stats->n_slots);
+    cJSON *obj = cJSON_CreateObject();
+    if (loads == NULL || obj == NULL) {
+        free(loads);
+        cJSON_Delete(obj);
+        return NULL;
+    }
+    window_loads(stats, ls, step, loads);
+    cJSON_AddNumberToObject(obj, "layer", ls->layer);
+    cJSON_AddNumberToObject(obj, "steps", (double)ls->steps);
+    cJSON_AddNumberToObject(obj, "window_steps", stats->window_steps);
+    cJSON *experts = cJSON_AddArrayToObject(obj, "expert_loads");
+    cJSON *ranks = cJSON_AddArrayToObject(obj, "rank_loads");
+    cJSON *placement = cJSON_AddArrayToObject(obj, "placement");
+    double rank_load[MOE_MAX_SLOTS] = {0};
+    double expert_load[MOE_MAX_EXPERTS] = {0};
+    int per_rank = stats->n_slots / stats->n_ranks;
+    for (int s = 0; s < stats->n_slots; s++) {
+        expert_load[stats->placement[s]] += (double)loads[s];
+        rank_load[s / per_rank] += (double)loads[s];
+        cJSON_AddItemToArray(placement, cJSON_CreateNumber(stats->placement[s]));
+    }
+    double max = 0, sum = 0;
+    for (int e = 0; e < stats->experts; e++) cJSON_AddItemToArray(experts, cJSON_CreateNumber(expert_load[e]));
+    for (int r = 0; r < stats->n_ranks; r++) {
+        cJSON_AddItemToArray(ranks, cJSON_CreateNumber(rank_load[r]));
+        max = rank_load[r] > max ? rank_load[r] : max;
+        sum += rank_load[r];
+    }
+    if (sum > 0) cJSON_AddNumberToObject(obj, "imbalance", max / (sum / stats->n_ranks));
+    else cJSON_AddNullToObject(obj, "imbalance");
+    /* EPLB (online rebalancing) fills these; with eplb off or static the
+     * placement never changes */
+    cJSON_AddNullToObject(obj, "imbalance_before");
+    cJSON_AddNullToObject(obj, "imbalance_after");
+    cJSON_AddNumberToObject(obj, "rebalances", 0);
+    cJSON_AddNumberToObject(obj, "migration_bytes", 0);
+    cJSON_AddNumberToObject(obj, "migration_ms", 0);
+    free(loads);
+    return obj;
+}
+
+cJSON *moe_stats_json(moe_stats_t *stats, double now, long long step, int layer) {
+    static const double q[3] = {0.5, 0.9, 0.99};
+    double lat[3], step_q[3];
+    cJSON *root = cJSON_CreateObject();
+    if (root == NULL) return NULL;
+    pthread_mutex_lock(&stats->lock);
+    cJSON *requests = cJSON_AddObjectToObject(root, "requests");
+    cJSON_AddNumberToObject(requests, "completed", (double)stats->completed);
+    cJSON_AddNumberToObject(requests, "completed_tokens", (double)stats->completed_tokens);
+    cJSON_AddNumberToObject(requests, "rejected", (double)stats->rejected);
+    cJSON_AddNumberToObject(requests, "tokens_per_s", tokens_per_second(stats, now));
+    cJSON *by_code = cJSON_AddObjectToObject(requests, "rejected_by_code");
+    for (uint32_t s = 1; s < MOE_STATUS_COUNT; s++)
+        if (stats->rejected_by_status[s] > 0)
+            cJSON_AddNumberToObject(by_code, moe_status_name(s), (double)stats->rejected_by_status[s]);
+    percentiles(stats->latency, stats->latency_count, q, lat, 3);
+    cJSON *latency = cJSON_AddObjectToObject(root, "latency_ms");
+    cJSON_AddNumberToObject(latency, "p50", lat[0]);
+    cJSON_AddNumberToObject(latency, "p90", lat[1]);
+    cJSON_AddNumberToObject(latency, "p99", lat[2]);
+    cJSON_AddNumberToObject(latency, "samples",
+                            (double)(stats->latency_count < MOE_STATS_SAMPLES ? stats->latency_count : MOE_STATS_SAMPLES));
+    percentiles(stats->step_time, stats->step_count, q, step_q, 3);
+    cJSON *step_ms = cJSON_AddObjectToObject(root, "step_ms");
+    cJSON_AddNumberToObject(step_ms, "p50", step_q[0]);
+    cJSON_AddNumberToObject(step_ms, "p99", step_q[2]);
+    cJSON *layers = cJSON_AddArrayToObject(root, "layers");
+    for (int l = 0; l < stats->n_layers; l++)
+        if (layer < 0 || stats->layers[l].layer == layer)
+            cJSON_AddItemToArray(layers, layer_json(stats, &stats->layers[l], step));
+    pthread_mutex_unlock(&stats->lock);
+    return root;
+}
+
+static void prom_histogram(FILE *out, const char *name, const char *help, const long long *hist,
+                           double sum) {
+    fprintf(out, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    long long cumulative = 0;
+    for (int b = 0; b < MOE_STATS_HIST_BOUNDS; b++) {
+        cumulative += hist[b];
+        fprintf(out, "%s_bucket{le=\"%g\"} %lld\n", name, hist_bounds[b], cumulative);
+    }
+    cumulative += hist[MOE_STATS_HIST_BOUNDS];
+    fprintf(out, "%s_bucket{le=\"+Inf\"} %lld\n%s_sum %.6f\n%s_count %lld\n", name, cumulative,
+            name, sum, name, cumulative);
+}
+
+void moe_stats_prometheus(moe_stats_t *stats, double now, FILE *out) {
+    (void)now;
+    pthread_mutex_lock(&stats->lock);
+    fprintf(out, "# HELP moed_requests_completed_total FORWARD requests answered with a RESULT.\n"
+                 "# TYPE moed_requests_completed_total counter\nmoed_requests_completed_total %lld\n",
+            stats->completed);
+    fprintf(out, "# HELP moed_tokens_completed_total Tokens in completed requests.\n"
+                 "# TYPE moed_tokens_completed_total counter\nmoed_tokens_completed_total %lld\n",
+            stats->completed_tokens);
+    fprintf(out, "# HELP moed_requests_rejected_total Requests answered with an ERROR, by code.\n"
+                 "# TYPE moed_requests_rejected_total counter\n");
+    for (uint32_t s = 1; s < MOE_STATUS_COUNT; s++)
+        fprintf(out, "moed_requests_rejected_total{code=\"%s\"} %lld\n", moe_status_name(s),
+                stats->rejected_by_status[s]);
+    fprintf(out, "# HELP moed_steps_total Steps of the step loop.\n# TYPE moed_steps_total counter\n"
+                 "moed_steps_total %lld\n", stats->steps);
+    prom_histogram(out, "moed_request_latency_seconds", "Admission to answer, per request.",
+                   stats->latency_hist, stats->latency_sum);
+    prom_histogram(out, "moed_step_seconds", "Time of one layer step.", stats->step_hist, stats->step_sum);
+    int64_t *loads = malloc(sizeof(int64_t) * (size_t)stats->n_slots);
+    if (loads != NULL) {
+        fprintf(out, "# HELP moed_expert_load Token-expert assignments over the EPLB window.\n"
+                     "# TYPE moed_expert_load gauge\n");
+        for (int l = 0; l < stats->n_layers; l++) {
+            window_loads(stats, &stats->layers[l], stats->steps, loads);
+            double expert_load[MOE_MAX_EXPERTS] = {0};
+            for (int s = 0; s < stats->n_slots; s++) expert_load[stats->placement[s]] += (double)loads[s];
+            for (int e = 0; e < stats->experts; e++)
+                fprintf(out, "moed_expert_load{layer=\"%d\",expert=\"%d\"} %.0f\n",
+                        stats->layers[l].layer, e, expert_load[e]);
+        }
+        /* one family after the other: Prometheus wants each family grouped */
+        int per_rank = stats->n_slots / stats->n_ranks;
+        double imbalance[MOE_MAX_LAYERS];
+        fprintf(out, "# HELP moed_rank_load Token-expert assignments per rank over the EPLB window.\n"
+                     "# TYPE moed_rank_load gauge\n");
+        for (int l = 0; l < stats->n_layers; l++) {
+            window_loads(stats, &stats->layers[l], stats->steps, loads);
+            double max = 0, sum = 0;
+            for (int r = 0; r < stats->n_ranks; r++) {
+                double load = 0;
+                for (int s = r * per_rank; s < (r + 1) * per_rank; s++) load += (double)loads[s];
+                fprintf(out, "moed_rank_load{layer=\"%d\",rank=\"%d\"} %.0f\n", stats->layers[l].layer, r, load);
+                max = load > max ? load : max;
+                sum += load;
+            }
+            imbalance[l] = sum > 0 ? max / (sum / stats->n_ranks) : 1.0;
+        }
+        fprintf(out, "# HELP moed_imbalance Max rank load / mean rank load over the EPLB window.\n"
+                     "# TYPE moed_imbalance gauge\n");
+        for (int l = 0; l < stats->n_layers; l++)
+            fprintf(out, "moed_imbalance{layer=\"%d\"} %.4f\n", stats->layers[l].layer, imbalance[l]);
+        fprintf(out, "# HELP moed_rebalances_total EPLB placement swaps.\n# TYPE moed_rebalances_total counter\n");
+        for (int l = 0; l < stats->n_layers; l++)
+            fprintf(out, "moed_rebalances_total{layer=\"%d\"} 0\n", stats->layers[l].layer);
+        fprintf(out, "# HELP moed_migration_bytes_total Expert weight bytes migrated by EPLB.\n"
+                     "# TYPE moed_migration_bytes_total counter\n");
+        for (int l = 0; l < stats->n_layers; l++)
+            fprintf(out, "moed_migration_bytes_total{layer=\"%d\"} 0\n", stats->layers[l].layer);
+        free(loads);
+    }
+    pthread_mutex_unlock(&stats->lock);
+}

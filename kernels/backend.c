@@ -1,0 +1,50 @@
+/* backend: the table of backends built into this binary. */
+#include "moe_backend.h"
+
+static moe_err_t cpu_create(const moe_config_t *cfg, moe_ep_t ep, void **state, char *msg,
+                            size_t msg_size) {
+    moe_cpu_engine_t *engine = NULL;
+    moe_err_t err = moe_cpu_create(cfg, ep, &engine, msg, msg_size);
+    *state = engine;
+    return err;
+}
+
+static moe_err_t cpu_forward(void *state, int layer, const float *x, int n_tokens,
+                             const int32_t *routed_ids, const float *routed_weights, float *out,
+                             moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    return moe_cpu_forward(state, layer, x, n_tokens, routed_ids, routed_weights, out, trace, msg,
+                           msg_size);
+}
+
+static void cpu_reconfigure(void *state, const moe_config_t *cfg) { moe_cpu_reconfigure(state, cfg); }
+static int cpu_slot_count(const void *state) { return moe_cpu_slot_count(state); }
+static const int *cpu_placement(const void *state) { return moe_cpu_placement(state); }
+static void cpu_destroy(void *state) { moe_cpu_destroy(state); }
+
+static const moe_backend_ops_t backends[] = {
+    {"cpu", MOE_BACKEND_CPU, cpu_create, cpu_forward, cpu_reconfigure, cpu_slot_count,
+     cpu_placement, cpu_destroy},
+};
+
+const char *moe_backend_available(void) { return "cpu"; }
+
+moe_err_t moe_backend_create(const moe_config_t *cfg, moe_ep_t ep, moe_backend_t *out, char *msg,
+                             size_t msg_size) {
+    out->ops = NULL;
+    out->state = NULL;
+    for (size_t i = 0; i < sizeof backends / sizeof backends[0]; i++) {
+        if (backends[i].kind != cfg->moe.backend) continue;
+        out->ops = &backends[i];
+        return backends[i].create(cfg, ep, &out->state, msg, msg_size);
+    }
+    return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
+                       "moe.backend: '%s' is not available in this build (built without it); "
+                       "available: %s",
+                       moe_backend_name(cfg->moe.backend), moe_backend_available());
+}
+
+void moe_backend_destroy(moe_backend_t *backend) {
+    if (backend->ops != NULL && backend->state != NULL) backend->ops->destroy(backend->state);
+    backend->ops = NULL;
+    backend->state = NULL;
+}

@@ -1,0 +1,43 @@
+/* moe_backend: the one interface the step loop calls (DESIGN §1, §5). A
+ * backend is a table row of function pointers chosen at startup from
+ * moe.backend, so the daemon never tests which backend it runs. Rows: cpu
+ * (always built); cuda (only in a CUDA build). */
+#ifndef MOE_BACKEND_H
+#define MOE_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../config/moe_config.h"
+#include "cpu/moe_cpu.h"
+#include "moe_ep.h"
+
+typedef struct {
+    const char *name;
+    moe_backend_kind_t kind;
+    moe_err_t (*create)(const moe_config_t *cfg, moe_ep_t ep, void **state, char *msg,
+                        size_t msg_size);
+    moe_err_t (*forward)(void *state, int layer, const float *x, int n_tokens,
+                         const int32_t *routed_ids, const float *routed_weights, float *out,
+                         moe_route_trace_t *trace, char *msg, size_t msg_size);
+    void (*reconfigure)(void *state, const moe_config_t *cfg);
+    int (*slot_count)(const void *state);
+    const int *(*placement)(const void *state);
+    void (*destroy)(void *state);
+} moe_backend_ops_t;
+
+typedef struct {
+    const moe_backend_ops_t *ops;
+    void *state;
+} moe_backend_t;
+
+/* Creates the backend cfg->moe.backend names; a backend this build lacks is
+ * MOE_ERR_UNSUPPORTED with a message listing the available ones. */
+moe_err_t moe_backend_create(const moe_config_t *cfg, moe_ep_t ep, moe_backend_t *out, char *msg,
+                             size_t msg_size);
+void moe_backend_destroy(moe_backend_t *backend);
+
+/* Comma-separated names of the backends in this build ("cpu"). */
+const char *moe_backend_available(void);
+
+#endif
