@@ -46,7 +46,7 @@ UNIT_BINS := $(UNIT_SRC:tests/%.c=$(BUILD)/tests/%)
 MPI_SRC   := $(wildcard tests/mpi_*.c)
 MPI_BINS  := $(MPI_SRC:tests/%.c=$(BUILD)/tests/%)
 
-.PHONY: all test unit-test asan install deps clean demo
+.PHONY: all test asan install deps clean demo
 all: $(BINS) $(UNIT_BINS) $(MPI_BINS)
 
 # V=1 shows the whole command lines.
@@ -80,26 +80,35 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT_OBJ) $(LIB)
 
 # Test binaries run from the repository root; each is bounded by timeout(1)
 # on top of Criterion's per-test timeouts.
-test: all
+# test and demo build in a sub-make, so that `make deps test` on a fresh
+# machine reads the MPI flags only after deps installed MPI.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+test:
+	$(MAKE) -j$(JOBS) all
 	@BUILD=$(BUILD) bash tests/run_tests.sh $(UNIT_BINS)
 
 # MPI programs run with leak detection off (OpenMPI's plugins keep
 # allocations until exit); the 1-rank suites cover the same code with it on.
+# The README's first command: a 2-rank CPU daemon answering requests.
+demo:
+	$(MAKE) -j$(JOBS) all
+	BUILD=$(BUILD) bash scripts/demo.sh
+
 asan:
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp UBSAN_OPTIONS=print_stacktrace=1 \
 	$(MAKE) BUILD=build-asan SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" test
 
 install: $(BINS)
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/moed/examples
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/moed/examples \
+	    $(DESTDIR)$(PREFIX)/libexec/moed $(DESTDIR)$(PREFIX)/share/moed/systemd
 	install -m 0755 $(BINS) $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 systemd/moed-signal-rank0 $(DESTDIR)$(PREFIX)/libexec/moed/
 	install -m 0644 config/moed.example.yaml $(DESTDIR)$(PREFIX)/share/moed/
 	install -m 0644 config/examples/*.yaml $(DESTDIR)$(PREFIX)/share/moed/examples/
+	install -m 0644 systemd/moed.service systemd/moed.env $(DESTDIR)$(PREFIX)/share/moed/systemd/
 
 deps:
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    build-essential pkg-config libuv1-dev libyaml-dev libcjson-dev \
-	    libopenmpi-dev openmpi-bin libcriterion-dev python3 python3-numpy
+	bash scripts/deps.sh
 
 clean:
 	rm -rf build build-asan

@@ -84,8 +84,7 @@ cJSON *moe_control_stats(moe_server_t *server, int layer) {
     cJSON_AddBoolToObject(stats, "draining", atomic_load(&d->draining) != 0);
     cJSON_AddNumberToObject(stats, "ranks", d->ep.size);
     cJSON *requests = cJSON_GetObjectItem(stats, "requests");
-    cJSON_AddNumberToObject(requests, "queued", atomic_load(&d->queued_requests));
-    cJSON_AddNumberToObject(requests, "queued_tokens_all_ranks", (double)atomic_load(&d->cluster_pending));
+    cJSON_AddNumberToObject(requests, "queued_tokens", (double)atomic_load(&d->cluster_pending));
     return stats;
 }
 

@@ -9,6 +9,7 @@
 
 #include <cjson/cJSON.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -28,6 +29,18 @@ typedef struct {
     long long bucket_stamp[MOE_STATS_BUCKETS + 1];
     int64_t *bucket_loads; /* [(BUCKETS + 1) * n_slots] */
 } moe_layer_stats_t;
+
+/* Request counters each rank reports at every agreement; rank 0 sums them
+ * so that `stats` speaks for the whole job. */
+enum {
+    MOE_COUNTER_COMPLETED = 0,
+    MOE_COUNTER_COMPLETED_TOKENS,
+    MOE_COUNTER_REJECTED,
+    MOE_COUNTER_QUEUED,
+    MOE_COUNTER_TOKENS_10S, /* tokens completed in the last 10 whole seconds */
+    MOE_COUNTER_BY_STATUS,  /* MOE_STATUS_COUNT entries follow */
+    MOE_COUNTERS = MOE_COUNTER_BY_STATUS + MOE_STATUS_COUNT
+};
 
 typedef struct moe_stats {
     pthread_mutex_t lock;
@@ -54,6 +67,8 @@ typedef struct moe_stats {
     double step_sum;
     long long rate_tokens[MOE_STATS_RATE_SLOTS];
     long long rate_second[MOE_STATS_RATE_SLOTS];
+    bool have_cluster;
+    long long cluster[MOE_COUNTERS];
 } moe_stats_t;
 
 moe_err_t moe_stats_init(moe_stats_t *stats, const moe_config_t *cfg, int n_ranks, int n_slots,
@@ -68,6 +83,11 @@ void moe_stats_rejected(moe_stats_t *stats, uint32_t status);
  * summed over ranks) may be NULL on ranks other than 0. */
 void moe_stats_step(moe_stats_t *stats, long long step, int layer, double step_s,
                     const int64_t *slot_loads);
+
+/* This rank's counters (MOE_COUNTERS values); queued is passed in. */
+void moe_stats_local_counters(moe_stats_t *stats, double now, long long queued, long long *out);
+/* Rank 0: the counters summed over every rank. */
+void moe_stats_set_cluster(moe_stats_t *stats, const long long *sums);
 
 /* The `stats` result object (DESIGN §8); layer < 0: every layer. Caller
  * adds the daemon-level fields (queued, uptime) and owns the object. */

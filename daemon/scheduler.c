@@ -36,7 +36,7 @@ typedef struct {
     int64_t *slot_loads, *slot_loads_sum;
 } scheduler_t;
 
-enum { REC_EPOCH = 0, REC_DRAIN, REC_SHUTDOWN, REC_FIXED };
+enum { REC_EPOCH = 0, REC_DRAIN, REC_SHUTDOWN, REC_COUNTERS, REC_FIXED = REC_COUNTERS + MOE_COUNTERS };
 
 static void sleep_us(long us) {
     struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
@@ -121,6 +121,7 @@ static moe_err_t agree(scheduler_t *s, double now) {
     pthread_mutex_unlock(&daemon->reload_lock);
     rec[REC_DRAIN] = atomic_load(&daemon->draining);
     rec[REC_SHUTDOWN] = atomic_load(&daemon->shutdown);
+    moe_stats_local_counters(&daemon->stats, moe_now(), atomic_load(&daemon->queued_requests), rec + REC_COUNTERS);
     for (int l = 0; l < s->n_layers; l++) {
         rec[REC_FIXED + l] = s->fifos[l].tokens;
         rec[REC_FIXED + s->n_layers + l] = s->fifos[l].head != NULL && now - s->fifos[l].head->arrival > max_wait;
@@ -128,6 +129,7 @@ static moe_err_t agree(scheduler_t *s, double now) {
     int count = REC_FIXED + 2 * s->n_layers;
     if (daemon->ep.size == 1) {
         memcpy(s->records, rec, sizeof(long long) * (size_t)count);
+        moe_stats_set_cluster(&daemon->stats, rec + REC_COUNTERS);
         return MOE_OK;
     }
     MPI_Request request;
@@ -136,6 +138,12 @@ static moe_err_t agree(scheduler_t *s, double now) {
         wait_request(daemon, &request) != MPI_SUCCESS) {
         moe_log(MOE_LOG_ERROR, "step", "agreement (MPI_Iallgather) failed");
         return MOE_ERR_MPI;
+    }
+    if (daemon->ep.rank == 0) {
+        long long sums[MOE_COUNTERS] = {0};
+        for (int r = 0; r < daemon->ep.size; r++)
+            for (int c = 0; c < MOE_COUNTERS; c++) sums[c] += s->records[(size_t)r * count + REC_COUNTERS + c];
+        moe_stats_set_cluster(&daemon->stats, sums);
     }
     return MOE_OK;
 }

@@ -410,6 +410,8 @@ static void on_connection(uv_stream_t *listener, int status) {
     uv_read_start(&conn->h.stream, on_alloc, on_read);
 }
 
+static moe_err_t read_token(moe_server_t *server, const char *path, char *msg, size_t msg_size);
+
 /* Results and notices from the compute thread. */
 static void deliver_result(moe_server_t *server, moe_request_t *r) {
     moe_conn_t *conn = r->conn;
@@ -486,12 +488,17 @@ static void on_outbound(uv_async_t *async) {
         list = list->next;
         switch (event->kind) {
         case MOE_EVENT_RESULT: deliver_result(server, event->request); break;
-        case MOE_EVENT_CONFIG:
+        case MOE_EVENT_CONFIG: {
+            char msg[256];
             daemon->io_cfg = *event->config;
+            /* serve.token_file is reloadable: rotate the token */
+            if (daemon->ep.rank == 0 && read_token(server, daemon->io_cfg.serve.token_file, msg, sizeof msg) != MOE_OK)
+                moe_log(MOE_LOG_ERROR, "reload", "%s; the previous control token stays in force", msg);
             moe_control_reload_done(server, event);
             free(event->config);
             free(event);
             break;
+        }
         case MOE_EVENT_STOP:
             free(event);
             stop_server(server);
@@ -606,16 +613,20 @@ static moe_err_t listen_on(moe_server_t *server, const char *address, int rank, 
 }
 
 static moe_err_t read_token(moe_server_t *server, const char *path, char *msg, size_t msg_size) {
-    server->token[0] = '\0';
-    if (path[0] == '\0') return MOE_OK;
+    char token[sizeof server->token];
+    if (path[0] == '\0') {
+        server->token[0] = '\0';
+        return MOE_OK;
+    }
     FILE *f = fopen(path, "r");
     if (f == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_IO, "serve.token_file: %s: %s", path, strerror(errno));
-    size_t n = fread(server->token, 1, sizeof server->token - 1, f);
+    size_t n = fread(token, 1, sizeof token - 1, f);
     fclose(f);
-    server->token[n] = '\0';
-    while (n > 0 && (server->token[n - 1] == '\n' || server->token[n - 1] == '\r' || server->token[n - 1] == ' '))
-        server->token[--n] = '\0';
+    token[n] = '\0';
+    while (n > 0 && (token[n - 1] == '\n' || token[n - 1] == '\r' || token[n - 1] == ' ')) token[--n] = '\0';
     if (n == 0) return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "serve.token_file: %s is empty", path);
+    /* replaced only when the new one is good: a failed rotation keeps the old */
+    memcpy(server->token, token, sizeof token);
     return MOE_OK;
 }
 

@@ -135,16 +135,32 @@ static void percentiles(const double *samples, long long count, const double *q,
     free(copy);
 }
 
-static double tokens_per_second(const moe_stats_t *stats, double now) {
+/* Tokens completed in the last 10 whole seconds (the current partial second
+ * excluded, so the rate does not dip at each second boundary). */
+static long long tokens_last_10s(const moe_stats_t *stats, double now) {
     long long second = (long long)now, total = 0;
-    int seconds = 0;
-    /* the last 10 whole seconds, excluding the current partial one */
-    for (int i = 1; i <= 10; i++) {
+    for (int i = 1; i <= 10; i++)
         for (int s = 0; s < MOE_STATS_RATE_SLOTS; s++)
             if (stats->rate_second[s] == second - i) total += stats->rate_tokens[s];
-        seconds++;
-    }
-    return seconds > 0 ? (double)total / seconds : 0.0;
+    return total;
+}
+
+void moe_stats_local_counters(moe_stats_t *stats, double now, long long queued, long long *out) {
+    pthread_mutex_lock(&stats->lock);
+    out[MOE_COUNTER_COMPLETED] = stats->completed;
+    out[MOE_COUNTER_COMPLETED_TOKENS] = stats->completed_tokens;
+    out[MOE_COUNTER_REJECTED] = stats->rejected;
+    out[MOE_COUNTER_QUEUED] = queued;
+    out[MOE_COUNTER_TOKENS_10S] = tokens_last_10s(stats, now);
+    for (int s = 0; s < MOE_STATUS_COUNT; s++) out[MOE_COUNTER_BY_STATUS + s] = stats->rejected_by_status[s];
+    pthread_mutex_unlock(&stats->lock);
+}
+
+void moe_stats_set_cluster(moe_stats_t *stats, const long long *sums) {
+    pthread_mutex_lock(&stats->lock);
+    memcpy(stats->cluster, sums, sizeof stats->cluster);
+    stats->have_cluster = true;
+    pthread_mutex_unlock(&stats->lock);
 }
 
 static cJSON *layer_json(const moe_stats_t *stats, const moe_layer_stats_t *ls, long long step) {
@@ -195,16 +211,22 @@ cJSON *moe_stats_json(moe_stats_t *stats, double now, long long step, int layer)
     double lat[3], step_q[3];
     cJSON *root = cJSON_CreateObject();
     if (root == NULL) return NULL;
+    long long local[MOE_COUNTERS];
+    moe_stats_local_counters(stats, now, 0, local);
     pthread_mutex_lock(&stats->lock);
+    /* every rank's counters as of the last agreement (at most a few ms old);
+     * before the first one, this rank's own */
+    const long long *c = stats->have_cluster ? stats->cluster : local;
     cJSON *requests = cJSON_AddObjectToObject(root, "requests");
-    cJSON_AddNumberToObject(requests, "completed", (double)stats->completed);
-    cJSON_AddNumberToObject(requests, "completed_tokens", (double)stats->completed_tokens);
-    cJSON_AddNumberToObject(requests, "rejected", (double)stats->rejected);
-    cJSON_AddNumberToObject(requests, "tokens_per_s", tokens_per_second(stats, now));
+    cJSON_AddNumberToObject(requests, "completed", (double)c[MOE_COUNTER_COMPLETED]);
+    cJSON_AddNumberToObject(requests, "completed_tokens", (double)c[MOE_COUNTER_COMPLETED_TOKENS]);
+    cJSON_AddNumberToObject(requests, "rejected", (double)c[MOE_COUNTER_REJECTED]);
+    cJSON_AddNumberToObject(requests, "queued", (double)c[MOE_COUNTER_QUEUED]);
+    cJSON_AddNumberToObject(requests, "tokens_per_s", (double)c[MOE_COUNTER_TOKENS_10S] / 10.0);
     cJSON *by_code = cJSON_AddObjectToObject(requests, "rejected_by_code");
     for (uint32_t s = 1; s < MOE_STATUS_COUNT; s++)
-        if (stats->rejected_by_status[s] > 0)
-            cJSON_AddNumberToObject(by_code, moe_status_name(s), (double)stats->rejected_by_status[s]);
+        if (c[MOE_COUNTER_BY_STATUS + s] > 0)
+            cJSON_AddNumberToObject(by_code, moe_status_name(s), (double)c[MOE_COUNTER_BY_STATUS + s]);
     percentiles(stats->latency, stats->latency_count, q, lat, 3);
     cJSON *latency = cJSON_AddObjectToObject(root, "latency_ms");
     cJSON_AddNumberToObject(latency, "p50", lat[0]);

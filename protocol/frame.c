@@ -106,7 +106,10 @@ moe_frame_check_t moe_frame_decode_header(const uint8_t in[MOE_FRAME_HEADER_SIZE
         snprintf(msg, msg_size, "unknown frame type %u", h->type);
         return MOE_FRAME_BAD_TYPE;
     }
-    if (h->payload_len > max_frame_bytes || h->payload_len + MOE_FRAME_HEADER_SIZE > max_frame_bytes) {
+    /* compared as max - header so that a payload_len near 2^64 cannot wrap
+     * the sum below the limit */
+    if (max_frame_bytes < MOE_FRAME_HEADER_SIZE ||
+        h->payload_len > max_frame_bytes - MOE_FRAME_HEADER_SIZE) {
         snprintf(msg, msg_size, "payload of %" PRIu64 " bytes exceeds serve.max_frame_bytes (%" PRIu64 ")",
                  h->payload_len, max_frame_bytes);
         return MOE_FRAME_TOO_LARGE;
