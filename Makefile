@@ -74,6 +74,12 @@ $(BUILD)/bin/moectl: $(MOECTL_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
+# MPI programs run under mpirun from a Criterion test: they must not link
+# Criterion, whose sandbox would take them for one of its workers.
+$(BUILD)/tests/mpi_%: $(BUILD)/obj/tests/mpi_%.o $(TEST_SUPPORT_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(TEST_SUPPORT_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS) -lcriterion
