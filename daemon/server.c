@@ -283,8 +283,10 @@ static void handle_frame(moe_conn_t *conn, const moe_frame_header_t *h, uint8_t 
         moe_conn_write(conn, header, sizeof header, payload, h->payload_len);
         return; /* payload handed over */
     }
-    default:
+    default: /* RESULT, ERROR, PONG: a confused peer; bad_frame closes, as for any framing error */
         send_error(conn, h->request_id, h->layer, MOE_STATUS_BAD_FRAME, "clients send only FORWARD and PING frames");
+        conn->close_after_write = true;
+        uv_read_stop(&conn->h.stream);
         break;
     }
     free(payload);

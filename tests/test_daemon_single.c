@@ -1,0 +1,77 @@
+/* moed as a plain 1-rank process, without mpirun (DESIGN §2: a valid
+ * 1-rank job): it answers pipelined requests correctly against the dense
+ * reference and exits 0 on shutdown. */
+#include <criterion/criterion.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+
+#include "support/daemon_harness.h"
+#include "support/dense_ref.h"
+
+static moe_test_daemon_t daemon_;
+static moe_test_ref_t *ref_;
+
+static void fini(void) {
+    moe_test_daemon_cleanup_all();
+    moe_test_ref_destroy(ref_);
+    ref_ = NULL;
+}
+
+static void serve_and_check(const moe_test_daemon_opts_t *opts) {
+    char msg[4096], tail[2048];
+    uint64_t seed = moe_test_fresh_seed();
+    cr_assert_eq(moe_test_daemon_start(&daemon_, opts, 1, false, msg, sizeof msg), 0, "seed %llu: %s",
+                 (unsigned long long)seed, msg);
+    ref_ = moe_test_ref_create(&daemon_.cfg, msg, sizeof msg);
+    cr_assert_not_null(ref_, "reference: %s", msg);
+    cJSON *reply = moe_test_control(&daemon_, "{\"id\":1,\"cmd\":\"health\"}");
+    cr_assert_eq(moe_test_json_number(moe_test_reply_result(reply), "ranks", -1), 1);
+    cJSON_Delete(reply);
+    moe_test_client_t clients[2];
+    pthread_t threads[2];
+    for (int i = 0; i < 2; i++) {
+        memset(&clients[i], 0, sizeof clients[i]);
+        clients[i].daemon = &daemon_;
+        clients[i].ref = ref_;
+        clients[i].rank = 0;
+        clients[i].depth = 6;
+        clients[i].n_requests = 20;
+        clients[i].max_tokens = 96;
+        clients[i].random_dtype = true;
+        clients[i].seed = seed + (uint64_t)i;
+        cr_assert_eq(pthread_create(&threads[i], NULL, moe_test_client_thread, &clients[i]), 0);
+    }
+    for (int i = 0; i < 2; i++) pthread_join(threads[i], NULL);
+    for (int i = 0; i < 2; i++) {
+        cr_assert(!clients[i].failed, "%s; log:\n%s", clients[i].failure,
+                  moe_test_daemon_log_tail(&daemon_, tail, sizeof tail));
+        cr_assert_eq(clients[i].results, 20, "seed %llu: %d results of 20", (unsigned long long)seed,
+                     clients[i].results);
+    }
+    cr_assert_eq(moe_test_daemon_stop(&daemon_, 20000, msg, sizeof msg), 0, "shutdown: %s", msg);
+    moe_test_daemon_destroy(&daemon_);
+}
+
+Test(single_rank, softmax_topk_serves_and_exits_0, .timeout = 120, .fini = fini) {
+    moe_test_daemon_opts_t opts = {0};
+    serve_and_check(&opts);
+}
+
+Test(single_rank, sigmoid_group_topk_shared_serves_and_exits_0, .timeout = 120, .fini = fini) {
+    moe_test_daemon_opts_t opts = {.routing = "sigmoid_group_topk", .n_group = 4, .topk_group = 2,
+                                   .shared_intermediate = 32};
+    serve_and_check(&opts);
+}
+
+/* SIGTERM drains and exits 0 as well (DESIGN §10: systemd stops it so). */
+Test(single_rank, sigterm_exits_0, .timeout = 120, .fini = fini) {
+    moe_test_daemon_opts_t opts = {0};
+    char msg[4096];
+    cr_assert_eq(moe_test_daemon_start(&daemon_, &opts, 1, false, msg, sizeof msg), 0, "%s", msg);
+    pid_t pid = moe_test_daemon_rank_pid(&daemon_, 0);
+    cr_assert(pid > 0);
+    cr_assert_eq(kill(pid, SIGTERM), 0);
+    cr_assert_eq(moe_test_daemon_wait_exit(&daemon_, 20000, msg, sizeof msg), 0, "after SIGTERM: %s", msg);
+    moe_test_daemon_destroy(&daemon_);
+}
