@@ -49,6 +49,7 @@ typedef struct moe_request {
     int32_t *routed_ids;  /* [n_tokens, k] or NULL */
     float *routed_weights;
     double arrival;       /* moe_now() at admission */
+    const atomic_bool *cancelled; /* set when its connection closed: skip the work */
     uint32_t status;      /* MOE_STATUS_* once answered */
     char error[200];      /* text of an ERROR answer */
     moe_event_t done;     /* its MOE_EVENT_RESULT, so answering allocates nothing */

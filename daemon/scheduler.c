@@ -93,20 +93,30 @@ static void take_new(scheduler_t *s, long wait_us) {
     }
 }
 
-/* Answers `timeout` for requests that waited past serve.request_timeout_ms,
- * and publishes the oldest arrival for health. */
+/* Drops queued requests whose client is gone (its answer would be thrown
+ * away: computing it would only delay everyone else), answers `timeout` for
+ * those that waited past serve.request_timeout_ms, and publishes the oldest
+ * arrival for health. */
 static void expire_and_age(scheduler_t *s, double now) {
     moe_daemon_t *daemon = s->daemon;
     double limit = daemon->cfg.serve.request_timeout_ms / 1e3, oldest = 0;
     for (int l = 0; l < s->n_layers; l++) {
         fifo_t *fifo = &s->fifos[l];
-        while (fifo->head != NULL && now - fifo->head->arrival > limit) {
-            moe_request_t *request = fifo->head;
-            fifo->head = request->next;
-            if (fifo->head == NULL) fifo->tail = NULL;
+        moe_request_t **link = &fifo->head, *last = NULL;
+        while (*link != NULL) {
+            moe_request_t *request = *link;
+            bool gone = request->cancelled != NULL && atomic_load(request->cancelled);
+            if (!gone && now - request->arrival <= limit) {
+                last = request;
+                link = &request->next;
+                continue;
+            }
+            *link = request->next;
             fifo->tokens -= request->n_tokens;
-            answer(daemon, request, MOE_STATUS_TIMEOUT, "request waited longer than serve.request_timeout_ms");
+            answer(daemon, request, gone ? MOE_STATUS_INTERNAL : MOE_STATUS_TIMEOUT,
+                   gone ? "client disconnected" : "request waited longer than serve.request_timeout_ms");
         }
+        fifo->tail = last;
         if (fifo->head != NULL && (oldest == 0 || fifo->head->arrival < oldest)) oldest = fifo->head->arrival;
     }
     daemon->oldest_queued = oldest;
@@ -193,6 +203,7 @@ static moe_err_t apply_reload(scheduler_t *s, int epoch) {
 }
 
 static bool grow_step_buffers(scheduler_t *s, size_t tokens) {
+    if (tokens == 0) tokens = 1; /* a rank without tokens still passes real buffers */
     if (tokens <= s->step_capacity) return true;
     const moe_model_config_t *m = &s->daemon->cfg.model;
     size_t H = (size_t)m->hidden, k = (size_t)m->top_k;

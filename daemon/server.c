@@ -57,6 +57,7 @@ static void on_conn_closed(uv_handle_t *handle) {
 void moe_conn_close(moe_conn_t *conn) {
     if (conn->closing) return;
     conn->closing = true;
+    atomic_store(&conn->gone, true);
     if (conn->timer_started) uv_timer_stop(&conn->subscribe_timer);
     uv_close(&conn->h.handle, on_conn_closed);
 }
@@ -94,7 +95,7 @@ void moe_conn_write(moe_conn_t *conn, const void *prefix, size_t prefix_len, voi
         moe_conn_close(conn);
         return;
     }
-    memcpy(w->prefix, prefix, prefix_len);
+    if (prefix_len > 0) memcpy(w->prefix, prefix, prefix_len);
     w->conn = conn;
     w->owned = owned;
     w->bytes = prefix_len + owned_len;
@@ -260,6 +261,7 @@ static void handle_forward(moe_conn_t *conn, const moe_frame_header_t *h, uint8_
         memcpy(r->routed_weights, ids + sizeof(int32_t) * h->n_tokens * k, sizeof(float) * h->n_tokens * k);
     }
     r->conn = conn;
+    r->cancelled = &conn->gone; /* conn outlives its requests (conn_maybe_free) */
     r->request_id = h->request_id;
     r->layer = (int)h->layer;
     r->n_tokens = (int)h->n_tokens;

@@ -31,6 +31,7 @@ typedef struct moe_conn {
     moe_conn_kind_t kind;
     uint64_t id;
     bool closing;               /* uv_close called */
+    atomic_bool gone;           /* the same, read by the compute thread to drop queued work */
     bool handle_closed;         /* close callback ran */
     bool close_after_write;     /* close once unsent_bytes reaches 0 */
     size_t unsent_bytes;

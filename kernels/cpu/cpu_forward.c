@@ -240,6 +240,7 @@ static moe_err_t forward_chunk(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer,
                       "combine rows (MPI_Alltoallv)");
     }
     const int32_t *send_token = engine->ws.send_token.ptr;
+    if (n_tokens == 0) return MOE_OK; /* this rank only served others' tokens */
     memset(out, 0, sizeof(float) * (size_t)n_tokens * H);
     for (int j = 0; j < n_send; j++) {
         float *dst = out + (size_t)send_token[j] * H;
