@@ -24,15 +24,27 @@ CUDA_ARCH ?= -gencode=arch=compute_90,code=sm_90
 MPI_CFLAGS := $(shell mpicc --showme:compile 2>/dev/null)
 MPI_LIBS   := $(shell mpicc --showme:link 2>/dev/null)
 
+# The CUDA backend (kernels/cuda/*.cu): cudart static, cuBLAS and NCCL
+# shared, found through an rpath to the toolkit (make dist rewrites it).
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+ifeq ($(CUDA),1)
+CUDA_SRC   := $(wildcard kernels/cuda/*.cu)
+CUDA_OBJ   := $(CUDA_SRC:%.cu=$(BUILD)/obj/%.o)
+CUDA_LIBS  := -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib -lcublas -lnccl -lcudart_static -lstdc++ -ldl -lrt \
+              -Wl,-rpath,$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib
+CUDA_DEFS  := -DMOE_WITH_CUDA
+NVCCFLAGS  ?= -std=c++17 -O2 -g $(CUDA_ARCH) -Xcompiler -Wall,-Wextra,-Werror,-fPIC $(MPI_CFLAGS) -MMD -MP
+endif
+
 OPT      := $(if $(DEBUG),-O0 -g,-O2 -g)
-CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror $(OPT) -fopenmp -MMD -MP $(MPI_CFLAGS) $(SAN)
+CFLAGS   += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror $(OPT) -fopenmp -MMD -MP $(MPI_CFLAGS) $(SAN) $(CUDA_DEFS)
 LDFLAGS  += -fopenmp $(SAN)
-LDLIBS   += -luv -lyaml -lcjson $(MPI_LIBS) -lm -lpthread
+LDLIBS   += -luv -lyaml -lcjson $(MPI_LIBS) $(CUDA_LIBS) -lm -lpthread
 
 LIB_SRC  := $(wildcard config/*.c) $(wildcard kernels/*.c) $(wildcard kernels/cpu/*.c) \
             $(filter-out protocol/moectl%,$(wildcard protocol/*.c)) \
             $(filter-out daemon/main.c,$(wildcard daemon/*.c))
-LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(CUDA_OBJ)
 LIB      := $(BUILD)/libmoe.a
 
 DAEMON_OBJ := $(BUILD)/obj/daemon/main.o
@@ -45,9 +57,11 @@ UNIT_SRC  := $(wildcard tests/test_*.c)
 UNIT_BINS := $(UNIT_SRC:tests/%.c=$(BUILD)/tests/%)
 MPI_SRC   := $(wildcard tests/mpi_*.c)
 MPI_BINS  := $(MPI_SRC:tests/%.c=$(BUILD)/tests/%)
+# GPU checks (scripts/gpu-test.sh runs them on a GPU host; not part of make test)
+GPU_BINS  := $(if $(filter 1,$(CUDA)),$(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/cuda_*.c)))
 
-.PHONY: all test asan install deps clean demo
-all: $(BINS) $(UNIT_BINS) $(MPI_BINS)
+.PHONY: all test asan install deps clean demo dist
+all: $(BINS) $(UNIT_BINS) $(MPI_BINS) $(GPU_BINS)
 
 # V=1 shows the whole command lines.
 Q := $(if $(V),,@)
@@ -56,6 +70,11 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $<")
 	$(Q)$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/%.o: %.cu
+	@mkdir -p $(dir $@)
+	@$(if $(Q),echo "  NVCC    $<")
+	$(Q)$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
@@ -76,6 +95,10 @@ $(BUILD)/bin/moectl: $(MOECTL_OBJ) $(LIB)
 
 # MPI programs run under mpirun from a Criterion test: they must not link
 # Criterion, whose sandbox would take them for one of its workers.
+$(BUILD)/tests/cuda_%: $(BUILD)/obj/tests/cuda_%.o $(TEST_SUPPORT_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
 $(BUILD)/tests/mpi_%: $(BUILD)/obj/tests/mpi_%.o $(TEST_SUPPORT_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
@@ -118,5 +141,10 @@ deps:
 
 clean:
 	rm -rf build build-asan
+
+# dist/moed/: binaries, test binaries, the libraries a CUDA host may lack
+# (RUNPATH $ORIGIN/../lib), configs and the GPU test scripts (scripts/dist.sh).
+dist:
+	BUILD=$(BUILD) MAKE="$(MAKE)" JOBS=$(JOBS) bash scripts/dist.sh
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

@@ -1,8 +1,13 @@
 /* moe-bench: the MoE layer without sockets, alone or under mpirun.
  *   moe-bench --config F [--tokens 1,16,256,4096] [--iters N] [--warmup N] [--json]
+ *             [--peak-tbps 3.0] [--peak-tflops 750]
  * For each token count (per rank) it runs the layers of the config in turn
  * and prints ms per layer (median over iterations of the slowest rank),
- * tokens/s and GFLOP/s over all ranks. */
+ * tokens/s and TFLOP/s over all ranks, the bytes of expert weights the step
+ * must read (the experts routing reaches, expected for random routing) per
+ * second, and the fraction of the roofline max(bytes / peak bandwidth,
+ * flops / peak rate). The CUDA backend times with CUDA events on
+ * device-resident inputs; the CPU backend with the host clock. */
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <getopt.h>
@@ -15,6 +20,8 @@
 #include "../config/moe_log.h"
 #include "../daemon/moe_mpi_boot.h"
 #include "../kernels/cpu/moe_cpu.h"
+#include "../kernels/moe_backend.h"
+#include <math.h>
 
 #define MAX_SIZES 32
 
@@ -25,6 +32,8 @@ typedef struct {
     int iters;
     int warmup;
     int json;
+    double peak_tbps;   /* memory bandwidth of the roofline, TB/s */
+    double peak_tflops; /* bf16 rate of the roofline, TFLOP/s */
 } bench_args_t;
 
 static void usage(FILE *out) {
@@ -34,7 +43,8 @@ static void usage(FILE *out) {
             "  --tokens  token counts per rank, comma-separated (default 1,16,256,4096)\n"
             "  --iters   timed iterations per token count (default 20)\n"
             "  --warmup  untimed iterations first (default 3)\n"
-            "  --json    one JSON document instead of the table\n");
+            "  --json    one JSON document instead of the table\n"
+            "  --peak-tbps, --peak-tflops  the roofline's ceilings (default 3.0 TB/s, 750 TFLOP/s: H100)\n");
 }
 
 static int parse_int(const char *text, int min, int max, int *out) {
@@ -51,10 +61,11 @@ static int parse_args(int argc, char **argv, bench_args_t *args) {
         {"config", required_argument, NULL, 'c'}, {"tokens", required_argument, NULL, 't'},
         {"iters", required_argument, NULL, 'i'},  {"warmup", required_argument, NULL, 'w'},
         {"json", no_argument, NULL, 'j'},         {"help", no_argument, NULL, 'h'},
+        {"peak-tbps", required_argument, NULL, 'b'}, {"peak-tflops", required_argument, NULL, 'f'},
         {NULL, 0, NULL, 0}};
-    *args = (bench_args_t){NULL, {1, 16, 256, 4096}, 4, 20, 3, 0};
+    *args = (bench_args_t){NULL, {1, 16, 256, 4096}, 4, 20, 3, 0, 3.0, 750.0};
     int opt;
-    while ((opt = getopt_long(argc, argv, "c:t:i:w:jh", options, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "c:t:i:w:jhb:f:", options, NULL)) != -1) {
         switch (opt) {
         case 'c': args->config = optarg; break;
         case 't': {
@@ -86,6 +97,18 @@ static int parse_args(int argc, char **argv, bench_args_t *args) {
             }
             break;
         case 'j': args->json = 1; break;
+        case 'b':
+        case 'f': {
+            char *end = NULL;
+            double v = strtod(optarg, &end);
+            if (end == optarg || *end != '\0' || !(v > 0)) {
+                fprintf(stderr, "moe-bench: --%s must be a positive number\n", opt == 'b' ? "peak-tbps" : "peak-tflops");
+                return -1;
+            }
+            if (opt == 'b') args->peak_tbps = v;
+            else args->peak_tflops = v;
+            break;
+        }
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return -1;
         }
@@ -112,11 +135,24 @@ typedef struct {
     int tokens_per_rank;
     long long tokens_total;
     double ms_median, ms_min;
-    double tokens_per_s, gflops;
+    double tokens_per_s, tflops;
+    double weight_bytes, weight_gbps, roofline_ms, roofline_fraction;
 } bench_row_t;
 
+/* Bytes of expert weights a step must read: the experts its tokens reach
+ * (expected count for random routing: E·(1 − (1 − k/E)^T)), each 3·H·I
+ * values, plus the shared expert and the router. */
+static double step_weight_bytes(const moe_config_t *cfg, long long tokens) {
+    const moe_model_config_t *m = &cfg->model;
+    double bytes_per = cfg->moe.backend == MOE_BACKEND_CUDA ? 2.0 : 4.0;
+    double used = m->experts * (1.0 - pow(1.0 - (double)m->top_k / m->experts, (double)tokens));
+    double values = used * 3.0 * m->hidden * m->moe_intermediate + 3.0 * m->hidden * m->shared_intermediate +
+                    (double)m->experts * m->hidden;
+    return values * bytes_per;
+}
+
 /* Times one token count; every rank returns the same row. */
-static moe_err_t bench_size(moe_cpu_engine_t *engine, const moe_config_t *cfg, moe_ep_t ep,
+static moe_err_t bench_size(moe_backend_t *backend, const moe_config_t *cfg, moe_ep_t ep,
                             int n_tokens, const bench_args_t *args, bench_row_t *row, char *msg,
                             size_t msg_size) {
     const size_t H = (size_t)cfg->model.hidden, k = (size_t)cfg->model.top_k;
@@ -141,32 +177,50 @@ static moe_err_t bench_size(moe_cpu_engine_t *engine, const moe_config_t *cfg, m
             weights[t * k + i] = 1.0f / (float)k;
         }
     const int client = cfg->model.routing.method == MOE_ROUTE_CLIENT;
-    for (int it = 0; it < args->warmup + args->iters; it++) {
-        int layer = cfg->model.layer_ids[it % cfg->model.n_layers];
-        if (ep.size > 1) MPI_Barrier(ep.comm);
-        double start = now_seconds();
-        MOE_CHECK_GOTO(moe_cpu_forward(engine, layer, x, n_tokens, client ? ids : NULL,
-                                       client ? weights : NULL, out, NULL, msg, msg_size),
+    if (backend->ops->bench != NULL) {
+        /* device-timed, on the first served layer; times come back in ms */
+        MOE_CHECK_GOTO(backend->ops->bench(backend->state, cfg->model.layer_ids[0], n_tokens, args->warmup,
+                                           args->iters, times, msg, msg_size),
                        ret, done);
-        double elapsed = now_seconds() - start;
-        if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &elapsed, 1, MPI_DOUBLE, MPI_MAX, ep.comm);
-        if (it >= args->warmup) times[it - args->warmup] = elapsed;
+        for (int it = 0; it < args->iters; it++) times[it] /= 1e3;
+    } else {
+        for (int it = 0; it < args->warmup + args->iters; it++) {
+            int layer = cfg->model.layer_ids[it % cfg->model.n_layers];
+            if (ep.size > 1) MPI_Barrier(ep.comm);
+            double start = now_seconds();
+            MOE_CHECK_GOTO(backend->ops->forward(backend->state, layer, x, n_tokens, client ? ids : NULL,
+                                                 client ? weights : NULL, out, NULL, msg, msg_size),
+                           ret, done);
+            double elapsed = now_seconds() - start;
+            if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &elapsed, 1, MPI_DOUBLE, MPI_MAX, ep.comm);
+            if (it >= args->warmup) times[it - args->warmup] = elapsed;
+        }
     }
     qsort(times, (size_t)args->iters, sizeof(double), compare_double);
     row->tokens_per_rank = n_tokens;
     row->tokens_total = (long long)n_tokens * ep.size;
     row->ms_median = times[args->iters / 2] * 1e3;
     row->ms_min = times[0] * 1e3;
-    row->tokens_per_s = row->tokens_total / times[args->iters / 2];
-    row->gflops = moe_cpu_flops(cfg, row->tokens_total) / times[args->iters / 2] / 1e9;
+    double median = times[args->iters / 2], flops = moe_cpu_flops(cfg, row->tokens_total);
+    row->tokens_per_s = row->tokens_total / median;
+    row->tflops = flops / median / 1e12;
+    row->weight_bytes = step_weight_bytes(cfg, row->tokens_total);
+    row->weight_gbps = row->weight_bytes / median / 1e9;
+    double bytes_s = row->weight_bytes / (args->peak_tbps * 1e12), flops_s = flops / (args->peak_tflops * 1e12);
+    row->roofline_ms = (bytes_s > flops_s ? bytes_s : flops_s) * 1e3;
+    row->roofline_fraction = row->roofline_ms / row->ms_median;
 done:
     free(x), free(out), free(ids), free(weights), free(times);
     return ret;
 }
 
-static void print_json(const moe_config_t *cfg, moe_ep_t ep, const bench_row_t *rows, int n_rows) {
+static void print_json(const moe_config_t *cfg, moe_ep_t ep, const moe_backend_t *backend,
+                       const bench_args_t *args, const bench_row_t *rows, int n_rows) {
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "backend", moe_backend_name(cfg->moe.backend));
+    cJSON_AddStringToObject(root, "device", backend->ops->device(backend->state));
+    cJSON_AddNumberToObject(root, "peak_tbps", args->peak_tbps);
+    cJSON_AddNumberToObject(root, "peak_tflops", args->peak_tflops);
     cJSON_AddNumberToObject(root, "ranks", ep.size);
     cJSON *model = cJSON_AddObjectToObject(root, "model");
     cJSON_AddNumberToObject(model, "hidden", cfg->model.hidden);
@@ -184,7 +238,11 @@ static void print_json(const moe_config_t *cfg, moe_ep_t ep, const bench_row_t *
         cJSON_AddNumberToObject(r, "ms_per_layer", rows[i].ms_median);
         cJSON_AddNumberToObject(r, "ms_per_layer_min", rows[i].ms_min);
         cJSON_AddNumberToObject(r, "tokens_per_s", rows[i].tokens_per_s);
-        cJSON_AddNumberToObject(r, "gflop_per_s", rows[i].gflops);
+        cJSON_AddNumberToObject(r, "tflop_per_s", rows[i].tflops);
+        cJSON_AddNumberToObject(r, "weight_bytes", rows[i].weight_bytes);
+        cJSON_AddNumberToObject(r, "weight_gb_per_s", rows[i].weight_gbps);
+        cJSON_AddNumberToObject(r, "roofline_ms", rows[i].roofline_ms);
+        cJSON_AddNumberToObject(r, "roofline_fraction", rows[i].roofline_fraction);
         cJSON_AddItemToArray(results, r);
     }
     char *text = cJSON_Print(root);
@@ -212,50 +270,45 @@ int main(int argc, char **argv) {
         return 1;
     }
     moe_log_set_level((moe_log_level_t)cfg.log.level);
-    if (cfg.moe.backend != MOE_BACKEND_CPU) {
-        if (ep.rank == 0)
-            fprintf(stderr, "moe-bench: moe.backend '%s' is not available in this build; "
-                            "supported: cpu\n", moe_backend_name(cfg.moe.backend));
-        moe_mpi_shutdown();
-        return 1;
-    }
-    moe_cpu_engine_t *engine = NULL;
-    moe_err_t err = moe_cpu_create(&cfg, ep, &engine, msg, sizeof msg);
+    moe_backend_t backend;
+    moe_err_t err = moe_backend_create(&cfg, ep, &backend, msg, sizeof msg);
     /* creation can fail on one rank only (memory): agree before any step */
     int failed = err != MOE_OK;
     if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &failed, 1, MPI_INT, MPI_MAX, ep.comm);
     if (failed) {
         if (err != MOE_OK) fprintf(stderr, "moe-bench: rank %d: %s\n", ep.rank, msg);
-        moe_cpu_destroy(engine);
+        moe_backend_destroy(&backend);
         moe_mpi_shutdown();
         return 1;
     }
     bench_row_t rows[MAX_SIZES];
     if (!args.json && ep.rank == 0) {
-        printf("moe-bench: backend %s, %d rank%s, H=%d I=%d E=%d k=%d shared=%d, routing %s, "
+        printf("moe-bench: backend %s (%s), %d rank%s, H=%d I=%d E=%d k=%d shared=%d, routing %s, "
                "%d layer%s, %d iters\n",
-               moe_backend_name(cfg.moe.backend), ep.size, ep.size == 1 ? "" : "s",
+               moe_backend_name(cfg.moe.backend), backend.ops->device(backend.state), ep.size, ep.size == 1 ? "" : "s",
                cfg.model.hidden, cfg.model.moe_intermediate, cfg.model.experts, cfg.model.top_k,
                cfg.model.shared_intermediate, moe_route_method_name(cfg.model.routing.method),
                cfg.model.n_layers, cfg.model.n_layers == 1 ? "" : "s", args.iters);
-        printf("%12s %12s %12s %14s %12s\n", "tokens/rank", "tokens", "ms/layer", "tokens/s", "GFLOP/s");
+        printf("%12s %10s %10s %12s %9s %10s %10s %9s\n", "tokens/rank", "tokens", "ms/layer", "tokens/s",
+               "TFLOP/s", "weight GB/s", "roofline ms", "of roof");
     }
     int status = 0;
     for (int i = 0; i < args.n_sizes; i++) {
-        if (bench_size(engine, &cfg, ep, args.sizes[i], &args, &rows[i], msg, sizeof msg) != MOE_OK) {
+        if (bench_size(&backend, &cfg, ep, args.sizes[i], &args, &rows[i], msg, sizeof msg) != MOE_OK) {
             fprintf(stderr, "moe-bench: rank %d: %s\n", ep.rank, msg);
             status = 1;
             moe_mpi_abort_job(1);
             break;
         }
         if (!args.json && ep.rank == 0) {
-            printf("%12d %12lld %12.3f %14.0f %12.2f\n", rows[i].tokens_per_rank,
-                   rows[i].tokens_total, rows[i].ms_median, rows[i].tokens_per_s, rows[i].gflops);
+            printf("%12d %10lld %10.3f %12.0f %9.3f %10.1f %10.3f %8.1f%%\n", rows[i].tokens_per_rank,
+                   rows[i].tokens_total, rows[i].ms_median, rows[i].tokens_per_s, rows[i].tflops,
+                   rows[i].weight_gbps, rows[i].roofline_ms, 100.0 * rows[i].roofline_fraction);
             fflush(stdout);
         }
     }
-    if (status == 0 && args.json && ep.rank == 0) print_json(&cfg, ep, rows, args.n_sizes);
-    moe_cpu_destroy(engine);
+    if (status == 0 && args.json && ep.rank == 0) print_json(&cfg, ep, &backend, &args, rows, args.n_sizes);
+    moe_backend_destroy(&backend);
     moe_mpi_shutdown();
     return status;
 }

@@ -1,5 +1,12 @@
-/* backend: the table of backends built into this binary. */
+/* backend: the table of backends built into this binary. The CUDA row
+ * exists only in a CUDA build (MOE_WITH_CUDA, set by the Makefile). */
+#include <omp.h>
+#include <stdio.h>
+
 #include "moe_backend.h"
+#ifdef MOE_WITH_CUDA
+#include "cuda/moe_cuda.h"
+#endif
 
 static moe_err_t cpu_create(const moe_config_t *cfg, moe_ep_t ep, void **state, char *msg,
                             size_t msg_size) {
@@ -20,13 +27,57 @@ static void cpu_reconfigure(void *state, const moe_config_t *cfg) { moe_cpu_reco
 static int cpu_slot_count(const void *state) { return moe_cpu_slot_count(state); }
 static const int *cpu_placement(const void *state) { return moe_cpu_placement(state); }
 static void cpu_destroy(void *state) { moe_cpu_destroy(state); }
+static const char *cpu_device(const void *state) {
+    static char text[64];
+    (void)state;
+    snprintf(text, sizeof text, "cpu, %d threads", omp_get_max_threads());
+    return text;
+}
+
+#ifdef MOE_WITH_CUDA
+static moe_err_t cuda_create(const moe_config_t *cfg, moe_ep_t ep, void **state, char *msg,
+                             size_t msg_size) {
+    moe_cuda_engine_t *engine = NULL;
+    moe_err_t err = moe_cuda_create(cfg, ep, &engine, msg, msg_size);
+    *state = engine;
+    return err;
+}
+
+static moe_err_t cuda_forward(void *state, int layer, const float *x, int n_tokens,
+                              const int32_t *routed_ids, const float *routed_weights, float *out,
+                              moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    return moe_cuda_forward(state, layer, x, n_tokens, routed_ids, routed_weights, out, trace, msg,
+                            msg_size);
+}
+
+static moe_err_t cuda_bench(void *state, int layer, int n_tokens, int warmup, int iters,
+                            double *ms_per_iter, char *msg, size_t msg_size) {
+    return moe_cuda_bench(state, layer, n_tokens, warmup, iters, ms_per_iter, msg, msg_size);
+}
+
+static void cuda_reconfigure(void *state, const moe_config_t *cfg) { moe_cuda_reconfigure(state, cfg); }
+static int cuda_slot_count(const void *state) { return moe_cuda_slot_count(state); }
+static const int *cuda_placement(const void *state) { return moe_cuda_placement(state); }
+static const char *cuda_device(const void *state) { return moe_cuda_device_name(state); }
+static void cuda_destroy(void *state) { moe_cuda_destroy(state); }
+#endif
 
 static const moe_backend_ops_t backends[] = {
     {"cpu", MOE_BACKEND_CPU, cpu_create, cpu_forward, cpu_reconfigure, cpu_slot_count,
-     cpu_placement, cpu_destroy},
+     cpu_placement, NULL, cpu_device, cpu_destroy},
+#ifdef MOE_WITH_CUDA
+    {"cuda", MOE_BACKEND_CUDA, cuda_create, cuda_forward, cuda_reconfigure, cuda_slot_count,
+     cuda_placement, cuda_bench, cuda_device, cuda_destroy},
+#endif
 };
 
-const char *moe_backend_available(void) { return "cpu"; }
+const char *moe_backend_available(void) {
+#ifdef MOE_WITH_CUDA
+    return "cpu, cuda";
+#else
+    return "cpu";
+#endif
+}
 
 moe_err_t moe_backend_create(const moe_config_t *cfg, moe_ep_t ep, moe_backend_t *out, char *msg,
                              size_t msg_size) {
@@ -38,8 +89,8 @@ moe_err_t moe_backend_create(const moe_config_t *cfg, moe_ep_t ep, moe_backend_t
         return backends[i].create(cfg, ep, &out->state, msg, msg_size);
     }
     return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
-                       "moe.backend: '%s' is not available in this build (built without it); "
-                       "available: %s",
+                       "moe.backend: '%s' is not available in this build (built without it: "
+                       "build with nvcc on the PATH, or CUDA=1); available: %s",
                        moe_backend_name(cfg->moe.backend), moe_backend_available());
 }
 

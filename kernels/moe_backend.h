@@ -23,6 +23,11 @@ typedef struct {
     void (*reconfigure)(void *state, const moe_config_t *cfg);
     int (*slot_count)(const void *state);
     const int *(*placement)(const void *state);
+    /* Device-timed iterations for moe-bench (NULL: time on the host). */
+    moe_err_t (*bench)(void *state, int layer, int n_tokens, int warmup, int iters, double *ms_per_iter,
+                       char *msg, size_t msg_size);
+    /* What runs it ("cpu, 2 threads", "NVIDIA H200, 132 SMs, ..."). */
+    const char *(*device)(const void *state);
     void (*destroy)(void *state);
 } moe_backend_ops_t;
 
@@ -37,7 +42,7 @@ moe_err_t moe_backend_create(const moe_config_t *cfg, moe_ep_t ep, moe_backend_t
                              size_t msg_size);
 void moe_backend_destroy(moe_backend_t *backend);
 
-/* Comma-separated names of the backends in this build ("cpu"). */
+/* Comma-separated names of the backends in this build ("cpu" or "cpu, cuda"). */
 const char *moe_backend_available(void);
 
 #endif

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "../config/moe_config.h"
+#include "moe_route_token.h"
 
 typedef struct {
     moe_route_method_t method;
@@ -53,5 +54,11 @@ moe_err_t moe_route_tokens(const moe_route_params_t *params, const float *logits
                            const int32_t *routed_ids, const float *routed_weights, int n_tokens,
                            uint64_t step, int64_t first_token, int32_t *ids, float *weights,
                            char *msg, size_t msg_size);
+
+/* The plain-data form the per-token code (and the CUDA kernel) takes. */
+moe_route_token_params_t moe_route_token_params(const moe_route_params_t *params);
+
+/* Cumulative Zipf probabilities of the experts (E entries, last = 1). */
+void moe_route_zipf_cdf(int experts, double s, double *cdf);
 
 #endif

@@ -26,6 +26,9 @@ typedef struct {
  *           else the default: slot s < E holds expert s, and the extra slot
  *           E + j holds expert j (replicas of the lowest ids).
  * Errors (slots not divisible by ranks, bad placement) name the field. */
+#ifdef __cplusplus
+extern "C" {
+#endif
 moe_err_t moe_slots_build(const moe_eplb_config_t *eplb, int experts, int n_ranks,
                           moe_slot_table_t *table, char *msg, size_t msg_size);
 
@@ -34,11 +37,20 @@ moe_err_t moe_slots_from_placement(const int *slot_expert, int n_slots, int expe
                                    int n_ranks, moe_slot_table_t *table, char *msg,
                                    size_t msg_size);
 
+#ifdef __cplusplus
+}
+#endif
+
 /* The slot that serves `expert` for a token of rank token_rank with index
  * token_index: a replica on the token's own rank if there is one, else the
  * replicas in turn by token index (DESIGN §4 step 2). */
-static inline int moe_slots_pick(const moe_slot_table_t *table, int expert, int token_rank,
-                                 long long token_index) {
+#ifdef __CUDACC__
+#define MOE_SLOTS_HD __host__ __device__ __forceinline__
+#else
+#define MOE_SLOTS_HD static inline
+#endif
+MOE_SLOTS_HD int moe_slots_pick(const moe_slot_table_t *table, int expert, int token_rank,
+                                long long token_index) {
     int start = table->replica_start[expert], count = table->replica_start[expert + 1] - start;
     if (count == 1) return table->replica_slot[start];
     for (int i = 0; i < count; i++) {

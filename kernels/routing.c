@@ -1,119 +1,18 @@
-/* routing: the routing methods of DESIGN §4, one function per method, chosen
- * through a table. Score ties are broken by the lower expert index, so
- * every backend and the test references agree on a decision. */
+/* routing: the routing methods of DESIGN §4 on the host: a table of
+ * methods, validation, and the loop over tokens. The per-token math lives
+ * in moe_route_token.h, shared with the CUDA kernel. Score ties are broken by
+ * the lower expert index, so every backend and the test references agree on
+ * a decision. */
 #include "moe_routing.h"
 
 #include <math.h>
 #include <string.h>
 
-#include "moe_synth.h"
+#include "moe_route_token.h"
 
-typedef moe_err_t (*route_fn)(const moe_route_params_t *p, const float *logits,
-                              const int32_t *routed_ids, const float *routed_weights, int t,
-                              uint64_t step, int64_t token, int32_t *ids, float *weights,
-                              char *msg, size_t msg_size);
-
-/* Picks the k largest of score[0..n) (ties: lower index first) into
- * chosen[0..k), in descending order. O(k·n): n ≤ MOE_MAX_EXPERTS, k ≤ 32. */
-static void top_k_indices(const float *score, int n, int k, const bool *allowed, int32_t *chosen) {
-    bool taken[MOE_MAX_EXPERTS];
-    memset(taken, 0, sizeof(bool) * (size_t)n);
-    for (int i = 0; i < k; i++) {
-        int best = -1;
-        for (int e = 0; e < n; e++) {
-            if (taken[e] || (allowed != NULL && !allowed[e])) continue;
-            if (best < 0 || score[e] > score[best]) best = e;
-        }
-        chosen[i] = best;
-        if (best >= 0) taken[best] = true;
-    }
-}
-
-static moe_err_t route_softmax_topk(const moe_route_params_t *p, const float *logits,
-                                    const int32_t *routed_ids, const float *routed_weights,
-                                    int t, uint64_t step, int64_t token, int32_t *ids,
-                                    float *weights, char *msg, size_t msg_size) {
-    (void)routed_ids, (void)routed_weights, (void)step, (void)token, (void)msg, (void)msg_size;
-    const float *l = logits + (size_t)t * p->experts;
-    float max = l[0];
-    for (int e = 1; e < p->experts; e++) max = l[e] > max ? l[e] : max;
-    float sum = 0.0f;
-    for (int e = 0; e < p->experts; e++) sum += expf(l[e] - max);
-    /* softmax is monotone: the top-k of the logits are the top-k of the probabilities */
-    top_k_indices(l, p->experts, p->top_k, NULL, ids);
-    float chosen_sum = 0.0f;
-    for (int i = 0; i < p->top_k; i++) {
-        weights[i] = expf(l[ids[i]] - max) / sum;
-        chosen_sum += weights[i];
-    }
-    if (p->norm_topk_prob)
-        for (int i = 0; i < p->top_k; i++) weights[i] /= chosen_sum;
-    return MOE_OK;
-}
-
-static moe_err_t route_renormalize(const moe_route_params_t *p, const float *logits,
-                                   const int32_t *routed_ids, const float *routed_weights, int t,
-                                   uint64_t step, int64_t token, int32_t *ids, float *weights,
-                                   char *msg, size_t msg_size) {
-    (void)routed_ids, (void)routed_weights, (void)step, (void)token, (void)msg, (void)msg_size;
-    const float *l = logits + (size_t)t * p->experts;
-    top_k_indices(l, p->experts, p->top_k, NULL, ids);
-    float max = l[ids[0]], sum = 0.0f;
-    for (int i = 0; i < p->top_k; i++) {
-        weights[i] = expf(l[ids[i]] - max);
-        sum += weights[i];
-    }
-    for (int i = 0; i < p->top_k; i++) weights[i] /= sum;
-    return MOE_OK;
-}
-
-/* DeepSeek-V3 (noaux_tc): choose with sigmoid(l) + bias inside the best
- * groups (a group's score is the sum of its two best biased scores); weigh
- * with the unbiased sigmoid, renormalised, times the scaling factor. */
-static moe_err_t route_sigmoid_group_topk(const moe_route_params_t *p, const float *logits,
-                                          const int32_t *routed_ids,
-                                          const float *routed_weights, int t, uint64_t step,
-                                          int64_t token, int32_t *ids, float *weights,
-                                          char *msg, size_t msg_size) {
-    (void)routed_ids, (void)routed_weights, (void)step, (void)token, (void)msg, (void)msg_size;
-    const int n_experts = p->experts, group_size = p->experts / p->n_group;
-    const float *l = logits + (size_t)t * n_experts;
-    float score[MOE_MAX_EXPERTS], biased[MOE_MAX_EXPERTS], group_score[MOE_MAX_EXPERTS];
-    bool allowed[MOE_MAX_EXPERTS];
-    for (int e = 0; e < n_experts; e++) {
-        score[e] = 1.0f / (1.0f + expf(-l[e]));
-        biased[e] = score[e] + (p->bias != NULL ? p->bias[e] : 0.0f);
-    }
-    for (int g = 0; g < p->n_group; g++) {
-        int32_t best[2];
-        int take = group_size < 2 ? group_size : 2;
-        top_k_indices(biased + (size_t)g * group_size, group_size, take, NULL, best);
-        group_score[g] = 0.0f;
-        for (int i = 0; i < take; i++) group_score[g] += biased[g * group_size + best[i]];
-    }
-    int32_t groups[MOE_MAX_EXPERTS];
-    top_k_indices(group_score, p->n_group, p->topk_group, NULL, groups);
-    memset(allowed, 0, sizeof(bool) * (size_t)n_experts);
-    for (int i = 0; i < p->topk_group; i++)
-        for (int e = 0; e < group_size; e++) allowed[groups[i] * group_size + e] = true;
-    top_k_indices(biased, n_experts, p->top_k, allowed, ids);
-    float sum = 0.0f;
-    for (int i = 0; i < p->top_k; i++) {
-        weights[i] = score[ids[i]];
-        sum += weights[i];
-    }
-    for (int i = 0; i < p->top_k; i++) {
-        if (p->norm_topk_prob) weights[i] /= sum + 1e-20f;
-        weights[i] *= p->routed_scaling_factor;
-    }
-    return MOE_OK;
-}
-
-static moe_err_t route_client(const moe_route_params_t *p, const float *logits,
-                              const int32_t *routed_ids, const float *routed_weights, int t,
-                              uint64_t step, int64_t token, int32_t *ids, float *weights,
+static moe_err_t route_client(const moe_route_params_t *p, const int32_t *routed_ids,
+                              const float *routed_weights, int t, int32_t *ids, float *weights,
                               char *msg, size_t msg_size) {
-    (void)logits, (void)step, (void)token;
     if (routed_ids == NULL || routed_weights == NULL)
         return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL,
                            "routing method 'client' needs expert ids and weights with the request");
@@ -136,111 +35,48 @@ static moe_err_t route_client(const moe_route_params_t *p, const float *logits,
     return MOE_OK;
 }
 
-/* A seeded uniform draw in [0, 1) for (token, draw) of this rank, layer, step. */
-static double bench_draw(const moe_route_params_t *p, uint64_t step, int64_t token, int draw) {
-    uint64_t h = moe_synth_mix(p->seed ^ 0x5eed0000ull);
-    h = moe_synth_mix(h ^ ((uint64_t)(uint32_t)p->layer << 32) ^ (uint32_t)p->rank);
-    h = moe_synth_mix(h ^ step);
-    h = moe_synth_mix(h ^ ((uint64_t)token << 8) ^ (uint64_t)draw);
-    return (double)(h >> 11) * (1.0 / 9007199254740992.0);
-}
-
-/* Draws k distinct experts with probability proportional to pdf (NULL:
- * uniform). A repeat is redrawn a few times, then replaced by the next free
- * expert, so the cost per token stays bounded. Weights are 1/k. */
-static void draw_distinct(const moe_route_params_t *p, const double *cdf, uint64_t step,
-                          int64_t token, int32_t *ids, float *weights) {
-    const int n = p->experts;
-    int draw = 0;
-    for (int i = 0; i < p->top_k; i++) {
-        int expert = -1;
-        for (int attempt = 0; attempt < 8 && expert < 0; attempt++) {
-            double u = bench_draw(p, step, token, draw++);
-            int e;
-            if (cdf == NULL) {
-                e = (int)(u * n);
-                if (e >= n) e = n - 1;
-            } else {
-                int lo = 0, hi = n - 1; /* first e with cdf[e] > u */
-                while (lo < hi) {
-                    int mid = (lo + hi) / 2;
-                    if (cdf[mid] > u) hi = mid; else lo = mid + 1;
-                }
-                e = lo;
-            }
-            bool repeat = false;
-            for (int j = 0; j < i; j++) repeat |= ids[j] == e;
-            if (!repeat) expert = e;
-        }
-        for (int e = 0; expert < 0; e++) {
-            bool repeat = false;
-            for (int j = 0; j < i; j++) repeat |= ids[j] == e;
-            if (!repeat) expert = e;
-        }
-        ids[i] = expert;
-        weights[i] = 1.0f / (float)p->top_k;
-    }
-}
-
-static moe_err_t route_uniform(const moe_route_params_t *p, const float *logits,
-                               const int32_t *routed_ids, const float *routed_weights, int t,
-                               uint64_t step, int64_t token, int32_t *ids, float *weights,
-                               char *msg, size_t msg_size) {
-    (void)logits, (void)routed_ids, (void)routed_weights, (void)t, (void)msg, (void)msg_size;
-    draw_distinct(p, NULL, step, token, ids, weights);
-    return MOE_OK;
-}
-
-/* Zipf: expert e is drawn with probability ∝ 1/(e+1)^s — expert 0 hottest,
- * so the hot experts sit together on rank 0, the case EPLB exists for. */
-static moe_err_t route_zipf(const moe_route_params_t *p, const float *logits,
-                            const int32_t *routed_ids, const float *routed_weights, int t,
-                            uint64_t step, int64_t token, int32_t *ids, float *weights,
-                            char *msg, size_t msg_size) {
-    (void)logits, (void)routed_ids, (void)routed_weights, (void)t, (void)msg, (void)msg_size;
-    double cdf[MOE_MAX_EXPERTS], total = 0.0;
-    for (int e = 0; e < p->experts; e++) {
-        total += pow((double)(e + 1), -p->zipf_s);
-        cdf[e] = total;
-    }
-    for (int e = 0; e < p->experts; e++) cdf[e] /= total;
-    cdf[p->experts - 1] = 1.0;
-    draw_distinct(p, cdf, step, token, ids, weights);
-    return MOE_OK;
-}
-
-/* DESIGN §4: slot j = t·k + i of rank r goes to expert
- * ((j + r) mod R)·(E/R) + ((j + r) / R) mod (E/R): consecutive slots cycle
- * over the ranks, so every rank's tokens spread evenly over all experts. */
-static moe_err_t route_perfect(const moe_route_params_t *p, const float *logits,
-                               const int32_t *routed_ids, const float *routed_weights, int t,
-                               uint64_t step, int64_t token, int32_t *ids, float *weights,
-                               char *msg, size_t msg_size) {
-    (void)logits, (void)routed_ids, (void)routed_weights, (void)t, (void)step, (void)msg,
-        (void)msg_size;
-    const int64_t n_ranks = p->n_ranks, per_rank = p->experts / p->n_ranks;
-    for (int i = 0; i < p->top_k; i++) {
-        int64_t j = token * p->top_k + i + p->rank;
-        ids[i] = (int32_t)((j % n_ranks) * per_rank + (j / n_ranks) % per_rank);
-        weights[i] = 1.0f / (float)p->top_k;
-    }
-    return MOE_OK;
-}
-
 static const struct {
     moe_route_method_t method;
-    route_fn fn;
+    int token_method; /* MOE_ROUTE_TOKEN_* of moe_route_token.h */
     bool needs_logits;
 } route_table[] = {
-    {MOE_ROUTE_SOFTMAX_TOPK, route_softmax_topk, true},
-    {MOE_ROUTE_RENORMALIZE, route_renormalize, true},
-    {MOE_ROUTE_SIGMOID_GROUP_TOPK, route_sigmoid_group_topk, true},
-    {MOE_ROUTE_CLIENT, route_client, false},
-    {MOE_ROUTE_UNIFORM, route_uniform, false},
-    {MOE_ROUTE_ZIPF, route_zipf, false},
-    {MOE_ROUTE_PERFECT, route_perfect, false},
+    {MOE_ROUTE_SOFTMAX_TOPK, MOE_ROUTE_TOKEN_SOFTMAX_TOPK, true},
+    {MOE_ROUTE_RENORMALIZE, MOE_ROUTE_TOKEN_RENORMALIZE, true},
+    {MOE_ROUTE_SIGMOID_GROUP_TOPK, MOE_ROUTE_TOKEN_SIGMOID_GROUP_TOPK, true},
+    {MOE_ROUTE_CLIENT, MOE_ROUTE_TOKEN_CLIENT, false},
+    {MOE_ROUTE_UNIFORM, MOE_ROUTE_TOKEN_UNIFORM, false},
+    {MOE_ROUTE_ZIPF, MOE_ROUTE_TOKEN_ZIPF, false},
+    {MOE_ROUTE_PERFECT, MOE_ROUTE_TOKEN_PERFECT, false},
 };
 #define ROUTE_TABLE_SIZE (sizeof route_table / sizeof route_table[0])
+
+moe_route_token_params_t moe_route_token_params(const moe_route_params_t *p) {
+    moe_route_token_params_t t;
+    memset(&t, 0, sizeof t);
+    for (size_t i = 0; i < ROUTE_TABLE_SIZE; i++)
+        if (route_table[i].method == p->method) t.method = route_table[i].token_method;
+    t.experts = p->experts;
+    t.top_k = p->top_k;
+    t.norm_topk_prob = p->norm_topk_prob;
+    t.n_group = p->n_group;
+    t.topk_group = p->topk_group;
+    t.routed_scaling_factor = p->routed_scaling_factor;
+    t.seed = p->seed;
+    t.rank = p->rank;
+    t.n_ranks = p->n_ranks;
+    t.layer = p->layer;
+    return t;
+}
+
+void moe_route_zipf_cdf(int experts, double s, double *cdf) {
+    double total = 0.0;
+    for (int e = 0; e < experts; e++) {
+        total += pow((double)(e + 1), -s);
+        cdf[e] = total;
+    }
+    for (int e = 0; e < experts; e++) cdf[e] /= total;
+    cdf[experts - 1] = 1.0;
+}
 
 void moe_route_params_init(moe_route_params_t *params, const moe_model_config_t *model,
                            const float *bias, int layer, int rank, int n_ranks) {
@@ -273,6 +109,9 @@ moe_err_t moe_route_validate(const moe_route_params_t *p, char *msg, size_t msg_
                                "routing: sigmoid_group_topk needs n_group (%d) dividing experts "
                                "(%d) and 1 <= topk_group (%d) <= n_group",
                                p->n_group, p->experts, p->topk_group);
+        if (p->topk_group > MOE_ROUTE_MAX_K)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG,
+                               "routing: topk_group %d exceeds %d", p->topk_group, MOE_ROUTE_MAX_K);
         if (p->top_k > p->topk_group * (p->experts / p->n_group))
             return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG,
                                "routing: top_k %d exceeds the %d experts of %d kept groups",
@@ -296,18 +135,26 @@ moe_err_t moe_route_tokens(const moe_route_params_t *params, const float *logits
                            const int32_t *routed_ids, const float *routed_weights, int n_tokens,
                            uint64_t step, int64_t first_token, int32_t *ids, float *weights,
                            char *msg, size_t msg_size) {
-    route_fn fn = NULL;
-    for (size_t i = 0; i < ROUTE_TABLE_SIZE; i++)
-        if (route_table[i].method == params->method) fn = route_table[i].fn;
-    if (fn == NULL)
+    bool known = false;
+    for (size_t i = 0; i < ROUTE_TABLE_SIZE; i++) known |= route_table[i].method == params->method;
+    if (!known)
         return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "routing: unknown method %d",
                            (int)params->method);
     if (moe_route_needs_logits(params->method) && logits == NULL && n_tokens > 0)
         return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "routing: method needs logits");
+    if (params->method == MOE_ROUTE_CLIENT) {
+        for (int t = 0; t < n_tokens; t++)
+            MOE_CHECK(route_client(params, routed_ids, routed_weights, t, ids + (size_t)t * params->top_k,
+                                   weights + (size_t)t * params->top_k, msg, msg_size));
+        return MOE_OK;
+    }
+    double cdf[MOE_MAX_EXPERTS];
+    if (params->method == MOE_ROUTE_ZIPF) moe_route_zipf_cdf(params->experts, params->zipf_s, cdf);
+    moe_route_token_params_t p = moe_route_token_params(params);
     for (int t = 0; t < n_tokens; t++) {
         size_t at = (size_t)t * params->top_k;
-        MOE_CHECK(fn(params, logits, routed_ids, routed_weights, t, step, first_token + t,
-                     ids + at, weights + at, msg, msg_size));
+        moe_route_token(&p, logits != NULL ? logits + (size_t)t * params->experts : NULL, params->bias, cdf,
+                        step, first_token + t, ids + at, weights + at);
     }
     return MOE_OK;
 }

@@ -1,0 +1,303 @@
+/* cuda_engine: builds the CUDA engine — binds the GPU of this rank, the
+ * NCCL communicators, the slot table on the device, and the weights of
+ * every layer (router, bias, shared expert) and of this rank's slots, as
+ * bf16 (biases and gates float32). Synthetic weights are generated on the
+ * device from (seed, layer, expert); safetensors go through moe_weights
+ * (float32 on the host) and are rounded to bf16 here. */
+#include <time.h>
+
+#include "cuda_internal.h"
+
+extern "C" {
+#include "../moe_weights.h"
+}
+
+void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t msg_size) {
+    if (bytes == 0) bytes = 16;
+    if (buffer->ptr != nullptr && buffer->size >= bytes) return buffer->ptr;
+    size_t grown = buffer->size * 3 / 2 > bytes ? buffer->size * 3 / 2 : bytes;
+    if (buffer->ptr != nullptr) {
+        if (buffer->host) cudaFreeHost(buffer->ptr);
+        else cudaFree(buffer->ptr);
+        buffer->ptr = nullptr;
+        buffer->size = 0;
+    }
+    cudaError_t e = buffer->host ? cudaMallocHost(&buffer->ptr, grown) : cudaMalloc(&buffer->ptr, grown);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        buffer->ptr = nullptr;
+        moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: cannot allocate %zu bytes (%s): %s", grown,
+                    buffer->host ? "pinned host" : "device", cudaGetErrorString(e));
+        return nullptr;
+    }
+    buffer->size = grown;
+    return buffer->ptr;
+}
+
+static moe_err_t device_alloc(void **ptr, size_t bytes, const char *what, char *msg, size_t msg_size) {
+    cudaError_t e = cudaMalloc(ptr, bytes);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        *ptr = nullptr;
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: cannot allocate %.1f MiB for %s: %s",
+                           bytes / 1048576.0, what, cudaGetErrorString(e));
+    }
+    return MOE_OK;
+}
+
+/* Host float32 -> bf16 -> device, through a pinned staging buffer. */
+static moe_err_t upload_bf16(moe_cuda_engine_t *engine, bf16 *dst, const float *src, size_t n, char *msg,
+                             size_t msg_size) {
+    bf16 *staging = (bf16 *)moe_cuda_reserve(&engine->ws.host_x, n * sizeof(bf16), msg, msg_size);
+    if (staging == nullptr) return MOE_ERR_NOMEM;
+    MOE_CUDA_TRY(cudaStreamSynchronize(engine->stream)); /* staging is free again */
+    for (size_t i = 0; i < n; i++) staging[i] = __float2bfloat16(src[i]);
+    MOE_CUDA_TRY(cudaMemcpyAsync(dst, staging, n * sizeof(bf16), cudaMemcpyHostToDevice, engine->stream));
+    MOE_CUDA_TRY(cudaStreamSynchronize(engine->stream));
+    return MOE_OK;
+}
+
+static moe_err_t upload_f32(moe_cuda_engine_t *engine, float *dst, const float *src, size_t n, char *msg,
+                            size_t msg_size) {
+    MOE_CUDA_TRY(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyHostToDevice, engine->stream));
+    MOE_CUDA_TRY(cudaStreamSynchronize(engine->stream));
+    return MOE_OK;
+}
+
+/* Synthetic tensor -> device, generated in place. */
+static moe_err_t synth(moe_cuda_engine_t *engine, bf16 *dst16, float *dst32, size_t n, int layer, int kind,
+                       int expert, int fan_in, char *msg, size_t msg_size) {
+    MOE_CUDA_TRY(moe_cuda_synth_launch(dst16, dst32, n, engine->cfg.model.weights.seed, layer, kind, expert, fan_in,
+                                       0, engine->stream));
+    return MOE_OK;
+}
+
+static moe_err_t load_layer_synthetic(moe_cuda_engine_t *engine, cuda_layer_t *L, char *msg, size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    const size_t H = m->hidden, I = m->moe_intermediate, E = m->experts, Is = m->shared_intermediate;
+    const int spr = engine->slots.slots_per_rank, first = engine->ep.rank * spr;
+    MOE_TRY(synth(engine, L->router, nullptr, E * H, L->layer, MOE_SYNTH_ROUTER, -1, (int)H, msg, msg_size));
+    if (L->bias != nullptr) MOE_TRY(synth(engine, nullptr, L->bias, E, L->layer, MOE_SYNTH_BIAS, -1, 1, msg, msg_size));
+    for (int s = 0; s < spr; s++) {
+        int e = engine->slots.slot_expert[first + s];
+        bf16 *w13 = L->w13 + (size_t)s * 2 * I * H;
+        MOE_TRY(synth(engine, w13, nullptr, I * H, L->layer, MOE_SYNTH_W1, e, (int)H, msg, msg_size));
+        MOE_TRY(synth(engine, w13 + I * H, nullptr, I * H, L->layer, MOE_SYNTH_W3, e, (int)H, msg, msg_size));
+        MOE_TRY(synth(engine, L->w2 + (size_t)s * H * I, nullptr, H * I, L->layer, MOE_SYNTH_W2, e, (int)I, msg,
+                      msg_size));
+    }
+    if (Is > 0) {
+        MOE_TRY(synth(engine, L->shared_w13, nullptr, Is * H, L->layer, MOE_SYNTH_W1, MOE_SYNTH_SHARED_EXPERT, (int)H,
+                      msg, msg_size));
+        MOE_TRY(synth(engine, L->shared_w13 + Is * H, nullptr, Is * H, L->layer, MOE_SYNTH_W3,
+                      MOE_SYNTH_SHARED_EXPERT, (int)H, msg, msg_size));
+        MOE_TRY(synth(engine, L->shared_w2, nullptr, H * Is, L->layer, MOE_SYNTH_W2, MOE_SYNTH_SHARED_EXPERT,
+                      (int)Is, msg, msg_size));
+        if (L->shared_gate != nullptr)
+            MOE_TRY(synth(engine, nullptr, L->shared_gate, H, L->layer, MOE_SYNTH_SHARED_GATE, -1, (int)H, msg,
+                          msg_size));
+    }
+    return MOE_OK;
+}
+
+static moe_err_t load_layer_file(moe_cuda_engine_t *engine, moe_weights_t *weights, cuda_layer_t *L, char *msg,
+                                 size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    const size_t H = m->hidden, I = m->moe_intermediate, E = m->experts, Is = m->shared_intermediate;
+    const int spr = engine->slots.slots_per_rank, first = engine->ep.rank * spr;
+    size_t biggest = E * H > 3 * I * H ? E * H : 3 * I * H;
+    if (3 * Is * H + H > biggest) biggest = 3 * Is * H + H;
+    float *host = (float *)malloc(sizeof(float) * biggest);
+    if (host == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "weights: out of host memory");
+    moe_err_t ret = moe_weights_router(weights, L->layer, host, msg, msg_size);
+    if (ret == MOE_OK) ret = upload_bf16(engine, L->router, host, E * H, msg, msg_size);
+    if (ret == MOE_OK && L->bias != nullptr) {
+        ret = moe_weights_bias(weights, L->layer, host, msg, msg_size);
+        if (ret == MOE_OK) ret = upload_f32(engine, L->bias, host, E, msg, msg_size);
+    }
+    for (int s = 0; ret == MOE_OK && s < spr; s++) {
+        /* w1 and w3 land next to each other: the fused [gate; up] layout */
+        ret = moe_weights_expert(weights, L->layer, engine->slots.slot_expert[first + s], host, host + I * H,
+                                 host + 2 * I * H, msg, msg_size);
+        if (ret == MOE_OK) ret = upload_bf16(engine, L->w13 + (size_t)s * 2 * I * H, host, 2 * I * H, msg, msg_size);
+        if (ret == MOE_OK) ret = upload_bf16(engine, L->w2 + (size_t)s * H * I, host + 2 * I * H, H * I, msg, msg_size);
+    }
+    if (ret == MOE_OK && Is > 0) {
+        ret = moe_weights_shared(weights, L->layer, host, host + Is * H, host + 2 * Is * H, host + 3 * Is * H, msg,
+                                 msg_size);
+        if (ret == MOE_OK) ret = upload_bf16(engine, L->shared_w13, host, 2 * Is * H, msg, msg_size);
+        if (ret == MOE_OK) ret = upload_bf16(engine, L->shared_w2, host + 2 * Is * H, H * Is, msg, msg_size);
+        if (ret == MOE_OK && L->shared_gate != nullptr)
+            ret = upload_f32(engine, L->shared_gate, host + 3 * Is * H, H, msg, msg_size);
+    }
+    free(host);
+    return ret;
+}
+
+static moe_err_t alloc_layer(moe_cuda_engine_t *engine, cuda_layer_t *L, char *msg, size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    const size_t H = m->hidden, I = m->moe_intermediate, E = m->experts, Is = m->shared_intermediate;
+    const size_t spr = (size_t)engine->slots.slots_per_rank;
+    MOE_TRY(device_alloc((void **)&L->router, sizeof(bf16) * E * H, "the router", msg, msg_size));
+    MOE_TRY(device_alloc((void **)&L->w13, sizeof(bf16) * spr * 2 * I * H, "expert gate/up weights", msg, msg_size));
+    MOE_TRY(device_alloc((void **)&L->w2, sizeof(bf16) * spr * H * I, "expert down weights", msg, msg_size));
+    if (m->routing.method == MOE_ROUTE_SIGMOID_GROUP_TOPK)
+        MOE_TRY(device_alloc((void **)&L->bias, sizeof(float) * E, "the routing bias", msg, msg_size));
+    if (Is > 0) {
+        MOE_TRY(device_alloc((void **)&L->shared_w13, sizeof(bf16) * 2 * Is * H, "the shared expert", msg, msg_size));
+        MOE_TRY(device_alloc((void **)&L->shared_w2, sizeof(bf16) * H * Is, "the shared expert", msg, msg_size));
+        if (m->shared_expert_gate)
+            MOE_TRY(device_alloc((void **)&L->shared_gate, sizeof(float) * H, "the shared gate", msg, msg_size));
+    }
+    return MOE_OK;
+}
+
+/* NCCL: rank 0 makes the unique ids, MPI broadcasts them. */
+static moe_err_t init_nccl(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
+    if (engine->ep.size == 1) return MOE_OK;
+    ncclUniqueId ids[2];
+    if (engine->ep.rank == 0) {
+        MOE_NCCL_TRY(ncclGetUniqueId(&ids[0]));
+        MOE_NCCL_TRY(ncclGetUniqueId(&ids[1]));
+    }
+    if (MPI_Bcast(ids, (int)sizeof ids, MPI_BYTE, 0, engine->ep.comm) != MPI_SUCCESS)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "cuda: broadcasting the NCCL ids failed");
+    MOE_NCCL_TRY(ncclCommInitRank(&engine->comm, engine->ep.size, ids[0], engine->ep.rank));
+    MOE_NCCL_TRY(ncclCommInitRank(&engine->comm_balancer, engine->ep.size, ids[1], engine->ep.rank));
+    engine->have_comm = true;
+    return MOE_OK;
+}
+
+static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+        (void)cudaGetLastError();
+        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
+                           "moe.backend: cuda needs a GPU, and this machine has none usable (%s); use "
+                           "moe.backend: cpu", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+    }
+    const char *local = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    engine->device = (local != nullptr ? atoi(local) : engine->ep.rank) % count;
+    MOE_CUDA_TRY(cudaSetDevice(engine->device));
+    cudaDeviceProp prop;
+    MOE_CUDA_TRY(cudaGetDeviceProperties(&prop, engine->device));
+    snprintf(engine->device_name, sizeof engine->device_name, "%.100s, %d SMs, %.1f GiB, cc %d.%d", prop.name,
+             prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, prop.major, prop.minor);
+    if (prop.major < 8)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
+                           "moe.backend: cuda needs bf16 tensor cores (compute capability >= 8.0); %s has %d.%d",
+                           prop.name, prop.major, prop.minor);
+    if (engine->cfg.moe.gemm == MOE_GEMM_GROUPED)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
+                           "moe.gemm: 'grouped' (moed's own grouped GEMM) is not in this build; supported: "
+                           "cublas, auto (= cublas)");
+    MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->stream, cudaStreamNonBlocking));
+    MOE_CUBLAS_TRY(cublasCreate(&engine->cublas));
+    MOE_CUBLAS_TRY(cublasSetStream(engine->cublas, engine->stream));
+    MOE_TRY(init_nccl(engine, msg, msg_size));
+    MOE_TRY(device_alloc((void **)&engine->d_slots, sizeof(moe_slot_table_t), "the slot table", msg, msg_size));
+    MOE_CUDA_TRY(cudaMemcpy(engine->d_slots, &engine->slots, sizeof(moe_slot_table_t), cudaMemcpyHostToDevice));
+    if (m->routing.method == MOE_ROUTE_ZIPF) {
+        double cdf[MOE_MAX_EXPERTS];
+        moe_route_zipf_cdf(m->experts, m->routing.zipf_s, cdf);
+        MOE_TRY(device_alloc((void **)&engine->d_zipf_cdf, sizeof(double) * m->experts, "the zipf table", msg, msg_size));
+        MOE_CUDA_TRY(cudaMemcpy(engine->d_zipf_cdf, cdf, sizeof(double) * m->experts, cudaMemcpyHostToDevice));
+    }
+    engine->n_layers = m->n_layers;
+    engine->layers = (cuda_layer_t *)calloc((size_t)m->n_layers, sizeof(cuda_layer_t));
+    if (engine->layers == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: out of memory");
+    moe_weights_t *weights = nullptr;
+    if (m->weights.format == MOE_WEIGHTS_SAFETENSORS) MOE_TRY(moe_weights_open(m, &weights, msg, msg_size));
+    moe_err_t ret = MOE_OK;
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    double last_report = 0;
+    for (int l = 0; ret == MOE_OK && l < m->n_layers; l++) {
+        cuda_layer_t *L = &engine->layers[l];
+        L->layer = m->layer_ids[l];
+        ret = alloc_layer(engine, L, msg, msg_size);
+        if (ret == MOE_OK)
+            ret = weights != nullptr ? load_layer_file(engine, weights, L, msg, msg_size)
+                                     : load_layer_synthetic(engine, L, msg, msg_size);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double elapsed = (double)(now.tv_sec - start.tv_sec) + (now.tv_nsec - start.tv_nsec) * 1e-9;
+        if (elapsed - last_report > 2.0) {
+            moe_log(MOE_LOG_INFO, "weights", "rank %d: loaded %d/%d layers onto %s (%.1f s)", engine->ep.rank, l + 1,
+                    m->n_layers, engine->device_name, elapsed);
+            last_report = elapsed;
+        }
+    }
+    moe_weights_close(weights);
+    if (ret == MOE_OK) {
+        cudaError_t sync = cudaStreamSynchronize(engine->stream);
+        if (sync != cudaSuccess) {
+            (void)cudaGetLastError();
+            return moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda: loading weights: %s", cudaGetErrorString(sync));
+        }
+    }
+    return ret;
+}
+
+extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_cuda_engine_t **out, char *msg,
+                                     size_t msg_size) {
+    *out = nullptr;
+    moe_cuda_engine_t *engine = (moe_cuda_engine_t *)calloc(1, sizeof *engine);
+    if (engine == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda engine: out of memory");
+    engine->cfg = *cfg;
+    engine->ep = ep;
+    cuda_buffer_t *buffers = (cuda_buffer_t *)&engine->ws;
+    for (size_t i = 0; i < sizeof engine->ws / sizeof(cuda_buffer_t); i++) buffers[i].host = false;
+    engine->ws.host_counts.host = engine->ws.host_x.host = engine->ws.host_out.host = true;
+    engine->ws.host_ids.host = engine->ws.host_weights.host = engine->ws.host_stats.host = true;
+    moe_route_params_t params;
+    moe_route_params_init(&params, &cfg->model, nullptr, 0, ep.rank, ep.size);
+    moe_err_t ret = moe_route_validate(&params, msg, msg_size);
+    if (ret == MOE_OK) ret = moe_slots_build(&cfg->eplb, cfg->model.experts, ep.size, &engine->slots, msg, msg_size);
+    if (ret == MOE_OK) ret = create(engine, msg, msg_size);
+    if (ret != MOE_OK) {
+        moe_cuda_destroy(engine);
+        return ret;
+    }
+    moe_log(MOE_LOG_INFO, "cuda", "rank %d on GPU %d: %s; %d layers, %d slots", ep.rank, engine->device,
+            engine->device_name, engine->n_layers, engine->slots.slots_per_rank);
+    *out = engine;
+    return MOE_OK;
+}
+
+extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
+    if (engine == nullptr) return;
+    if (engine->stream != nullptr) cudaStreamSynchronize(engine->stream);
+    for (int l = 0; engine->layers != nullptr && l < engine->n_layers; l++) {
+        cuda_layer_t *L = &engine->layers[l];
+        cudaFree(L->router), cudaFree(L->bias), cudaFree(L->w13), cudaFree(L->w2);
+        cudaFree(L->shared_w13), cudaFree(L->shared_w2), cudaFree(L->shared_gate);
+    }
+    free(engine->layers);
+    cuda_buffer_t *buffers = (cuda_buffer_t *)&engine->ws;
+    for (size_t i = 0; i < sizeof engine->ws / sizeof(cuda_buffer_t); i++) {
+        if (buffers[i].ptr == nullptr) continue;
+        if (buffers[i].host) cudaFreeHost(buffers[i].ptr);
+        else cudaFree(buffers[i].ptr);
+    }
+    cudaFree(engine->d_slots);
+    cudaFree(engine->d_zipf_cdf);
+    if (engine->have_comm) {
+        ncclCommDestroy(engine->comm);
+        ncclCommDestroy(engine->comm_balancer);
+    }
+    if (engine->cublas != nullptr) cublasDestroy(engine->cublas);
+    if (engine->stream != nullptr) cudaStreamDestroy(engine->stream);
+    (void)cudaGetLastError();
+    free(engine);
+}
+
+extern "C" void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config_t *cfg) {
+    engine->cfg.moe.chunking = cfg->moe.chunking;
+    engine->cfg.moe.max_tokens_per_step = cfg->moe.max_tokens_per_step;
+}
+
+extern "C" int moe_cuda_slot_count(const moe_cuda_engine_t *engine) { return engine->slots.n_slots; }
+extern "C" const int *moe_cuda_placement(const moe_cuda_engine_t *engine) { return engine->slots.slot_expert; }
+extern "C" const char *moe_cuda_device_name(const moe_cuda_engine_t *engine) { return engine->device_name; }

@@ -1,0 +1,162 @@
+/* cuda_internal: the CUDA engine's state and kernel launchers, shared by
+ * its own files only (cuda_engine.cu: build, weights, NCCL; cuda_forward.cu:
+ * the forward; cuda_kernels.cu: every kernel and its launcher). */
+#ifndef MOE_CUDA_INTERNAL_H
+#define MOE_CUDA_INTERNAL_H
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#define OMPI_SKIP_MPICXX 1
+#include <mpi.h>
+
+/* The project's C headers, with C linkage (the system headers they include
+ * are already in, above, with their own C++ handling). */
+extern "C" {
+#include "../../config/moe_log.h"
+#include "../moe_route_token.h"
+#include "../moe_routing.h"
+#include "../moe_slots.h"
+#include "moe_cuda.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+/* Wrap every foreign call (STYLE 3): log-ready message with file:line, the
+ * sticky CUDA error cleared, and return. */
+#define MOE_CUDA_TRY(call)                                                                      \
+    do {                                                                                        \
+        cudaError_t moe_e_ = (call);                                                            \
+        if (moe_e_ != cudaSuccess) {                                                            \
+            (void)cudaGetLastError();                                                           \
+            return moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "%s:%d: %s: %s", __FILE__, __LINE__, \
+                               #call, cudaGetErrorString(moe_e_));                              \
+        }                                                                                       \
+    } while (0)
+
+#define MOE_CUBLAS_TRY(call)                                                                    \
+    do {                                                                                        \
+        cublasStatus_t moe_s_ = (call);                                                         \
+        if (moe_s_ != CUBLAS_STATUS_SUCCESS)                                                    \
+            return moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "%s:%d: %s: cuBLAS status %d (%s)", \
+                               __FILE__, __LINE__, #call, (int)moe_s_, cublasGetStatusString(moe_s_)); \
+    } while (0)
+
+#define MOE_NCCL_TRY(call)                                                                      \
+    do {                                                                                        \
+        ncclResult_t moe_r_ = (call);                                                           \
+        if (moe_r_ != ncclSuccess)                                                              \
+            return moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "%s:%d: %s: NCCL: %s", __FILE__, __LINE__, \
+                               #call, ncclGetErrorString(moe_r_));                              \
+    } while (0)
+
+/* Propagates a moe_err_t from a helper (its message is already in msg). */
+#define MOE_TRY(call)                            \
+    do {                                         \
+        moe_err_t moe_t_ = (call);               \
+        if (moe_t_ != MOE_OK) return moe_t_;     \
+    } while (0)
+
+/* A grow-only device (or pinned host) buffer: a steady-state step allocates
+ * nothing. */
+typedef struct {
+    void *ptr;
+    size_t size;
+    bool host; /* pinned host memory */
+} cuda_buffer_t;
+
+typedef struct {
+    int layer;
+    bf16 *router;      /* [E, H] */
+    float *bias;       /* [E] (sigmoid_group_topk) or NULL */
+    bf16 *w13;         /* [slots_per_rank, 2I, H]: gate rows, then up rows */
+    bf16 *w2;          /* [slots_per_rank, H, I] */
+    bf16 *shared_w13;  /* [2Is, H] or NULL */
+    bf16 *shared_w2;   /* [H, Is] */
+    float *shared_gate; /* [H] or NULL */
+    uint64_t step;
+} cuda_layer_t;
+
+typedef struct {
+    cuda_buffer_t x, x_f32, logits, ids, weights, entry_slot, flags, scan, send_token, send_rows,
+        send_meta, recv_rows, recv_meta, keys, vals, keys_sorted, vals_sorted, inverse, slot_counts,
+        gathered, h13, act, y, partial, back, out, shared_h13, shared_act, shared_y, gate, cub_temp,
+        counts, stat_counts, host_counts, host_x, host_out, host_ids, host_weights, host_stats;
+} cuda_workspace_t;
+
+/* One routed (token, expert) entry as it travels to the expert's rank. */
+typedef struct {
+    int32_t local_slot; /* -1: the expert lives on another rank */
+    float weight;
+} cuda_meta_t;
+
+struct moe_cuda_engine {
+    moe_config_t cfg;
+    moe_ep_t ep;
+    moe_slot_table_t slots;
+    moe_slot_table_t *d_slots;
+    int device;
+    char device_name[160];
+    cudaStream_t stream;
+    cublasHandle_t cublas;
+    ncclComm_t comm;          /* token traffic */
+    ncclComm_t comm_balancer; /* EPLB statistics (its own, so collectives never interleave) */
+    bool have_comm;
+    int n_layers;
+    cuda_layer_t *layers;
+    double *d_zipf_cdf;
+    cuda_workspace_t ws;
+};
+
+/* Returns the buffer grown to at least `bytes` (contents not kept), or NULL
+ * with msg set. */
+void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t msg_size);
+
+/* One chunk of the forward on device-resident bf16 input (cuda_forward.cu). */
+moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *layer, const bf16 *x,
+                                  int n_tokens, int64_t first_token, const int32_t *ids_host_routed,
+                                  const float *weights_host_routed, float *out, moe_route_trace_t *trace,
+                                  char *msg, size_t msg_size);
+
+/* Launchers (cuda_kernels.cu): each checks its arguments, sizes its grid,
+ * launches on `stream` and returns cudaGetLastError(). */
+cudaError_t moe_cuda_f32_to_bf16_launch(const float *src, bf16 *dst, size_t n, cudaStream_t stream);
+cudaError_t moe_cuda_synth_launch(bf16 *dst_bf16, float *dst_f32, size_t n, uint64_t seed, int layer, int kind,
+                                  int expert, int fan_in, size_t index_offset, cudaStream_t stream);
+cudaError_t moe_cuda_route_launch(const moe_route_token_params_t *params, const float *logits, const float *bias,
+                                  const double *zipf_cdf, uint64_t step, int64_t first_token, int n_tokens,
+                                  int32_t *ids, float *weights, cudaStream_t stream);
+cudaError_t moe_cuda_mark_launch(const moe_slot_table_t *slots, const int32_t *ids, int n_tokens, int top_k,
+                                 int rank, int n_ranks, int64_t first_token, int32_t *entry_slot, int32_t *flags,
+                                 cudaStream_t stream);
+cudaError_t moe_cuda_counts_launch(const int32_t *flags, const int32_t *scan, int n_tokens, int n_ranks,
+                                   int32_t *counts, cudaStream_t stream);
+cudaError_t moe_cuda_pack_launch(const bf16 *x, const int32_t *entry_slot, const float *weights,
+                                 const int32_t *flags, const int32_t *scan, int n_tokens, int hidden, int top_k,
+                                 int n_ranks, int slots_per_rank, int32_t *send_token, bf16 *send_rows,
+                                 cuda_meta_t *send_meta, cudaStream_t stream);
+cudaError_t moe_cuda_pair_keys_launch(const cuda_meta_t *meta, int n_entries, int slots_per_rank,
+                                      int32_t *keys, int32_t *vals, int32_t *slot_counts, cudaStream_t stream);
+cudaError_t moe_cuda_gather_launch(const bf16 *rows, const int32_t *vals_sorted, int n_valid, int hidden,
+                                   int top_k, bf16 *gathered, int32_t *inverse, cudaStream_t stream);
+cudaError_t moe_cuda_swiglu_launch(const float *h13, int n_rows, int inter, bf16 *act, cudaStream_t stream);
+cudaError_t moe_cuda_reduce_launch(const float *y, const cuda_meta_t *meta, const int32_t *inverse, int n_rows,
+                                   int hidden, int top_k, bf16 *partial, cudaStream_t stream);
+cudaError_t moe_cuda_gate_launch(const bf16 *x, const float *gate, int n_tokens, int hidden, float *gate_out,
+                                 cudaStream_t stream);
+cudaError_t moe_cuda_finalize_launch(const bf16 *back, const int32_t *flags, const int32_t *scan, int n_tokens,
+                                     int hidden, int n_ranks, const float *shared_y, const float *gate,
+                                     float *out, cudaStream_t stream);
+cudaError_t moe_cuda_slot_stats_launch(const int32_t *entry_slot, int n_entries, unsigned long long *counts,
+                                       cudaStream_t stream);
+
+#endif

@@ -1,0 +1,276 @@
+/* cuda_kernels: every kernel of the CUDA backend and its launcher
+ * (STYLE 7: one launcher per kernel, shapes checked, grid sized here, the
+ * launch error returned). Layouts, for T tokens of this rank, R ranks,
+ * k experts per token, H hidden, I intermediate, S slots per rank:
+ *   x [T,H] bf16; logits [T,E] f32; ids/weights [T,k]; entry_slot [T,k]
+ *   flags/scan [R,T] int32: token t goes to rank d / its position in the
+ *     send buffer (an exclusive scan over the whole [R,T] array, so the
+ *     buffer is grouped by destination rank in token order)
+ *   send_rows [n_send,H] bf16, send_meta [n_send,k] {local slot|-1, weight}
+ *   pairs: (row, entry) of the received rows with a local slot, sorted by
+ *     slot (stable radix sort: deterministic), gathered [n_valid,H] bf16,
+ *     h13 [n_valid,2I] f32, act [n_valid,I] bf16, y [n_valid,H] f32
+ *   partial [n_recv,H] bf16 = Σ over a row's local entries of w·y
+ *   out [T,H] f32 = Σ over ranks (ascending) of the returned partials
+ *     + gate·shared expert.
+ * Covered by tests/cuda_layer.c (against the CPU backend) under
+ * compute-sanitizer in scripts/gpu-test.sh. */
+#include "cuda_internal.h"
+
+static int blocks_for(size_t n, int threads) {
+    size_t blocks = (n + (size_t)threads - 1) / (size_t)threads;
+    return (int)(blocks > 65535u * 16u ? 65535u * 16u : (blocks == 0 ? 1 : blocks));
+}
+
+__global__ void f32_to_bf16_kernel(const float *src, bf16 *dst, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __float2bfloat16(src[i]);
+}
+
+cudaError_t moe_cuda_f32_to_bf16_launch(const float *src, bf16 *dst, size_t n, cudaStream_t stream) {
+    if (n == 0) return cudaSuccess;
+    f32_to_bf16_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(src, dst, n);
+    return cudaGetLastError();
+}
+
+/* Synthetic weights: the same moe_synth_value as the CPU backend (IEEE
+ * sqrt and division on both sides), so values agree before rounding. */
+__global__ void synth_kernel(bf16 *dst_bf16, float *dst_f32, size_t n, uint64_t seed, int layer, int kind,
+                             int expert, int fan_in, size_t offset) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float v = moe_synth_value(seed, layer, kind, expert, offset + i, fan_in);
+        if (dst_bf16 != nullptr) dst_bf16[i] = __float2bfloat16(v);
+        else dst_f32[i] = v;
+    }
+}
+
+cudaError_t moe_cuda_synth_launch(bf16 *dst_bf16, float *dst_f32, size_t n, uint64_t seed, int layer, int kind,
+                                  int expert, int fan_in, size_t index_offset, cudaStream_t stream) {
+    if (n == 0) return cudaSuccess;
+    if ((dst_bf16 == nullptr) == (dst_f32 == nullptr)) return cudaErrorInvalidValue;
+    synth_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(dst_bf16, dst_f32, n, seed, layer, kind, expert, fan_in,
+                                                         index_offset);
+    return cudaGetLastError();
+}
+
+/* One thread per token: the routing code shared with the CPU backend. */
+__global__ void route_kernel(moe_route_token_params_t p, const float *logits, const float *bias,
+                             const double *zipf_cdf, uint64_t step, int64_t first_token, int n_tokens,
+                             int32_t *ids, float *weights) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n_tokens) return;
+    moe_route_token(&p, logits != nullptr ? logits + (size_t)t * p.experts : nullptr, bias, zipf_cdf, step,
+                    first_token + t, ids + (size_t)t * p.top_k, weights + (size_t)t * p.top_k);
+}
+
+cudaError_t moe_cuda_route_launch(const moe_route_token_params_t *params, const float *logits, const float *bias,
+                                  const double *zipf_cdf, uint64_t step, int64_t first_token, int n_tokens,
+                                  int32_t *ids, float *weights, cudaStream_t stream) {
+    if (n_tokens <= 0) return cudaSuccess;
+    if (params->top_k > MOE_ROUTE_MAX_K) return cudaErrorInvalidValue;
+    route_kernel<<<blocks_for((size_t)n_tokens, 128), 128, 0, stream>>>(*params, logits, bias, zipf_cdf, step,
+                                                                         first_token, n_tokens, ids, weights);
+    return cudaGetLastError();
+}
+
+/* Slot of every entry, and flags[d,t] = 1 when token t has an expert on d. */
+__global__ void mark_kernel(const moe_slot_table_t *slots, const int32_t *ids, int n_tokens, int top_k, int rank,
+                            int64_t first_token, int32_t *entry_slot, int32_t *flags) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n_tokens) return;
+    for (int i = 0; i < top_k; i++) {
+        int slot = moe_slots_pick(slots, ids[(size_t)t * top_k + i], rank, first_token + t);
+        entry_slot[(size_t)t * top_k + i] = slot;
+        flags[(size_t)(slot / slots->slots_per_rank) * n_tokens + t] = 1;
+    }
+}
+
+cudaError_t moe_cuda_mark_launch(const moe_slot_table_t *slots, const int32_t *ids, int n_tokens, int top_k,
+                                 int rank, int n_ranks, int64_t first_token, int32_t *entry_slot, int32_t *flags,
+                                 cudaStream_t stream) {
+    if (n_tokens <= 0) return cudaSuccess;
+    cudaError_t e = cudaMemsetAsync(flags, 0, sizeof(int32_t) * (size_t)n_ranks * n_tokens, stream);
+    if (e != cudaSuccess) return e;
+    mark_kernel<<<blocks_for((size_t)n_tokens, 128), 128, 0, stream>>>(slots, ids, n_tokens, top_k, rank,
+                                                                        first_token, entry_slot, flags);
+    return cudaGetLastError();
+}
+
+__global__ void counts_kernel(const int32_t *flags, const int32_t *scan, int n_tokens, int n_ranks, int32_t *counts) {
+    int d = blockIdx.x * blockDim.x + threadIdx.x;
+    if (d >= n_ranks) return;
+    if (n_tokens == 0) {
+        counts[d] = 0;
+        return;
+    }
+    size_t first = (size_t)d * n_tokens, last = first + n_tokens - 1;
+    counts[d] = scan[last] + flags[last] - scan[first];
+}
+
+cudaError_t moe_cuda_counts_launch(const int32_t *flags, const int32_t *scan, int n_tokens, int n_ranks,
+                                   int32_t *counts, cudaStream_t stream) {
+    counts_kernel<<<1, 256, 0, stream>>>(flags, scan, n_tokens, n_ranks, counts);
+    return cudaGetLastError();
+}
+
+/* One block per (destination, token): copy the row and its entries. */
+__global__ void pack_kernel(const bf16 *x, const int32_t *entry_slot, const float *weights, const int32_t *flags,
+                            const int32_t *scan, int n_tokens, int hidden, int top_k, int slots_per_rank,
+                            int32_t *send_token, bf16 *send_rows, cuda_meta_t *send_meta) {
+    size_t cell = blockIdx.x;
+    if (!flags[cell]) return;
+    int d = (int)(cell / n_tokens), t = (int)(cell % n_tokens);
+    size_t pos = (size_t)scan[cell];
+    const bf16 *src = x + (size_t)t * hidden;
+    bf16 *dst = send_rows + pos * hidden;
+    for (int h = threadIdx.x; h < hidden; h += blockDim.x) dst[h] = src[h];
+    if (threadIdx.x < top_k) {
+        int i = threadIdx.x, slot = entry_slot[(size_t)t * top_k + i];
+        bool here = slot / slots_per_rank == d;
+        send_meta[pos * top_k + i].local_slot = here ? slot % slots_per_rank : -1;
+        send_meta[pos * top_k + i].weight = here ? weights[(size_t)t * top_k + i] : 0.0f;
+    }
+    if (threadIdx.x == 0) send_token[pos] = t;
+}
+
+cudaError_t moe_cuda_pack_launch(const bf16 *x, const int32_t *entry_slot, const float *weights,
+                                 const int32_t *flags, const int32_t *scan, int n_tokens, int hidden, int top_k,
+                                 int n_ranks, int slots_per_rank, int32_t *send_token, bf16 *send_rows,
+                                 cuda_meta_t *send_meta, cudaStream_t stream) {
+    size_t cells = (size_t)n_ranks * n_tokens;
+    if (cells == 0) return cudaSuccess;
+    if (cells > 0x7fffffffu || top_k > 128) return cudaErrorInvalidValue;
+    pack_kernel<<<(unsigned)cells, 128, 0, stream>>>(x, entry_slot, weights, flags, scan, n_tokens, hidden, top_k,
+                                                     slots_per_rank, send_token, send_rows, send_meta);
+    return cudaGetLastError();
+}
+
+/* Sort keys of the received entries (their local slot; S = none) and the
+ * number of entries per local slot. */
+__global__ void pair_keys_kernel(const cuda_meta_t *meta, int n_entries, int slots_per_rank, int32_t *keys,
+                                 int32_t *vals, int32_t *slot_counts) {
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= n_entries) return;
+    int slot = meta[p].local_slot;
+    bool valid = slot >= 0 && slot < slots_per_rank;
+    keys[p] = valid ? slot : slots_per_rank;
+    vals[p] = p;
+    if (valid) atomicAdd(&slot_counts[slot], 1);
+}
+
+cudaError_t moe_cuda_pair_keys_launch(const cuda_meta_t *meta, int n_entries, int slots_per_rank,
+                                      int32_t *keys, int32_t *vals, int32_t *slot_counts, cudaStream_t stream) {
+    cudaError_t e = cudaMemsetAsync(slot_counts, 0, sizeof(int32_t) * (size_t)slots_per_rank, stream);
+    if (e != cudaSuccess || n_entries == 0) return e;
+    pair_keys_kernel<<<blocks_for((size_t)n_entries, 256), 256, 0, stream>>>(meta, n_entries, slots_per_rank,
+                                                                             keys, vals, slot_counts);
+    return cudaGetLastError();
+}
+
+/* gathered[j] = the row of pair vals_sorted[j]; inverse[pair] = j. */
+__global__ void gather_kernel(const bf16 *rows, const int32_t *vals_sorted, int hidden, int top_k, bf16 *gathered,
+                              int32_t *inverse) {
+    int j = blockIdx.x, pair = vals_sorted[j];
+    const bf16 *src = rows + (size_t)(pair / top_k) * hidden;
+    bf16 *dst = gathered + (size_t)j * hidden;
+    for (int h = threadIdx.x; h < hidden; h += blockDim.x) dst[h] = src[h];
+    if (threadIdx.x == 0) inverse[pair] = j;
+}
+
+cudaError_t moe_cuda_gather_launch(const bf16 *rows, const int32_t *vals_sorted, int n_valid, int hidden,
+                                   int top_k, bf16 *gathered, int32_t *inverse, cudaStream_t stream) {
+    if (n_valid <= 0) return cudaSuccess;
+    gather_kernel<<<n_valid, 128, 0, stream>>>(rows, vals_sorted, hidden, top_k, gathered, inverse);
+    return cudaGetLastError();
+}
+
+/* act = silu(gate) · up, from the fused [gate | up] product. */
+__global__ void swiglu_kernel(const float *h13, size_t n, int inter, bf16 *act) {
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
+        size_t row = idx / inter, i = idx % inter;
+        float gate = h13[row * 2 * inter + i], up = h13[row * 2 * inter + inter + i];
+        act[idx] = __float2bfloat16(gate / (1.0f + expf(-gate)) * up);
+    }
+}
+
+cudaError_t moe_cuda_swiglu_launch(const float *h13, int n_rows, int inter, bf16 *act, cudaStream_t stream) {
+    size_t n = (size_t)n_rows * inter;
+    if (n == 0) return cudaSuccess;
+    swiglu_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(h13, n, inter, act);
+    return cudaGetLastError();
+}
+
+/* partial[r] = Σ over r's local entries, in entry order, of w · y[pair]. */
+__global__ void reduce_kernel(const float *y, const cuda_meta_t *meta, const int32_t *inverse, int hidden,
+                              int top_k, bf16 *partial) {
+    int r = blockIdx.x;
+    for (int h = threadIdx.x; h < hidden; h += blockDim.x) {
+        float acc = 0.0f;
+        for (int i = 0; i < top_k; i++) {
+            cuda_meta_t m = meta[(size_t)r * top_k + i];
+            if (m.local_slot < 0) continue;
+            acc += m.weight * y[(size_t)inverse[(size_t)r * top_k + i] * hidden + h];
+        }
+        partial[(size_t)r * hidden + h] = __float2bfloat16(acc);
+    }
+}
+
+cudaError_t moe_cuda_reduce_launch(const float *y, const cuda_meta_t *meta, const int32_t *inverse, int n_rows,
+                                   int hidden, int top_k, bf16 *partial, cudaStream_t stream) {
+    if (n_rows <= 0) return cudaSuccess;
+    reduce_kernel<<<n_rows, 256, 0, stream>>>(y, meta, inverse, hidden, top_k, partial);
+    return cudaGetLastError();
+}
+
+/* gate_out[t] = sigmoid(x[t]·g): one warp per token. */
+__global__ void gate_kernel(const bf16 *x, const float *gate, int n_tokens, int hidden, float *gate_out) {
+    int t = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (t >= n_tokens) return;
+    float sum = 0.0f;
+    for (int h = lane; h < hidden; h += 32) sum += __bfloat162float(x[(size_t)t * hidden + h]) * gate[h];
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_down_sync(0xffffffffu, sum, off);
+    if (lane == 0) gate_out[t] = 1.0f / (1.0f + expf(-sum));
+}
+
+cudaError_t moe_cuda_gate_launch(const bf16 *x, const float *gate, int n_tokens, int hidden, float *gate_out,
+                                 cudaStream_t stream) {
+    if (n_tokens <= 0) return cudaSuccess;
+    gate_kernel<<<blocks_for((size_t)n_tokens * 32, 256), 256, 0, stream>>>(x, gate, n_tokens, hidden, gate_out);
+    return cudaGetLastError();
+}
+
+/* out[t] = Σ_d (ascending) of the partial rank d returned for t,
+ * + gate[t] · shared_y[t]. Every element written (also without experts). */
+__global__ void finalize_kernel(const bf16 *back, const int32_t *flags, const int32_t *scan, int n_tokens,
+                                int hidden, int n_ranks, const float *shared_y, const float *gate, float *out) {
+    int t = blockIdx.x;
+    for (int h = threadIdx.x; h < hidden; h += blockDim.x) {
+        float acc = 0.0f;
+        for (int d = 0; d < n_ranks; d++) {
+            size_t cell = (size_t)d * n_tokens + t;
+            if (flags[cell]) acc += __bfloat162float(back[(size_t)scan[cell] * hidden + h]);
+        }
+        if (shared_y != nullptr) acc += (gate != nullptr ? gate[t] : 1.0f) * shared_y[(size_t)t * hidden + h];
+        out[(size_t)t * hidden + h] = acc;
+    }
+}
+
+cudaError_t moe_cuda_finalize_launch(const bf16 *back, const int32_t *flags, const int32_t *scan, int n_tokens,
+                                     int hidden, int n_ranks, const float *shared_y, const float *gate,
+                                     float *out, cudaStream_t stream) {
+    if (n_tokens <= 0) return cudaSuccess;
+    finalize_kernel<<<n_tokens, 256, 0, stream>>>(back, flags, scan, n_tokens, hidden, n_ranks, shared_y, gate, out);
+    return cudaGetLastError();
+}
+
+__global__ void slot_stats_kernel(const int32_t *entry_slot, int n_entries, unsigned long long *counts) {
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p < n_entries) atomicAdd(&counts[entry_slot[p]], 1ull);
+}
+
+cudaError_t moe_cuda_slot_stats_launch(const int32_t *entry_slot, int n_entries, unsigned long long *counts,
+                                       cudaStream_t stream) {
+    if (n_entries <= 0) return cudaSuccess;
+    slot_stats_kernel<<<blocks_for((size_t)n_entries, 256), 256, 0, stream>>>(entry_slot, n_entries, counts);
+    return cudaGetLastError();
+}

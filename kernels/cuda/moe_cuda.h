@@ -1,0 +1,58 @@
+/* moe_cuda: the CUDA backend (DESIGN §4, §5) — the MoE layer with bf16
+ * weights and activations, float32 accumulation and routing, experts on
+ * cuBLAS, expert parallelism over NCCL (grouped send/recv after a counts
+ * exchange). The same entry points as moe_cpu, so it is one row of the
+ * backend table; plain C types only, so C code can include this header.
+ * A forward is a collective over the EP group, like the CPU engine's. */
+#ifndef MOE_CUDA_H
+#define MOE_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../../config/moe_config.h"
+#include "../cpu/moe_cpu.h" /* moe_route_trace_t */
+#include "../moe_ep.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct moe_cuda_engine moe_cuda_engine_t;
+
+/* Binds GPU (local rank % device count), creates the NCCL communicators
+ * (main and balancer; the unique id travels over MPI), checks that the
+ * configured expert GEMM can run here, and uploads the weights (synthetic:
+ * generated on the device, bit-identical to the CPU backend's float values
+ * before rounding to bf16; safetensors: host float32 -> bf16 -> device).
+ * No GPU, or a CUDA error: a clear message in msg. */
+moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_cuda_engine_t **out, char *msg,
+                          size_t msg_size);
+void moe_cuda_destroy(moe_cuda_engine_t *engine);
+
+/* The layer forward from host float32 to host float32 (what the daemon
+ * uses; conversion to bf16 happens on the device). Same contract as
+ * moe_cpu_forward. */
+moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, const float *x, int n_tokens,
+                           const int32_t *routed_ids, const float *routed_weights, float *out,
+                           moe_route_trace_t *trace, char *msg, size_t msg_size);
+
+/* Times `iters` forwards of n_tokens device-resident random tokens per rank
+ * (after `warmup` untimed ones) with CUDA events; ms_per_iter receives each
+ * iteration's time (the slowest rank's, the same on every rank). For
+ * moe-bench. Collective. */
+moe_err_t moe_cuda_bench(moe_cuda_engine_t *engine, int layer, int n_tokens, int warmup, int iters,
+                         double *ms_per_iter, char *msg, size_t msg_size);
+
+void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config_t *cfg);
+int moe_cuda_slot_count(const moe_cuda_engine_t *engine);
+const int *moe_cuda_placement(const moe_cuda_engine_t *engine);
+
+/* "NVIDIA H200, 132 SMs, 139.8 GiB, cc 9.0" */
+const char *moe_cuda_device_name(const moe_cuda_engine_t *engine);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,150 @@
+/* The CUDA layer against the CPU side, on a GPU host (scripts/gpu-test.sh;
+ * not part of `make test`, which runs where there is no GPU). For every case
+ * of layer_check.c, on fresh random inputs (seed printed):
+ *   1. the CUDA output, every element poisoned first, against the dense
+ *      double reference fed with the GPU's own routing decision (ids and
+ *      weights): relative error <= 2e-2 (bf16 weights and activations);
+ *   2. the routing decision against the CPU engine's on the same input:
+ *      identical for the methods that read no logits (client, uniform, zipf,
+ *      perfect), >= 97% of tokens identical for the score-based ones (the
+ *      logits come from a bf16 GEMM, so near-ties may fall the other way);
+ *   3. slot statistics: every (token, expert) counted once.
+ * Runs alone or under mpirun (one rank per GPU). Exit status 0 on success. */
+#include <math.h>
+#include <stdbool.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/cpu/moe_cpu.h"
+#include "../kernels/cuda/moe_cuda.h"
+#include "../kernels/moe_synth.h"
+#include "support/dense_ref.h"
+#include "support/layer_check.h"
+
+static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int n_tokens, double *worst_out) {
+    moe_config_t cfg, ref_cfg;
+    moe_test_case_config(c, ep.size, &cfg);
+    const int H = cfg.model.hidden, k = cfg.model.top_k, E = cfg.model.experts;
+    char msg[512] = "";
+    int failed = 0;
+    moe_cuda_engine_t *gpu = NULL;
+    moe_cpu_engine_t *cpu = NULL;
+    moe_test_ref_t *ref = NULL;
+    size_t rows = (size_t)n_tokens + 1;
+    float *x = malloc(sizeof(float) * rows * H), *out = malloc(sizeof(float) * rows * H);
+    float *cpu_out = malloc(sizeof(float) * rows * H), *w = malloc(sizeof(float) * rows * k);
+    float *cpu_w = malloc(sizeof(float) * rows * k), *client_w = malloc(sizeof(float) * rows * k);
+    int32_t *ids = malloc(sizeof(int32_t) * rows * k), *cpu_ids = malloc(sizeof(int32_t) * rows * k);
+    int32_t *client_ids = malloc(sizeof(int32_t) * rows * k);
+    double *want = malloc(sizeof(double) * rows * H);
+    int64_t slot_counts[MOE_MAX_SLOTS];
+    if (moe_cuda_create(&cfg, ep, &gpu, msg, sizeof msg) != MOE_OK) {
+        fprintf(stderr, "FAIL %s: cuda create: %s\n", c->name, msg);
+        failed = 1;
+        goto done;
+    }
+    if (moe_cpu_create(&cfg, ep, &cpu, msg, sizeof msg) != MOE_OK) {
+        fprintf(stderr, "FAIL %s: cpu create: %s\n", c->name, msg);
+        failed = 1;
+        goto done;
+    }
+    ref_cfg = cfg;
+    ref_cfg.model.routing.method = MOE_ROUTE_CLIENT; /* the reference takes the GPU's decision */
+    if ((ref = moe_test_ref_create(&ref_cfg, msg, sizeof msg)) == NULL) {
+        fprintf(stderr, "FAIL %s: reference: %s\n", c->name, msg);
+        failed = 1;
+        goto done;
+    }
+    for (int l = 0; l < cfg.model.n_layers && !failed; l++) {
+        int layer = cfg.model.layer_ids[l];
+        moe_test_fill_random(x, (size_t)n_tokens * H, seed + (uint64_t)l * 7919);
+        for (int t = 0; t < n_tokens; t++)
+            for (int i = 0; i < k; i++) {
+                client_ids[t * k + i] = (int32_t)((moe_synth_mix(seed + t) + (uint64_t)i * 3) % (uint64_t)E);
+                for (int j = 0; j < i; j++)
+                    if (client_ids[t * k + j] == client_ids[t * k + i])
+                        client_ids[t * k + i] = (client_ids[t * k + i] + 1) % E, j = -1;
+                client_w[t * k + i] = 0.25f + 0.5f * (float)i;
+            }
+        int client = cfg.model.routing.method == MOE_ROUTE_CLIENT;
+        for (size_t i = 0; i < (size_t)n_tokens * H; i++) out[i] = NAN; /* poison */
+        memset(slot_counts, 0, sizeof slot_counts);
+        moe_route_trace_t trace = {ids, w, slot_counts}, cpu_trace = {cpu_ids, cpu_w, NULL};
+        if (moe_cuda_forward(gpu, layer, x, n_tokens, client ? client_ids : NULL, client ? client_w : NULL, out,
+                             &trace, msg, sizeof msg) != MOE_OK ||
+            moe_cpu_forward(cpu, layer, x, n_tokens, client ? client_ids : NULL, client ? client_w : NULL,
+                            cpu_out, &cpu_trace, msg, sizeof msg) != MOE_OK) {
+            fprintf(stderr, "FAIL %s layer %d: forward: %s\n", c->name, layer, msg);
+            failed = 1;
+            break;
+        }
+        int64_t counted = 0;
+        for (int s = 0; s < moe_cuda_slot_count(gpu); s++) counted += slot_counts[s];
+        if (counted != (int64_t)n_tokens * k) {
+            fprintf(stderr, "FAIL %s layer %d: slot statistics count %lld entries, want %lld\n", c->name, layer,
+                    (long long)counted, (long long)n_tokens * k);
+            failed = 1;
+        }
+        int same = 0;
+        for (int t = 0; t < n_tokens; t++) same += memcmp(ids + t * k, cpu_ids + t * k, sizeof(int32_t) * k) == 0;
+        bool needs_logits = cfg.model.routing.method == MOE_ROUTE_SOFTMAX_TOPK ||
+                            cfg.model.routing.method == MOE_ROUTE_RENORMALIZE ||
+                            cfg.model.routing.method == MOE_ROUTE_SIGMOID_GROUP_TOPK;
+        if (n_tokens > 0 && (needs_logits ? same < 0.97 * n_tokens : same != n_tokens)) {
+            fprintf(stderr, "FAIL %s layer %d: routing agrees with the CPU for %d of %d tokens\n", c->name, layer,
+                    same, n_tokens);
+            failed = 1;
+        }
+        moe_test_ref_forward(ref, layer, x, n_tokens, ep.rank, ep.size, ids, w, want, NULL);
+        double err = moe_test_rel_error(out, want, (size_t)n_tokens * H);
+        if (!(err <= 2e-2)) {
+            fprintf(stderr, "FAIL %s layer %d (%d tokens, seed %llu): relative error %g\n", c->name, layer, n_tokens,
+                    (unsigned long long)seed, err);
+            failed = 1;
+        }
+        if (err > *worst_out || isnan(err)) *worst_out = err;
+    }
+done:
+    moe_cuda_destroy(gpu);
+    moe_cpu_destroy(cpu);
+    moe_test_ref_destroy(ref);
+    free(x), free(out), free(cpu_out), free(w), free(cpu_w), free(client_w), free(ids), free(cpu_ids);
+    free(client_ids), free(want);
+    return failed;
+}
+
+int main(int argc, char **argv) {
+    moe_ep_t ep = moe_ep_single();
+    int under_mpi = getenv("OMPI_COMM_WORLD_SIZE") != NULL;
+    if (under_mpi) {
+        int provided;
+        MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+        ep.comm = MPI_COMM_WORLD;
+        MPI_Comm_rank(MPI_COMM_WORLD, &ep.rank);
+        MPI_Comm_size(MPI_COMM_WORLD, &ep.size);
+    }
+    unsigned long long seed = argc > 1 ? strtoull(argv[1], NULL, 10) : moe_test_fresh_seed();
+    if (under_mpi) MPI_Bcast(&seed, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
+    const int sizes[] = {0, 1, 37, 300};
+    int failures = 0, runs = 0;
+    double worst = 0;
+    for (int i = 0; i < moe_test_case_count; i++)
+        for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+            int n = (int)((sizes[s] + (uint64_t)ep.rank * 13) % 400);
+            if (sizes[s] == 0) n = 0;
+            failures += check_case(&moe_test_cases[i], ep, seed + i * 101 + s * 7 + (uint64_t)ep.rank, n, &worst);
+            runs++;
+        }
+    int total = failures;
+    if (under_mpi) {
+        MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+        MPI_Allreduce(MPI_IN_PLACE, &worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    }
+    if (ep.rank == 0)
+        printf("cuda_layer: %d rank(s), %d cases x sizes, seed %llu, worst relative error %.3g: %s\n", ep.size, runs,
+               seed, worst, total == 0 ? "all match" : "MISMATCH");
+    if (under_mpi) MPI_Finalize();
+    return total == 0 ? 0 : 1;
+}
