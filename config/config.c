@@ -7,6 +7,7 @@
  * "FILE:LINE:COL: field.path: message" and the walk goes on, so a user fixes
  * a config in one round trip (nginx -t style). */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,10 +21,19 @@
 #include "moe_log.h"
 
 /* A config is a few KB; anything larger is not a config (and is not read
- * into memory). */
-#define MOE_CONFIG_MAX_FILE_BYTES (16u << 20)
+ * into memory or parsed: the daemon's I/O thread loads configs on reload). */
+#define MOE_CONFIG_MAX_FILE_BYTES (4u << 20)
 #define KEY_MAX 128
 #define PATH_TEXT_MAX 256
+/* The duplicate-key check compares each key with the ones before it, which
+ * is quadratic; no section has more than a few dozen keys, so a mapping
+ * longer than this is refused before the scan. A list is at most one entry
+ * per slot (eplb.placement). */
+#define MAX_MAPPING_ENTRIES 256
+#define MAX_SEQUENCE_ENTRIES MOE_MAX_SLOTS
+/* A result frame's header: MOE_FRAME_HEADER_SIZE of protocol/moe_frame.h
+ * (config/ sits below protocol/ and does not include it). */
+#define RESULT_HEADER_BYTES 48
 
 typedef struct {
     const char *name; /* file name in messages */
@@ -32,6 +42,7 @@ typedef struct {
     yaml_document_t *doc;
     yaml_mark_t marks[256]; /* where each set field's value is, for cross checks */
     uint64_t bad[4];        /* fields whose YAML value was rejected */
+    bool model_resolved;    /* model shapes are final (config.json, if any, was read) */
 } load_ctx_t;
 
 static bool bit_get(const uint64_t *mask, int idx) { return (mask[idx / 64] >> (idx % 64)) & 1u; }
@@ -159,6 +170,22 @@ static const char *scalar_text(load_ctx_t *ctx, const yaml_node_t *node, const c
     return text;
 }
 
+/* True (with an error) when a mapping or list has more entries than any
+ * config needs; checked before anything walks its entries. */
+static bool too_many_entries(load_ctx_t *ctx, const yaml_node_t *node, const char *path) {
+    size_t count = 0, limit = 0;
+    if (node->type == YAML_MAPPING_NODE) {
+        count = (size_t)(node->data.mapping.pairs.top - node->data.mapping.pairs.start);
+        limit = MAX_MAPPING_ENTRIES;
+    } else if (node->type == YAML_SEQUENCE_NODE) {
+        count = (size_t)(node->data.sequence.items.top - node->data.sequence.items.start);
+        limit = MAX_SEQUENCE_ENTRIES;
+    }
+    if (count <= limit) return false;
+    error_at(ctx, node->start_mark, path, "too many entries (%zu, at most %zu)", count, limit);
+    return true;
+}
+
 static void set_list(load_ctx_t *ctx, int idx, const yaml_node_t *seq, const char *path) {
     const moe_config_field_t *field = &moe_config_fields[idx];
     int count = (int)(seq->data.sequence.items.top - seq->data.sequence.items.start);
@@ -205,6 +232,10 @@ static void set_field(load_ctx_t *ctx, int idx, const yaml_node_t *value, const 
     const moe_config_field_t *field = &moe_config_fields[idx];
     char msg[300];
     ctx->marks[idx] = value->start_mark;
+    if (too_many_entries(ctx, value, path)) {
+        bit_set(ctx->bad, idx);
+        return;
+    }
     if (value->type == YAML_SEQUENCE_NODE &&
         (field->type == MOE_FIELD_INT_LIST || field->type == MOE_FIELD_LAYERS)) {
         set_list(ctx, idx, value, path);
@@ -230,6 +261,7 @@ static void set_field(load_ctx_t *ctx, int idx, const yaml_node_t *value, const 
 }
 
 static void walk_mapping(load_ctx_t *ctx, const yaml_node_t *map, const char *prefix) {
+    if (too_many_entries(ctx, map, prefix[0] ? prefix : "(top level)")) return;
     yaml_node_pair_t *start = map->data.mapping.pairs.start;
     for (yaml_node_pair_t *pair = start; pair < map->data.mapping.pairs.top; pair++) {
         yaml_node_t *key = yaml_document_get_node(ctx->doc, pair->key);
@@ -345,6 +377,27 @@ static void check_placement(load_ctx_t *ctx) {
                     n_missing > 10 ? ", ..." : "");
 }
 
+/* The daemon drops a connection whose unsent output passes max_output_bytes:
+ * a limit below one largest result (every token of a max-size request, f32,
+ * plus the frame header) would drop every client that sends one. Needs the
+ * final hidden size, so it runs only once config.json has been read. */
+static void check_output_limit(load_ctx_t *ctx) {
+    const moe_config_t *cfg = ctx->cfg;
+    if (!ctx->model_resolved ||
+        !usable(ctx, "serve.max_output_bytes", "serve.max_request_tokens", "model.hidden", NULL))
+        return;
+    int64_t largest = (int64_t)cfg->serve.max_request_tokens * cfg->model.hidden *
+                          (int64_t)sizeof(float) + RESULT_HEADER_BYTES;
+    if (cfg->serve.max_output_bytes < largest)
+        cross_error(ctx, "serve.max_output_bytes",
+                    "%" PRId64 " is less than one largest result: serve.max_request_tokens * "
+                    "model.hidden * 4 + %d = %d * %d * 4 + %d = %" PRId64
+                    " bytes; raise it to at least that or lower serve.max_request_tokens",
+                    cfg->serve.max_output_bytes, RESULT_HEADER_BYTES,
+                    cfg->serve.max_request_tokens, cfg->model.hidden, RESULT_HEADER_BYTES,
+                    largest);
+}
+
 static void check_cross_fields(load_ctx_t *ctx) {
     const moe_config_t *cfg = ctx->cfg;
     const moe_model_config_t *model = &cfg->model;
@@ -394,6 +447,7 @@ static void check_cross_fields(load_ctx_t *ctx) {
         cross_error(ctx, eplb->n_placement > 0 ? "eplb.placement" : "eplb.placement_file",
                     "is given but eplb.mode is off; set mode static");
     check_placement(ctx);
+    check_output_limit(ctx);
 }
 
 /* ---- loading ---------------------------------------------------------------- */
@@ -419,6 +473,11 @@ static void syntax_error(load_ctx_t *ctx, const yaml_parser_t *parser) {
              parser->problem ? parser->problem : "unknown problem", context);
 }
 
+static void too_large(moe_config_errors_t *errs, const char *name, unsigned long long bytes) {
+    moe_config_errors_add(errs, "%s: is %llu bytes; a config may be at most %u bytes (4 MiB)", name,
+                          bytes, MOE_CONFIG_MAX_FILE_BYTES);
+}
+
 moe_err_t moe_config_load_string(const char *yaml, size_t len, const char *name,
                                  moe_config_t *cfg, moe_config_errors_t *errs) {
     moe_config_errors_t local_errs;
@@ -427,6 +486,10 @@ moe_err_t moe_config_load_string(const char *yaml, size_t len, const char *name,
     if (name == NULL) name = "<string>";
     moe_config_defaults(cfg);
     snprintf(cfg->source_path, sizeof cfg->source_path, "%s", name);
+    if (len > MOE_CONFIG_MAX_FILE_BYTES) {
+        too_large(errs, name, len);
+        return MOE_ERR_CONFIG;
+    }
 
     load_ctx_t *ctx = calloc(1, sizeof *ctx);
     if (ctx == NULL) return MOE_ERR_NOMEM;
@@ -474,7 +537,9 @@ moe_err_t moe_config_load_string(const char *yaml, size_t len, const char *name,
     yaml_parser_delete(&parser);
 
     if (parsed) {
-        moe_config_resolve_model(cfg, errs);
+        /* Cross checks come after resolution: with safetensors the shapes
+         * (model.hidden, ...) are only known once config.json is read. */
+        ctx->model_resolved = moe_config_resolve_model(cfg, errs) == MOE_OK;
         check_cross_fields(ctx);
     }
     free(ctx);
@@ -492,8 +557,10 @@ moe_err_t moe_config_load(const char *path, moe_config_t *cfg, moe_config_errors
         return MOE_ERR_IO;
     }
     if (!S_ISREG(st.st_mode) || st.st_size > (off_t)MOE_CONFIG_MAX_FILE_BYTES) {
-        moe_config_errors_add(errs, "%s: not a regular file of at most %u bytes", path,
-                              MOE_CONFIG_MAX_FILE_BYTES);
+        if (S_ISREG(st.st_mode))
+            too_large(errs, path, (unsigned long long)st.st_size);
+        else
+            moe_config_errors_add(errs, "%s: not a regular file", path);
         fclose(file);
         return MOE_ERR_CONFIG;
     }

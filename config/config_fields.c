@@ -67,10 +67,13 @@ const char *moe_eplb_mode_name(moe_eplb_mode_t m) { return name_of(eplb_mode_nam
 #define K 1024.0
 #define MS_DAY 86400000.0
 
-/* Reloadable per DESIGN §7: EPLB policy, moe.gemm, chunking, step and queue
- * limits, timeouts, log level. Not reloadable: anything that sizes or
- * places weights and buffers at startup (model.*, backend, comm, autotune,
- * num_slots) and the listen addresses. */
+/* Reloadable per DESIGN §7: EPLB statistics windows and thresholds,
+ * moe.gemm, chunking, step and queue limits, timeouts, log level. Not
+ * reloadable: anything that sizes or places weights and buffers at startup
+ * (model.*, backend, comm, autotune) and the listen addresses. The EPLB
+ * placement (mode, slots, placement, ranks_per_node) is fixed at startup
+ * too: moving experts between slots of a running engine needs online
+ * migration, which does not exist yet, so a reload may not change it. */
 const moe_config_field_t moe_config_fields[] = {
     F_ENUM("model.weights.format", model.weights.format, weights_format_names, "synthetic", false,
            "synthetic: seeded random weights; safetensors: read from model.weights.path"),
@@ -126,8 +129,9 @@ const moe_config_field_t moe_config_fields[] = {
     F_STRING("moe.autotune.cache", moe.autotune.cache, "", false,
              "file caching the autotuner's choices; empty = tune at every start"),
 
-    F_ENUM("eplb.mode", eplb.mode, eplb_mode_names, "off", true,
-           "off: slot = expert; static: placement from config; online: from live statistics"),
+    F_ENUM("eplb.mode", eplb.mode, eplb_mode_names, "off", false,
+           "off: slot = expert; static: placement from config; online: from live statistics; "
+           "needs a restart until online rebalancing exists"),
     F_INT("eplb.num_slots", eplb.num_slots, "0", 0, MOE_MAX_SLOTS, false,
           "physical expert slots per layer, >= experts, divisible by the rank count; 0 = experts"),
     F_INT("eplb.window_steps", eplb.window_steps, "1000", 1, 100000000, true,
@@ -136,13 +140,16 @@ const moe_config_field_t moe_config_fields[] = {
           "steps between placement recomputations (online)"),
     F_DOUBLE("eplb.min_improvement", eplb.min_improvement, "0.05", 0, 1, true,
              "adopt a new placement only if it cuts predicted imbalance by this fraction"),
-    F_INT("eplb.ranks_per_node", eplb.ranks_per_node, "8", 1, 1024, true,
-          "ranks per node for hierarchical placement"),
-    F_STRING("eplb.placement_file", eplb.placement_file, "", true,
-             "JSON file with a static placement (slot -> expert)"),
+    F_INT("eplb.ranks_per_node", eplb.ranks_per_node, "8", 1, 1024, false,
+          "ranks per node for hierarchical placement; needs a restart until online "
+          "rebalancing exists"),
+    F_STRING("eplb.placement_file", eplb.placement_file, "", false,
+             "JSON file with a static placement (slot -> expert); needs a restart until online "
+             "rebalancing exists"),
     F_LIST(MOE_FIELD_INT_LIST, "eplb.placement", eplb.placement, eplb.n_placement, "[]", 0,
-           MOE_MAX_EXPERTS - 1, true,
-           "static placement, slot -> expert, for every layer; [] = default placement"),
+           MOE_MAX_EXPERTS - 1, false,
+           "static placement, slot -> expert, for every layer; [] = default placement; needs a "
+           "restart until online rebalancing exists"),
 
     F_INT("scheduler.idle_poll_us", scheduler.idle_poll_us, "50", 1, 1000000, true,
           "wait for work this long when no rank has any"),
@@ -159,8 +166,11 @@ const moe_config_field_t moe_config_fields[] = {
              "Prometheus /metrics HOST:PORT on rank 0; empty = off"),
     F_STRING("serve.token_file", serve.token_file, "", true,
              "file holding the control token for state-changing commands; empty = none"),
-    F_INT64("serve.max_frame_bytes", serve.max_frame_bytes, "268435456", 48, 68719476736.0, true,
-            "largest data frame accepted"),
+    /* Below 4 GiB: a frame is handed to libuv as one uv_buf_t, whose
+     * uv_buf_init takes an unsigned int length. */
+    F_INT64("serve.max_frame_bytes", serve.max_frame_bytes, "268435456", 48, 4294967295.0, true,
+            "largest data frame accepted, header included; under 4 GiB because libuv buffer "
+            "lengths are unsigned int"),
     F_INT("serve.max_request_tokens", serve.max_request_tokens, "16384", 1, 16 * K * K, true,
           "most tokens in one request"),
     F_INT64("serve.max_queue_tokens", serve.max_queue_tokens, "262144", 1, 17179869184.0, true,
@@ -168,7 +178,9 @@ const moe_config_field_t moe_config_fields[] = {
     F_INT("serve.max_connections", serve.max_connections, "4096", 1, K * K, true,
           "open data connections per rank"),
     F_INT64("serve.max_output_bytes", serve.max_output_bytes, "268435456", 48, 1099511627776.0,
-            true, "unsent output bytes per connection before the client is dropped"),
+            true,
+            "unsent output bytes per connection before the client is dropped; at least one "
+            "largest result, max_request_tokens * hidden * 4 + 48"),
     F_INT("serve.request_timeout_ms", serve.request_timeout_ms, "30000", 1, MS_DAY, true,
           "a request not answered in this time fails with 'timeout'"),
 
@@ -296,12 +308,10 @@ bool moe_config_field_set_scalar(int idx, moe_config_t *cfg, const char *text, b
     switch (f->type) {
     case MOE_FIELD_INT:
     case MOE_FIELD_INT64: {
-        char why[160];
-        if (!moe_config_parse_int(text, quoted, -9.2e18, 9.2e18, &integer, why, sizeof why)) {
-            snprintf(msg, size, "%s", why);
+        /* The field's own bounds, so that an overflowing literal is told the
+         * range it must be in, not the range of int64_t. */
+        if (!moe_config_parse_int(text, quoted, f->min, f->max, &integer, msg, size))
             return false;
-        }
-        if (out_of_bounds(f, (double)integer, text, msg, size)) return false;
         if (f->type == MOE_FIELD_INT) *(int *)p = (int)integer;
         else *(int64_t *)p = integer;
         return true;

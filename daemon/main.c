@@ -64,6 +64,7 @@ static int serve(const char *path, moe_ep_t ep) {
     if (!all_ranks_ok(ep, ok)) return 1;
     moe_log_set_level((moe_log_level_t)daemon.cfg.log.level);
     daemon.io_cfg = daemon.cfg;
+    atomic_store(&daemon.stall_timeout_ms, daemon.cfg.scheduler.stall_timeout_ms);
     if (ep.rank == 0)
         moe_log(MOE_LOG_INFO, "main", "moed %s: %d rank%s, backend %s, %d layers of H=%d I=%d E=%d k=%d, loading weights",
                 MOED_VERSION, ep.size, ep.size == 1 ? "" : "s", moe_backend_name(daemon.cfg.moe.backend),
@@ -82,6 +83,8 @@ static int serve(const char *path, moe_ep_t ep) {
         if (!ok) moe_log(MOE_LOG_ERROR, "main", "%s", msg);
     }
     if (!all_ranks_ok(ep, ok)) {
+        /* this rank's server may be up while another's failed: stop it */
+        if (ok) moe_server_stop(&daemon);
         moe_server_join(&daemon);
         goto cleanup;
     }
@@ -95,11 +98,7 @@ static int serve(const char *path, moe_ep_t ep) {
     moe_err_t err = moe_scheduler_run(&daemon);
     moe_watchdog_stop();
     if (ep.rank == 0) moe_notify("STOPPING=1");
-    moe_event_t *stop = calloc(1, sizeof *stop);
-    if (stop != NULL) {
-        stop->kind = MOE_EVENT_STOP;
-        moe_daemon_post(&daemon, stop);
-    }
+    moe_server_stop(&daemon);
     moe_server_join(&daemon);
     if (err != MOE_OK) {
         moe_log(MOE_LOG_ERROR, "main", "the step loop failed (%s); exiting", moe_strerror(err));

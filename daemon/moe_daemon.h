@@ -62,6 +62,7 @@ typedef struct {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     moe_request_t *head, *tail;
+    bool closed; /* the step loop takes no more: pushes fail (and are answered) */
 } moe_request_queue_t;
 
 typedef struct moe_daemon {
@@ -96,7 +97,8 @@ typedef struct moe_daemon {
     atomic_llong cluster_pending; /* tokens pending on all ranks at the last agreement */
     _Atomic double last_step_done; /* moe_now() of the last finished step */
     _Atomic double oldest_queued;  /* arrival of the oldest queued request, 0 if none */
-    _Atomic double collective_since; /* >0 while inside a collective (watchdog) */
+    _Atomic double collective_since; /* >0 while inside a step or collective with peers (watchdog) */
+    atomic_int stall_timeout_ms;     /* scheduler.stall_timeout_ms, readable by the watchdog */
 
     moe_stats_t stats;
     uv_loop_t loop;
@@ -110,7 +112,10 @@ double moe_now(void);
 /* queue.c */
 void moe_queue_init(moe_request_queue_t *queue);
 void moe_queue_destroy(moe_request_queue_t *queue);
-void moe_queue_push(moe_request_queue_t *queue, moe_request_t *request);
+/* Appends a request; false (nothing queued) once the queue is closed. */
+bool moe_queue_push(moe_request_queue_t *queue, moe_request_t *request);
+/* No more pushes: what is queued can still be taken. */
+void moe_queue_close(moe_request_queue_t *queue);
 /* Takes every queued request (a list), or waits up to timeout_us for one. */
 moe_request_t *moe_queue_take_all(moe_request_queue_t *queue, long timeout_us);
 /* Waits up to timeout_us for a request; true when one is queued. */
@@ -125,6 +130,8 @@ moe_err_t moe_server_start(moe_daemon_t *daemon, char *msg, size_t msg_size);
 void moe_server_join(moe_daemon_t *daemon);
 /* Asks the I/O thread to start draining (from a signal or a command). */
 void moe_server_request_drain(moe_daemon_t *daemon, bool then_exit);
+/* Tells the I/O thread to close everything and end (MOE_EVENT_STOP). */
+void moe_server_stop(moe_daemon_t *daemon);
 
 /* scheduler.c: the step loop on the compute thread; returns at shutdown. */
 moe_err_t moe_scheduler_run(moe_daemon_t *daemon);

@@ -28,6 +28,7 @@ void moe_queue_init(moe_request_queue_t *queue) {
     pthread_cond_init(&queue->cond, &attr);
     pthread_condattr_destroy(&attr);
     queue->head = queue->tail = NULL;
+    queue->closed = false;
 }
 
 void moe_queue_destroy(moe_request_queue_t *queue) {
@@ -40,13 +41,23 @@ void moe_queue_destroy(moe_request_queue_t *queue) {
     pthread_cond_destroy(&queue->cond);
 }
 
-void moe_queue_push(moe_request_queue_t *queue, moe_request_t *request) {
+bool moe_queue_push(moe_request_queue_t *queue, moe_request_t *request) {
     request->next = NULL;
     pthread_mutex_lock(&queue->lock);
-    if (queue->tail != NULL) queue->tail->next = request;
-    else queue->head = request;
-    queue->tail = request;
-    pthread_cond_signal(&queue->cond);
+    bool open = !queue->closed;
+    if (open) {
+        if (queue->tail != NULL) queue->tail->next = request;
+        else queue->head = request;
+        queue->tail = request;
+        pthread_cond_signal(&queue->cond);
+    }
+    pthread_mutex_unlock(&queue->lock);
+    return open;
+}
+
+void moe_queue_close(moe_request_queue_t *queue) {
+    pthread_mutex_lock(&queue->lock);
+    queue->closed = true;
     pthread_mutex_unlock(&queue->lock);
 }
 

@@ -25,6 +25,7 @@ typedef struct {
 
 typedef struct {
     moe_daemon_t *daemon;
+    bool closed;           /* this rank's inbound queue is closed (shutdown) */
     fifo_t *fifos;
     int n_layers;
     long long *record;     /* this rank's agreement record */
@@ -36,7 +37,7 @@ typedef struct {
     int64_t *slot_loads, *slot_loads_sum;
 } scheduler_t;
 
-enum { REC_EPOCH = 0, REC_DRAIN, REC_SHUTDOWN, REC_COUNTERS, REC_FIXED = REC_COUNTERS + MOE_COUNTERS };
+enum { REC_EPOCH = 0, REC_DRAIN, REC_SHUTDOWN, REC_CLOSED, REC_COUNTERS, REC_FIXED = REC_COUNTERS + MOE_COUNTERS };
 
 static void sleep_us(long us) {
     struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
@@ -131,6 +132,7 @@ static moe_err_t agree(scheduler_t *s, double now) {
     pthread_mutex_unlock(&daemon->reload_lock);
     rec[REC_DRAIN] = atomic_load(&daemon->draining);
     rec[REC_SHUTDOWN] = atomic_load(&daemon->shutdown);
+    rec[REC_CLOSED] = s->closed;
     moe_stats_local_counters(&daemon->stats, moe_now(), atomic_load(&daemon->queued_requests), rec + REC_COUNTERS);
     for (int l = 0; l < s->n_layers; l++) {
         rec[REC_FIXED + l] = s->fifos[l].tokens;
@@ -181,6 +183,7 @@ static moe_err_t apply_reload(scheduler_t *s, int epoch) {
     }
     daemon->cfg = *next;
     daemon->epoch = epoch;
+    atomic_store(&daemon->stall_timeout_ms, next->scheduler.stall_timeout_ms);
     moe_log_set_level((moe_log_level_t)next->log.level);
     daemon->backend.ops->reconfigure(daemon->backend.state, next);
     moe_stats_reconfigure(&daemon->stats, next);
@@ -252,9 +255,10 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
         at += (size_t)r->n_tokens;
     }
     char msg[512] = "";
-    moe_route_trace_t trace = {NULL, NULL, s->slot_loads};
+    moe_route_trace_t trace = {NULL, NULL, s->slot_loads, NULL};
     double start = moe_now();
-    daemon->collective_since = start;
+    /* with peers, a step that never ends is a peer gone: the watchdog's to see */
+    if (daemon->ep.size > 1) daemon->collective_since = start;
     moe_err_t err = daemon->backend.ops->forward(daemon->backend.state, cfg->model.layer_ids[pos], s->step_x,
                                                  (int)tokens, routed ? s->step_ids : NULL,
                                                  routed ? s->step_weights : NULL, s->step_out, &trace,
@@ -264,7 +268,10 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
     if (err != MOE_OK) {
         moe_log(MOE_LOG_ERROR, "step", "layer %d forward of %lld tokens failed: %s",
                 cfg->model.layer_ids[pos], tokens, msg);
-        if (err == MOE_ERR_MPI) return err;
+        /* Only a rejection before the ranks agreed (MOE_ERR_INVAL) leaves every
+         * rank in the same place; any later failure may have left the other
+         * ranks inside a collective, so the job must end, not go on. */
+        if (err != MOE_ERR_INVAL && daemon->ep.size > 1) return err;
     } else if (!ok) {
         snprintf(msg, sizeof msg, "out of memory for a step of this size");
     }
@@ -367,17 +374,27 @@ moe_err_t moe_scheduler_run(moe_daemon_t *daemon) {
         /* step boundary: what every rank agreed on */
         if (s.records[REC_EPOCH] > daemon->epoch && (ret = apply_reload(&s, (int)s.records[REC_EPOCH])) != MOE_OK)
             break;
-        bool drain = false, shutdown = false;
+        bool drain = false, shutdown = false, all_closed = true;
         for (int r = 0; r < daemon->ep.size; r++) {
             drain |= s.records[(size_t)r * count + REC_DRAIN] != 0;
             shutdown |= s.records[(size_t)r * count + REC_SHUTDOWN] != 0;
+            all_closed &= s.records[(size_t)r * count + REC_CLOSED] != 0;
         }
         if (drain && !atomic_load(&daemon->draining)) moe_server_request_drain(daemon, shutdown);
+        /* Shutdown: first every rank closes its inbound queue (a request that
+         * races the close is answered shutting_down by the I/O thread, never
+         * dropped) and takes what was admitted into its FIFOs; the ranks stop
+         * only once all queues are closed and no rank has work left. */
+        if (shutdown && !s.closed) {
+            moe_queue_close(&daemon->inbound);
+            s.closed = true;
+            continue;
+        }
         long long total = 0;
         int pos = choose_layer(&s, &total);
         daemon->cluster_pending = total;
         if (pos < 0) {
-            if (shutdown) break; /* every rank saw the same: nothing left anywhere */
+            if (shutdown && all_closed) break; /* every rank saw the same: nothing left anywhere */
             /* idle: wait for a local arrival, backing off up to 2 ms so an
              * idle job costs little CPU; an arrival resets the backoff */
             if (moe_queue_wait(&daemon->inbound, idle_us)) {
@@ -391,7 +408,11 @@ moe_err_t moe_scheduler_run(moe_daemon_t *daemon) {
         idle_us = daemon->cfg.scheduler.idle_poll_us;
         if ((ret = run_step(&s, pos)) != MOE_OK) break;
     }
-    /* answer whatever is left (only after an MPI failure) */
+    /* answer whatever is left (only after a failure): close the inbound queue
+     * and take what it holds, so no admitted request goes unanswered */
+    moe_server_request_drain(daemon, true);
+    moe_queue_close(&daemon->inbound);
+    take_new(&s, 0);
     for (int l = 0; l < s.n_layers; l++)
         while (s.fifos[l].head != NULL) {
             moe_request_t *r = s.fifos[l].head;

@@ -26,6 +26,8 @@ typedef struct {
     void *owned;
 } write_req_t;
 
+static void reserve_tokens(moe_conn_t *conn, long long n_tokens);
+
 static void conn_maybe_free(moe_conn_t *conn) {
     if (!conn->handle_closed || conn->in_flight > 0 || conn->timer_started) return;
     moe_frame_parser_reset(&conn->parser);
@@ -46,6 +48,7 @@ static void on_conn_closed(uv_handle_t *handle) {
     else server->conns = conn->next;
     if (conn->next != NULL) conn->next->prev = conn->prev;
     if (conn->kind == MOE_CONN_DATA) server->n_data_conns--;
+    else server->n_other_conns--;
     conn->handle_closed = true;
     if (conn->timer_started) {
         uv_close((uv_handle_t *)&conn->subscribe_timer, on_subscribe_timer_closed);
@@ -58,6 +61,10 @@ void moe_conn_close(moe_conn_t *conn) {
     if (conn->closing) return;
     conn->closing = true;
     atomic_store(&conn->gone, true);
+    if (conn->receiving_tokens > 0) { /* a FORWARD that will never finish arriving */
+        reserve_tokens(conn, -conn->receiving_tokens);
+        conn->receiving_tokens = 0;
+    }
     if (conn->timer_started) uv_timer_stop(&conn->subscribe_timer);
     uv_close(&conn->h.handle, on_conn_closed);
 }
@@ -68,10 +75,26 @@ moe_conn_t *moe_server_find_conn(moe_server_t *server, uint64_t id) {
     return NULL;
 }
 
+/* A client that does not read is disconnected, not buffered without bound:
+ * over serve.max_output_bytes of unsent results AND no write finished for a
+ * second. (A reading client may briefly hold more when one step answers
+ * many of its requests at once; its writes keep completing.) */
+static void check_output(moe_conn_t *conn, double now) {
+    if (conn->closing || (long long)conn->unsent_bytes <= conn->server->daemon->io_cfg.serve.max_output_bytes ||
+        now - conn->write_progress < 1.0)
+        return;
+    moe_log(MOE_LOG_WARN, "server",
+            "connection %llu: %zu unsent bytes exceed serve.max_output_bytes and none were read for %.1f s; "
+            "the client does not read, disconnecting it",
+            (unsigned long long)conn->id, conn->unsent_bytes, now - conn->write_progress);
+    moe_conn_close(conn);
+}
+
 static void on_write(uv_write_t *req, int status) {
     write_req_t *w = (write_req_t *)req;
     moe_conn_t *conn = w->conn;
     conn->unsent_bytes -= w->bytes;
+    conn->write_progress = moe_now();
     free(w->owned);
     free(w);
     if (status < 0 && !conn->closing) {
@@ -109,13 +132,9 @@ void moe_conn_write(moe_conn_t *conn, const void *prefix, size_t prefix_len, voi
         moe_conn_close(conn);
         return;
     }
+    if (conn->unsent_bytes == 0) conn->write_progress = moe_now();
     conn->unsent_bytes += w->bytes;
-    if ((long long)conn->unsent_bytes > conn->server->daemon->io_cfg.serve.max_output_bytes) {
-        moe_log(MOE_LOG_WARN, "server",
-                "connection %llu: %zu unsent bytes exceed serve.max_output_bytes; the client does "
-                "not read, disconnecting it", (unsigned long long)conn->id, conn->unsent_bytes);
-        moe_conn_close(conn);
-    }
+    check_output(conn, moe_now());
 }
 
 void moe_conn_write_json(moe_conn_t *conn, cJSON *value) {
@@ -156,10 +175,20 @@ static bool layer_served(const moe_config_t *cfg, uint32_t layer) {
     return false;
 }
 
-/* Checks a FORWARD against the model and the limits; 0 = admit, else the
- * status with text in msg. */
-static uint32_t check_forward(moe_conn_t *conn, const moe_frame_header_t *h, const uint8_t *payload,
-                              char *msg, size_t msg_size) {
+/* Reserves (or gives back) a FORWARD's tokens in the connection's and the
+ * rank's queue accounting: reserved when the header is accepted, before a
+ * byte of payload is stored, so the queue caps also bound the memory held
+ * by frames still arriving. */
+static void reserve_tokens(moe_conn_t *conn, long long n_tokens) {
+    conn->queued_tokens += n_tokens;
+    atomic_fetch_add(&conn->server->daemon->queued_tokens, n_tokens);
+}
+
+/* Admission of a FORWARD from its header alone (the parser's accept hook):
+ * 0 = receive the payload (its tokens are then reserved), else the status
+ * to answer, with the payload skipped unread. */
+static uint32_t accept_forward(void *ctx, const moe_frame_header_t *h, char *msg, size_t msg_size) {
+    moe_conn_t *conn = ctx;
     moe_daemon_t *daemon = conn->server->daemon;
     const moe_config_t *cfg = &daemon->io_cfg;
     const moe_model_config_t *m = &cfg->model;
@@ -191,33 +220,9 @@ static uint32_t check_forward(moe_conn_t *conn, const moe_frame_header_t *h, con
                  moe_route_method_name(m->routing.method));
         return MOE_STATUS_BAD_ROUTING;
     }
-    if (routed) {
-        if (h->top_k != (uint32_t)m->top_k) {
-            snprintf(msg, msg_size, "top_k %u, the model routes %d experts per token", h->top_k, m->top_k);
-            return MOE_STATUS_BAD_SHAPE;
-        }
-        size_t k = h->top_k, n = (size_t)h->n_tokens * k;
-        const uint8_t *ids = payload + (size_t)h->n_tokens * h->hidden * moe_dtype_size(h->dtype);
-        const uint8_t *weights = ids + n * 4;
-        for (size_t t = 0; t < h->n_tokens; t++)
-            for (size_t i = 0; i < k; i++) {
-                int32_t id;
-                float w;
-                memcpy(&id, ids + (t * k + i) * 4, 4);
-                memcpy(&w, weights + (t * k + i) * 4, 4);
-                if (id < 0 || id >= m->experts || !isfinite(w)) {
-                    snprintf(msg, msg_size, "token %zu: expert id %d out of [0, %d) or weight not finite", t, id, m->experts);
-                    return MOE_STATUS_BAD_ROUTING;
-                }
-                for (size_t j = 0; j < i; j++) {
-                    int32_t other;
-                    memcpy(&other, ids + (t * k + j) * 4, 4);
-                    if (other == id) {
-                        snprintf(msg, msg_size, "token %zu: expert id %d given twice", t, id);
-                        return MOE_STATUS_BAD_ROUTING;
-                    }
-                }
-            }
+    if (routed && h->top_k != (uint32_t)m->top_k) {
+        snprintf(msg, msg_size, "top_k %u, the model routes %d experts per token", h->top_k, m->top_k);
+        return MOE_STATUS_BAD_SHAPE;
     }
     long long per_conn = cfg->serve.max_queue_tokens / 4 > cfg->serve.max_request_tokens
                              ? cfg->serve.max_queue_tokens / 4 : cfg->serve.max_request_tokens;
@@ -231,27 +236,65 @@ static uint32_t check_forward(moe_conn_t *conn, const moe_frame_header_t *h, con
                  (long long)atomic_load(&daemon->queued_tokens), (long long)cfg->serve.max_queue_tokens);
         return MOE_STATUS_OVERLOADED;
     }
+    reserve_tokens(conn, h->n_tokens);
+    conn->receiving_tokens = h->n_tokens;
     return MOE_STATUS_OK;
 }
 
+/* The routing part of a ROUTED payload: ids in range and distinct, weights finite. */
+static uint32_t check_routing(const moe_config_t *cfg, const moe_frame_header_t *h, const uint8_t *payload,
+                              char *msg, size_t msg_size) {
+    size_t k = h->top_k;
+    const uint8_t *ids = payload + (size_t)h->n_tokens * h->hidden * moe_dtype_size(h->dtype);
+    const uint8_t *weights = ids + (size_t)h->n_tokens * k * 4;
+    for (size_t t = 0; t < h->n_tokens; t++)
+        for (size_t i = 0; i < k; i++) {
+            int32_t id;
+            float w;
+            memcpy(&id, ids + (t * k + i) * 4, 4);
+            memcpy(&w, weights + (t * k + i) * 4, 4);
+            if (id < 0 || id >= cfg->model.experts || !isfinite(w)) {
+                snprintf(msg, msg_size, "token %zu: expert id %d out of [0, %d) or weight not finite", t, id,
+                         cfg->model.experts);
+                return MOE_STATUS_BAD_ROUTING;
+            }
+            for (size_t j = 0; j < i; j++) {
+                int32_t other;
+                memcpy(&other, ids + (t * k + j) * 4, 4);
+                if (other == id) {
+                    snprintf(msg, msg_size, "token %zu: expert id %d given twice", t, id);
+                    return MOE_STATUS_BAD_ROUTING;
+                }
+            }
+        }
+    return MOE_STATUS_OK;
+}
+
+/* A FORWARD whose header was accepted (tokens reserved) and whose payload is in. */
 static void handle_forward(moe_conn_t *conn, const moe_frame_header_t *h, uint8_t *payload) {
     moe_daemon_t *daemon = conn->server->daemon;
     char msg[200];
-    uint32_t status = check_forward(conn, h, payload, msg, sizeof msg);
-    if (status != MOE_STATUS_OK) {
-        send_error(conn, h->request_id, h->layer, status, msg);
-        return;
-    }
+    conn->receiving_tokens = 0; /* the reservation now belongs to the request */
+    uint32_t status = MOE_STATUS_OK;
+    if (h->flags & MOE_FRAME_FLAG_ROUTED) status = check_routing(&daemon->io_cfg, h, payload, msg, sizeof msg);
     size_t values = (size_t)h->n_tokens * h->hidden, k = h->top_k;
-    moe_request_t *r = calloc(1, sizeof *r);
-    if (r != NULL) r->x = malloc(sizeof(float) * values);
-    if (r != NULL && (h->flags & MOE_FRAME_FLAG_ROUTED)) {
-        r->routed_ids = malloc(sizeof(int32_t) * h->n_tokens * k);
-        r->routed_weights = malloc(sizeof(float) * h->n_tokens * k);
+    moe_request_t *r = NULL;
+    if (status == MOE_STATUS_OK) {
+        r = calloc(1, sizeof *r);
+        if (r != NULL) r->x = malloc(sizeof(float) * values);
+        if (r != NULL && (h->flags & MOE_FRAME_FLAG_ROUTED)) {
+            r->routed_ids = malloc(sizeof(int32_t) * h->n_tokens * k);
+            r->routed_weights = malloc(sizeof(float) * h->n_tokens * k);
+        }
+        if (r == NULL || r->x == NULL || ((h->flags & MOE_FRAME_FLAG_ROUTED) && (!r->routed_ids || !r->routed_weights))) {
+            status = MOE_STATUS_OVERLOADED;
+            snprintf(msg, sizeof msg, "out of memory for this request");
+        }
     }
-    if (r == NULL || r->x == NULL || ((h->flags & MOE_FRAME_FLAG_ROUTED) && (!r->routed_ids || !r->routed_weights))) {
+    if (status != MOE_STATUS_OK) {
         moe_request_free(r);
-        send_error(conn, h->request_id, h->layer, MOE_STATUS_OVERLOADED, "out of memory for this request");
+        reserve_tokens(conn, -(long long)h->n_tokens);
+        send_error(conn, h->request_id, h->layer, status, msg);
         return;
     }
     moe_dtype_to_f32(h->dtype, payload, r->x, values);
@@ -267,14 +310,24 @@ static void handle_forward(moe_conn_t *conn, const moe_frame_header_t *h, uint8_
     r->n_tokens = (int)h->n_tokens;
     r->dtype = h->dtype;
     r->arrival = moe_now();
-    conn->in_flight++;
-    conn->queued_tokens += r->n_tokens;
-    atomic_fetch_add(&daemon->queued_tokens, r->n_tokens);
     atomic_fetch_add(&daemon->queued_requests, 1);
-    moe_queue_push(&daemon->inbound, r);
+    if (!moe_queue_push(&daemon->inbound, r)) {
+        /* the step loop has stopped taking work (shutdown): answer, never drop */
+        atomic_fetch_sub(&daemon->queued_requests, 1);
+        reserve_tokens(conn, -(long long)r->n_tokens);
+        moe_request_free(r);
+        send_error(conn, h->request_id, h->layer, MOE_STATUS_SHUTTING_DOWN, "the daemon is shutting down");
+        return;
+    }
+    conn->in_flight++;
 }
 
 static void handle_frame(moe_conn_t *conn, const moe_frame_header_t *h, uint8_t *payload) {
+    if (conn->parser.rejected_status != 0) { /* refused from its header; payload skipped */
+        send_error(conn, h->request_id, h->layer, conn->parser.rejected_status, conn->parser.rejected_msg);
+        free(payload);
+        return;
+    }
     switch (h->type) {
     case MOE_FRAME_FORWARD: handle_forward(conn, h, payload); break;
     case MOE_FRAME_PING: {
@@ -296,6 +349,8 @@ static void handle_frame(moe_conn_t *conn, const moe_frame_header_t *h, uint8_t 
 
 static void on_data_read(moe_conn_t *conn, const char *data, size_t len) {
     size_t offset = 0;
+    /* serve.max_frame_bytes is reloadable: the next header obeys the new limit */
+    conn->parser.max_frame_bytes = (uint64_t)conn->server->daemon->io_cfg.serve.max_frame_bytes;
     while (offset < len && !conn->closing && !conn->close_after_write) {
         size_t consumed = 0;
         moe_frame_header_t h;
@@ -346,10 +401,11 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
                 if (conn->text != NULL) conn->text[conn->text_len] = '\0';
                 moe_control_on_line(conn, line);
                 conn->text_len = 0;
+                conn->partial_since = 0;
                 continue;
             }
             if (conn->text_len + 2 > conn->text_cap) {
-                if (conn->text_cap >= MOE_CONTROL_MAX_LINE) {
+                if (conn->text_cap >= MOE_SERVER_CONTROL_MAX_LINE) {
                     cJSON *reply = cJSON_CreateObject();
                     cJSON_AddNullToObject(reply, "id");
                     cJSON_AddFalseToObject(reply, "ok");
@@ -370,6 +426,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
                 conn->text = text;
                 conn->text_cap = cap;
             }
+            if (conn->text_len == 0) conn->partial_since = moe_now();
             conn->text[conn->text_len++] = c;
         }
         break;
@@ -394,6 +451,9 @@ static void on_connection(uv_stream_t *listener, int status) {
     if (listener->type == UV_TCP) uv_tcp_init(server->loop, &conn->h.tcp);
     else uv_pipe_init(server->loop, &conn->h.pipe, 0);
     moe_frame_parser_init(&conn->parser, (uint64_t)server->daemon->io_cfg.serve.max_frame_bytes);
+    conn->parser.accept = accept_forward;
+    conn->parser.accept_ctx = conn;
+    conn->since = moe_now();
     conn->next = server->conns;
     if (server->conns != NULL) server->conns->prev = conn;
     server->conns = conn;
@@ -403,6 +463,12 @@ static void on_connection(uv_stream_t *listener, int status) {
         return;
     }
     if (listener->type == UV_TCP) uv_tcp_nodelay(&conn->h.tcp, 1);
+    if (conn->kind != MOE_CONN_DATA && ++server->n_other_conns > MOE_SERVER_MAX_CONTROL_CONNS) {
+        moe_log(MOE_LOG_WARN, "server", "more than %d control/metrics connections: refusing one",
+                MOE_SERVER_MAX_CONTROL_CONNS);
+        moe_conn_close(conn);
+        return;
+    }
     if (conn->kind == MOE_CONN_DATA && server->n_data_conns > server->daemon->io_cfg.serve.max_connections) {
         char msg[128];
         snprintf(msg, sizeof msg, "too many connections (serve.max_connections %d)",
@@ -411,7 +477,12 @@ static void on_connection(uv_stream_t *listener, int status) {
         conn->close_after_write = true;
         return;
     }
-    uv_read_start(&conn->h.stream, on_alloc, on_read);
+    int rc = uv_read_start(&conn->h.stream, on_alloc, on_read);
+    if (rc != 0) {
+        moe_log(MOE_LOG_WARN, "server", "connection %llu: uv_read_start: %s", (unsigned long long)conn->id,
+                uv_strerror(rc));
+        moe_conn_close(conn);
+    }
 }
 
 static moe_err_t read_token(moe_server_t *server, const char *path, char *msg, size_t msg_size);
@@ -420,7 +491,7 @@ static moe_err_t read_token(moe_server_t *server, const char *path, char *msg, s
 static void deliver_result(moe_server_t *server, moe_request_t *r) {
     moe_conn_t *conn = r->conn;
     conn->in_flight--;
-    conn->queued_tokens -= r->n_tokens;
+    conn->queued_tokens -= r->n_tokens; /* the rank's count was given back by the step loop */
     if (conn->closing) {
         moe_request_free(r);
         conn_maybe_free(conn);
@@ -511,21 +582,41 @@ static void on_outbound(uv_async_t *async) {
     }
 }
 
-/* Slow-drip clients: a frame that has been arriving for longer than
- * serve.request_timeout_ms is answered `timeout` and the connection closed. */
+/* Every 200 ms: slow-drip clients (a frame, a control line or an HTTP
+ * request arriving for longer than serve.request_timeout_ms, or 5 s for
+ * /metrics) are answered `timeout` where the protocol allows and closed;
+ * clients that stopped reading are dropped (check_output). */
 static void on_sweep(uv_timer_t *timer) {
     moe_server_t *server = timer->data;
     double now = moe_now(), limit = server->daemon->io_cfg.serve.request_timeout_ms / 1e3;
     for (moe_conn_t *c = server->conns; c != NULL; c = c->next) {
-        if (c->kind != MOE_CONN_DATA || c->closing || c->partial_since == 0 || now - c->partial_since <= limit)
+        if (c->closing) continue;
+        check_output(c, now);
+        if (c->closing) continue;
+        if (c->kind == MOE_CONN_METRICS) {
+            if (!c->close_after_write && now - c->since > 5.0) moe_conn_close(c);
             continue;
-        moe_log(MOE_LOG_INFO, "server", "connection %llu: a frame incomplete for %.1f s; closing it",
-                (unsigned long long)c->id, now - c->partial_since);
-        send_error(c, 0, 0, MOE_STATUS_TIMEOUT, "frame incomplete past serve.request_timeout_ms");
+        }
+        if (c->partial_since == 0 || now - c->partial_since <= limit) continue;
+        moe_log(MOE_LOG_INFO, "server", "connection %llu: a %s incomplete for %.1f s; closing it",
+                (unsigned long long)c->id, c->kind == MOE_CONN_DATA ? "frame" : "control line", now - c->partial_since);
         c->partial_since = 0;
-        c->close_after_write = true;
-        uv_read_stop(&c->h.stream);
+        if (c->kind == MOE_CONN_DATA) {
+            send_error(c, 0, 0, MOE_STATUS_TIMEOUT, "frame incomplete past serve.request_timeout_ms");
+            c->close_after_write = true;
+            uv_read_stop(&c->h.stream);
+            if (c->unsent_bytes == 0) moe_conn_close(c);
+        } else {
+            moe_conn_close(c);
+        }
     }
+}
+
+void moe_server_stop(moe_daemon_t *daemon) {
+    moe_event_t *stop = calloc(1, sizeof *stop);
+    if (stop == NULL) return; /* then the STOP of moe_server_join's fallback below */
+    stop->kind = MOE_EVENT_STOP;
+    moe_daemon_post(daemon, stop);
 }
 
 void moe_server_request_drain(moe_daemon_t *daemon, bool then_exit) {

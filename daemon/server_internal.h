@@ -12,7 +12,8 @@
 #include "../protocol/moe_frame.h"
 #include "moe_daemon.h"
 
-#define MOE_CONTROL_MAX_LINE (64 * 1024)
+#define MOE_SERVER_CONTROL_MAX_LINE (64 * 1024)
+#define MOE_SERVER_MAX_CONTROL_CONNS 64 /* control + metrics connections on rank 0 */
 #define MOE_HTTP_MAX_REQUEST 8192
 
 typedef enum { MOE_CONN_DATA, MOE_CONN_CONTROL, MOE_CONN_METRICS } moe_conn_kind_t;
@@ -38,8 +39,11 @@ typedef struct moe_conn {
     /* data plane */
     moe_frame_parser_t parser;
     int in_flight;              /* requests with the compute thread */
-    long long queued_tokens;
-    double partial_since;       /* a frame started arriving at; 0 = none */
+    long long queued_tokens;    /* admitted and reserved (incl. a frame arriving) */
+    long long receiving_tokens; /* reserved for the FORWARD still arriving */
+    double partial_since;       /* a frame or control line started arriving at; 0 = none */
+    double since;               /* accepted at */
+    double write_progress;      /* the last write finished (or the queue became non-empty) at */
     /* control channel and metrics: the bytes of an unfinished line/request */
     char *text;
     size_t text_len, text_cap;
@@ -65,6 +69,7 @@ typedef struct moe_server {
     uv_timer_t sweep_timer, stop_timer;
     moe_conn_t *conns;
     int n_data_conns;
+    int n_other_conns;          /* control and metrics */
     uint64_t next_id;
     int sigint_count;
     bool stopping;

@@ -1,7 +1,9 @@
 /* watchdog: a thread per rank that turns a hang into an exit (DESIGN §10).
- * If this rank has been inside one collective (agreement, forward, stats
- * reduction) for longer than scheduler.stall_timeout_ms, a peer died or
- * hangs: log why and abort the whole job, so the supervisor restarts it.
+ * If this rank has been inside one collective or one layer step with its
+ * peers (agreement, forward, stats reduction) for longer than
+ * scheduler.stall_timeout_ms, a peer died or hangs: log why and abort the
+ * whole job, so the supervisor restarts it. A 1-rank job has no peers and
+ * is never aborted for a long step.
  * Also sd_notify without libsystemd (one datagram to $NOTIFY_SOCKET). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,12 +25,13 @@ static void *watchdog_main(void *arg) {
     while (atomic_load(&watchdog_running)) {
         struct timespec ts = {0, 200 * 1000 * 1000};
         nanosleep(&ts, NULL);
-        double since = daemon->collective_since, limit = daemon->cfg.scheduler.stall_timeout_ms / 1e3;
+        int timeout_ms = atomic_load(&daemon->stall_timeout_ms);
+        double since = daemon->collective_since, limit = timeout_ms / 1e3;
         if (since > 0 && moe_now() - since > limit) {
             moe_log(MOE_LOG_ERROR, "watchdog",
-                    "rank %d has waited %.1f s in a collective (scheduler.stall_timeout_ms %d): a peer rank "
-                    "died or hangs; aborting the job",
-                    daemon->ep.rank, moe_now() - since, daemon->cfg.scheduler.stall_timeout_ms);
+                    "rank %d has been in one step or collective for %.1f s (scheduler.stall_timeout_ms %d): a "
+                    "peer rank died or hangs; aborting the job",
+                    daemon->ep.rank, moe_now() - since, timeout_ms);
             moe_mpi_abort_job(3);
             _exit(3);
         }

@@ -242,7 +242,12 @@ moe_parse_result_t moe_frame_parse(moe_frame_parser_t *parser, const uint8_t *da
         parser->in_payload = true;
         parser->payload_have = 0;
         parser->payload = NULL;
-        if (parser->header.payload_len > 0) {
+        parser->rejected_status = 0;
+        parser->rejected_msg[0] = '\0';
+        if (parser->accept != NULL && parser->header.type == MOE_FRAME_FORWARD)
+            parser->rejected_status = parser->accept(parser->accept_ctx, &parser->header, parser->rejected_msg,
+                                                     sizeof parser->rejected_msg);
+        if (parser->header.payload_len > 0 && parser->rejected_status == 0) {
             parser->payload = malloc((size_t)parser->header.payload_len);
             if (parser->payload == NULL) {
                 parser->error = MOE_FRAME_TOO_LARGE;
@@ -256,7 +261,8 @@ moe_parse_result_t moe_frame_parse(moe_frame_parser_t *parser, const uint8_t *da
     uint64_t missing = parser->header.payload_len - parser->payload_have;
     size_t take = len - used;
     if (take > missing) take = (size_t)missing;
-    if (take > 0) memcpy(parser->payload + parser->payload_have, data + used, take);
+    /* a rejected frame's payload is skipped, never stored */
+    if (take > 0 && parser->payload != NULL) memcpy(parser->payload + parser->payload_have, data + used, take);
     parser->payload_have += take;
     used += take;
     *consumed = used;

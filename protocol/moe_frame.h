@@ -114,6 +114,12 @@ typedef enum {
     MOE_PARSE_ERROR,         /* framing error: answer, then close */
 } moe_parse_result_t;
 
+/* Optional admission check, called once a FORWARD header is complete and
+ * before its payload is allocated: returns 0 to receive the payload, or a
+ * status (MOE_STATUS_*) to skip it without allocating anything; the frame
+ * is then returned with payload NULL and parser->rejected_status set. */
+typedef uint32_t (*moe_frame_accept_fn)(void *ctx, const moe_frame_header_t *header, char *msg, size_t msg_size);
+
 typedef struct {
     uint64_t max_frame_bytes;
     uint8_t header_bytes[MOE_FRAME_HEADER_SIZE];
@@ -124,6 +130,10 @@ typedef struct {
     bool in_payload;
     moe_frame_check_t error;
     char error_msg[160];
+    moe_frame_accept_fn accept; /* NULL: every frame is received */
+    void *accept_ctx;
+    uint32_t rejected_status;   /* of the frame just returned (0: accepted) */
+    char rejected_msg[200];
 } moe_frame_parser_t;
 
 void moe_frame_parser_init(moe_frame_parser_t *parser, uint64_t max_frame_bytes);

@@ -4,10 +4,10 @@
  *   1. the CUDA output, every element poisoned first, against the dense
  *      double reference fed with the GPU's own routing decision (ids and
  *      weights): relative error <= 2e-2 (bf16 weights and activations);
- *   2. the routing decision against the CPU engine's on the same input:
- *      identical for the methods that read no logits (client, uniform, zipf,
- *      perfect), >= 97% of tokens identical for the score-based ones (the
- *      logits come from a bf16 GEMM, so near-ties may fall the other way);
+ *   2. the routing decision against the host routing code run on the
+ *      GPU's own router logits (methods without logits: on nothing): the
+ *      same experts and weights (the logits themselves come from a bf16 GEMM,
+ *      so the CPU engine's own choice may differ on near-ties);
  *   3. slot statistics: every (token, expert) counted once.
  * Runs alone or under mpirun (one rank per GPU). Exit status 0 on success. */
 #include <math.h>
@@ -19,6 +19,7 @@
 
 #include "../kernels/cpu/moe_cpu.h"
 #include "../kernels/cuda/moe_cuda.h"
+#include "../kernels/moe_routing.h"
 #include "../kernels/moe_synth.h"
 #include "support/dense_ref.h"
 #include "support/layer_check.h"
@@ -30,23 +31,18 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
     char msg[512] = "";
     int failed = 0;
     moe_cuda_engine_t *gpu = NULL;
-    moe_cpu_engine_t *cpu = NULL;
     moe_test_ref_t *ref = NULL;
     size_t rows = (size_t)n_tokens + 1;
     float *x = malloc(sizeof(float) * rows * H), *out = malloc(sizeof(float) * rows * H);
-    float *cpu_out = malloc(sizeof(float) * rows * H), *w = malloc(sizeof(float) * rows * k);
+    float *w = malloc(sizeof(float) * rows * k);
     float *cpu_w = malloc(sizeof(float) * rows * k), *client_w = malloc(sizeof(float) * rows * k);
+    float *logits = malloc(sizeof(float) * rows * (size_t)E);
     int32_t *ids = malloc(sizeof(int32_t) * rows * k), *cpu_ids = malloc(sizeof(int32_t) * rows * k);
     int32_t *client_ids = malloc(sizeof(int32_t) * rows * k);
     double *want = malloc(sizeof(double) * rows * H);
     int64_t slot_counts[MOE_MAX_SLOTS];
     if (moe_cuda_create(&cfg, ep, &gpu, msg, sizeof msg) != MOE_OK) {
         fprintf(stderr, "FAIL %s: cuda create: %s\n", c->name, msg);
-        failed = 1;
-        goto done;
-    }
-    if (moe_cpu_create(&cfg, ep, &cpu, msg, sizeof msg) != MOE_OK) {
-        fprintf(stderr, "FAIL %s: cpu create: %s\n", c->name, msg);
         failed = 1;
         goto done;
     }
@@ -71,11 +67,9 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
         int client = cfg.model.routing.method == MOE_ROUTE_CLIENT;
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) out[i] = NAN; /* poison */
         memset(slot_counts, 0, sizeof slot_counts);
-        moe_route_trace_t trace = {ids, w, slot_counts}, cpu_trace = {cpu_ids, cpu_w, NULL};
+        moe_route_trace_t trace = {ids, w, slot_counts, logits};
         if (moe_cuda_forward(gpu, layer, x, n_tokens, client ? client_ids : NULL, client ? client_w : NULL, out,
-                             &trace, msg, sizeof msg) != MOE_OK ||
-            moe_cpu_forward(cpu, layer, x, n_tokens, client ? client_ids : NULL, client ? client_w : NULL,
-                            cpu_out, &cpu_trace, msg, sizeof msg) != MOE_OK) {
+                             &trace, msg, sizeof msg) != MOE_OK) {
             fprintf(stderr, "FAIL %s layer %d: forward: %s\n", c->name, layer, msg);
             failed = 1;
             break;
@@ -87,15 +81,39 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
                     (long long)counted, (long long)n_tokens * k);
             failed = 1;
         }
-        int same = 0;
-        for (int t = 0; t < n_tokens; t++) same += memcmp(ids + t * k, cpu_ids + t * k, sizeof(int32_t) * k) == 0;
+        /* the routing decision: the host routing code on the GPU's own logits
+         * (methods without logits: on nothing) must make the GPU's choice */
         bool needs_logits = cfg.model.routing.method == MOE_ROUTE_SOFTMAX_TOPK ||
                             cfg.model.routing.method == MOE_ROUTE_RENORMALIZE ||
                             cfg.model.routing.method == MOE_ROUTE_SIGMOID_GROUP_TOPK;
-        if (n_tokens > 0 && (needs_logits ? same < 0.97 * n_tokens : same != n_tokens)) {
-            fprintf(stderr, "FAIL %s layer %d: routing agrees with the CPU for %d of %d tokens\n", c->name, layer,
-                    same, n_tokens);
-            failed = 1;
+        if (n_tokens > 0 && cfg.model.routing.method != MOE_ROUTE_CLIENT) {
+            moe_route_params_t params;
+            moe_route_params_init(&params, &cfg.model, NULL, layer, ep.rank, ep.size);
+            float *bias = NULL;
+            if (cfg.model.routing.method == MOE_ROUTE_SIGMOID_GROUP_TOPK) {
+                bias = malloc(sizeof(float) * E);
+                for (int e = 0; e < E; e++)
+                    bias[e] = moe_synth_value(cfg.model.weights.seed, layer, MOE_SYNTH_BIAS, -1, (uint64_t)e, 1);
+                params.bias = bias;
+            }
+            moe_route_tokens(&params, needs_logits ? logits : NULL, NULL, NULL, n_tokens, 0, 0, cpu_ids, cpu_w, msg,
+                             sizeof msg);
+            free(bias);
+            int same = 0;
+            double worst_w = 0;
+            for (int t = 0; t < n_tokens; t++) {
+                bool equal = memcmp(ids + t * k, cpu_ids + t * k, sizeof(int32_t) * k) == 0;
+                same += equal;
+                for (int i = 0; equal && i < k; i++)
+                    worst_w = fmax(worst_w, fabs(w[t * k + i] - cpu_w[t * k + i]) / fmax(fabs(cpu_w[t * k + i]), 1e-6));
+            }
+            /* device and host expf may differ in the last bit: a decision may
+             * differ only on an exact near-tie, about never */
+            if (n_tokens - same > n_tokens / 1000 || worst_w > 1e-5) {
+                fprintf(stderr, "FAIL %s layer %d: routing on the GPU's logits differs from the host routing for "
+                        "%d of %d tokens (weights within %g)\n", c->name, layer, n_tokens - same, n_tokens, worst_w);
+                failed = 1;
+            }
         }
         moe_test_ref_forward(ref, layer, x, n_tokens, ep.rank, ep.size, ids, w, want, NULL);
         double err = moe_test_rel_error(out, want, (size_t)n_tokens * H);
@@ -108,10 +126,9 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
     }
 done:
     moe_cuda_destroy(gpu);
-    moe_cpu_destroy(cpu);
     moe_test_ref_destroy(ref);
-    free(x), free(out), free(cpu_out), free(w), free(cpu_w), free(client_w), free(ids), free(cpu_ids);
-    free(client_ids), free(want);
+    free(x), free(out), free(w), free(cpu_w), free(client_w), free(ids), free(cpu_ids);
+    free(client_ids), free(want), free(logits);
     return failed;
 }
 

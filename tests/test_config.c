@@ -300,7 +300,7 @@ Test(config, out_of_bounds_values_name_the_bounds, .timeout = 10) {
     EXPECT_ERROR("model.routing.routed_scaling_factor: 0 is out of bounds [0.001, 1000]");
     EXPECT_ERROR("eplb.min_improvement: 1.5 is out of bounds [0, 1]");
     EXPECT_ERROR("eplb.num_slots: -1 is out of bounds [0, 4096]");
-    EXPECT_ERROR("serve.max_frame_bytes: 99999999999999 is out of bounds [48, 68719476736]");
+    EXPECT_ERROR("serve.max_frame_bytes: 99999999999999 is out of bounds [48, 4294967295]");
     EXPECT_ERROR("model2: unknown key; did you mean 'model'?");
     load("model: {layers: 0, weights: {seed: -1}}\n");
     EXPECT_ERROR("model.layers: 0 is out of bounds [1, 256]");
@@ -454,12 +454,19 @@ static void remove_checkpoint(void) {
     rmdir(model_dir);
 }
 
-/* Loads YAML whose weights point at the checkpoint; extra goes under model:. */
-static moe_err_t load_checkpoint(const char *file, const char *extra) {
+/* Loads YAML whose weights point at the checkpoint; extra goes under model:,
+ * serve (a whole section, or "") after it. */
+static moe_err_t load_checkpoint_serving(const char *file, const char *extra, const char *serve) {
     char yaml[2048];
-    snprintf(yaml, sizeof yaml,
-             "model:\n  weights: {format: safetensors, path: %s/%s}\n%s", model_dir, file, extra);
+    snprintf(yaml, sizeof yaml, "model:\n  weights: {format: safetensors, path: %s/%s}\n%s%s",
+             model_dir, file, extra, serve);
     return moe_config_load_string(yaml, strlen(yaml), "moed.yaml", &cfg, &errs);
+}
+
+/* The default max_output_bytes (256 MiB) holds no 16384-token result of
+ * hidden 4096 or 7168: the checkpoint tests take smaller requests. */
+static moe_err_t load_checkpoint(const char *file, const char *extra) {
+    return load_checkpoint_serving(file, extra, "serve: {max_request_tokens: 4096}\n");
 }
 
 static const char *const mixtral_json =
@@ -594,7 +601,9 @@ Test(config, yaml_contradicting_config_json_is_an_error, .timeout = 10) {
     /* A naming set in the YAML wins (a converted checkpoint may differ). */
     char yaml[512];
     snprintf(yaml, sizeof yaml,
-             "model: {weights: {format: safetensors, path: %s, naming: qwen_moe}}\n", model_dir);
+             "model: {weights: {format: safetensors, path: %s, naming: qwen_moe}}\n"
+             "serve: {max_request_tokens: 4096}\n",
+             model_dir);
     ret = moe_config_load_string(yaml, strlen(yaml), "moed.yaml", &cfg, &errs);
     cr_expect_eq(ret, MOE_OK, "%s", errors_text());
     cr_expect_eq(cfg.model.weights.naming, MOE_NAMING_QWEN_MOE);
@@ -742,7 +751,7 @@ Test(config, print_reference_lists_every_field, .timeout = 10) {
     cr_expect(strstr(text, "| field | type | default | bounds | reloadable | help |") != NULL);
     cr_expect(strstr(text, "| `model.hidden` | int | `2048` | [1, 65536] | no |") != NULL, "%s",
               text);
-    cr_expect(strstr(text, "| `eplb.mode` | enum | `off` | off, static, online | yes |") != NULL);
+    cr_expect(strstr(text, "| `eplb.mode` | enum | `off` | off, static, online | no |") != NULL);
     for (int i = 0; i < moe_config_field_count; i++) {
         char cell[128];
         snprintf(cell, sizeof cell, "| `%s` |", moe_config_fields[i].path);
@@ -763,4 +772,209 @@ Test(config, nul_byte_in_value_is_rejected, .timeout = 10) {
     static const char yaml[] = "serve: {data: \"a\\0b\"}\n";
     load(yaml);
     EXPECT_ERROR("serve.data: value contains a NUL byte");
+}
+
+/* ---- review fixes: reload flags, limits, bounds ------------------------------------ */
+
+/* The engine cannot move experts between slots while it runs (no online
+ * migration yet): the placement is fixed at startup; the statistics windows
+ * and thresholds may change. */
+Test(config, eplb_placement_is_not_reloadable, .timeout = 10) {
+    static const char *const fixed[] = {"eplb.mode", "eplb.num_slots", "eplb.placement",
+                                        "eplb.placement_file", "eplb.ranks_per_node"};
+    static const char *const reloadable[] = {"eplb.window_steps", "eplb.rebalance_every_steps",
+                                             "eplb.min_improvement"};
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) {
+        int idx = moe_config_field_index(fixed[i]);
+        cr_assert_geq(idx, 0, "%s", fixed[i]);
+        cr_expect_not(moe_config_fields[idx].reloadable, "%s must need a restart", fixed[i]);
+        /* num_slots sizes buffers: it was never reloadable and says so elsewhere. */
+        if (strcmp(fixed[i], "eplb.num_slots") != 0)
+            cr_expect(strstr(moe_config_fields[idx].help, "restart") != NULL,
+                      "%s's help does not say it needs a restart", fixed[i]);
+    }
+    for (size_t i = 0; i < sizeof reloadable / sizeof reloadable[0]; i++) {
+        int idx = moe_config_field_index(reloadable[i]);
+        cr_assert_geq(idx, 0, "%s", reloadable[i]);
+        cr_expect(moe_config_fields[idx].reloadable, "%s should be reloadable", reloadable[i]);
+    }
+    moe_config_defaults(&cfg);
+    other = cfg;
+    other.eplb.window_steps = 7;
+    other.eplb.rebalance_every_steps = 9;
+    other.eplb.min_improvement = 0.5;
+    char buf[256];
+    cr_expect_eq(moe_config_nonreloadable_diff(&cfg, &other, buf, sizeof buf), 0, "%s", buf);
+    other.eplb.mode = MOE_EPLB_STATIC;
+    other.eplb.ranks_per_node = 4;
+    snprintf(other.eplb.placement_file, sizeof other.eplb.placement_file, "p.json");
+    other.eplb.n_placement = 1;
+    cr_expect_eq(moe_config_nonreloadable_diff(&cfg, &other, buf, sizeof buf), 4, "%s", buf);
+    cr_expect_str_eq(buf, "eplb.mode, eplb.ranks_per_node, eplb.placement_file, eplb.placement");
+}
+
+/* libuv takes a buffer length as unsigned int: a frame limit of 4 GiB or
+ * more could not be written as one buffer. */
+Test(config, max_frame_bytes_stays_below_4_gib, .timeout = 10) {
+    load("serve: {max_frame_bytes: 4294967296}\n");
+    EXPECT_ERROR("t.yaml:1:26: serve.max_frame_bytes: 4294967296 is out of bounds "
+                 "[48, 4294967295]");
+    cr_expect_eq(errs.count, 1, "%s", errors_text());
+    ASSERT_LOADS("serve: {max_frame_bytes: 4294967295}\n");
+    cr_expect_eq(cfg.serve.max_frame_bytes, 4294967295LL);
+}
+
+Test(config, max_output_bytes_holds_one_largest_result, .timeout = 10) {
+    /* The defaults (hidden 2048, 16384 tokens: 128 MiB + 48) fit 256 MiB. */
+    ASSERT_LOADS("");
+    /* 256 tokens * 64 * 4 + 48 = 65584 exactly. */
+    ASSERT_LOADS("model: {hidden: 64}\nserve: {max_request_tokens: 256, max_output_bytes: 65584}\n");
+    cr_expect_eq(load("model: {hidden: 64}\n"
+                      "serve: {max_request_tokens: 256, max_output_bytes: 65583}\n"),
+                 MOE_ERR_CONFIG);
+    EXPECT_ERROR("t.yaml:2:52: serve.max_output_bytes: 65583 is less than one largest result: "
+                 "serve.max_request_tokens * model.hidden * 4 + 48 = 256 * 64 * 4 + 48 = 65584 "
+                 "bytes; raise it to at least that or lower serve.max_request_tokens");
+    cr_expect_eq(errs.count, 1, "%s", errors_text());
+    /* A default max_output_bytes has no position: the message names the file. */
+    load("model: {hidden: 7168}\n");
+    EXPECT_ERROR("t.yaml: serve.max_output_bytes: 268435456 is less than one largest result: "
+                 "serve.max_request_tokens * model.hidden * 4 + 48 = 16384 * 7168 * 4 + 48 = "
+                 "469762096 bytes");
+    /* A field with its own error is not checked against the others. */
+    load("model: {hidden: 7168}\nserve: {max_request_tokens: 0}\n");
+    cr_expect_eq(errs.count, 1, "%s", errors_text());
+    /* With safetensors, hidden comes from config.json: the check sees 7168. */
+    write_checkpoint(deepseek_json);
+    cr_expect_eq(load_checkpoint_serving("", "", ""), MOE_ERR_CONFIG);
+    EXPECT_ERROR("moed.yaml: serve.max_output_bytes: 268435456 is less than one largest result: "
+                 "serve.max_request_tokens * model.hidden * 4 + 48 = 16384 * 7168 * 4 + 48 = "
+                 "469762096 bytes");
+    cr_expect_eq(errs.count, 1, "%s", errors_text());
+    cr_expect_eq(load_checkpoint_serving("", "", "serve: {max_output_bytes: 469762096}\n"), MOE_OK,
+                 "%s", errors_text());
+    remove_checkpoint();
+}
+
+static char *big_yaml;
+
+static void free_big_yaml(void) {
+    free(big_yaml);
+    big_yaml = NULL;
+}
+
+/* n entries "k<i>: 1" (a mapping under model:) or n list entries. */
+static const char *make_big_yaml(int n, bool mapping) {
+    size_t size = (size_t)n * 24 + 64, used = 0;
+    big_yaml = realloc(big_yaml, size);
+    cr_assert_not_null(big_yaml);
+    used += (size_t)snprintf(big_yaml, size, mapping ? "model:\n" : "eplb: {placement: [");
+    for (int i = 0; i < n; i++) {
+        if (mapping) used += (size_t)snprintf(big_yaml + used, size - used, "  k%d: 1\n", i);
+        else used += (size_t)snprintf(big_yaml + used, size - used, "%s0", i ? ", " : "");
+    }
+    if (!mapping) snprintf(big_yaml + used, size - used, "]}\n");
+    return big_yaml;
+}
+
+/* The duplicate-key scan is quadratic: a huge mapping must be refused
+ * before it, and quickly (a reload runs on the daemon's I/O thread). */
+Test(config, huge_mappings_and_lists_are_refused, .timeout = 10, .fini = free_big_yaml) {
+    load(make_big_yaml(257, true));
+    EXPECT_ERROR("t.yaml:2:3: model: too many entries (257, at most 256)");
+    cr_expect_eq(errs.count, 1, "%s", errors_text());
+    load(make_big_yaml(200000, true));
+    EXPECT_ERROR("t.yaml:2:3: model: too many entries (200000, at most 256)");
+    cr_expect_eq(errs.count, 1, "%s", errors_text());
+    /* The top level is a mapping too. */
+    size_t size = 300 * 16, used = 0;
+    char *top = malloc(size);
+    cr_assert_not_null(top);
+    for (int i = 0; i < 300; i++) used += (size_t)snprintf(top + used, size - used, "k%d: 1\n", i);
+    load(top);
+    free(top);
+    EXPECT_ERROR("t.yaml:1:1: (top level): too many entries (300, at most 256)");
+    /* 256 entries are only 256 unknown keys. */
+    load(make_big_yaml(256, true));
+    cr_expect_not(has_error("too many entries"), "%s", errors_text());
+    load(make_big_yaml(MOE_MAX_SLOTS + 1, false));
+    EXPECT_ERROR("t.yaml:1:19: eplb.placement: too many entries (4097, at most 4096)");
+    cr_expect_eq(errs.count, 1, "%s", errors_text());
+    load("serve: {data: [1, 2]}\n");
+    cr_expect_not(has_error("too many entries"), "%s", errors_text());
+}
+
+Test(config, oversized_file_is_refused_before_parsing, .timeout = 10) {
+    char path[] = "/tmp/moe_big_config_XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert_geq(fd, 0);
+    FILE *file = fdopen(fd, "w");
+    cr_assert_not_null(file);
+    /* Valid YAML all the way: only the size is wrong. */
+    fputs("log: {level: info}\n", file);
+    for (long i = 0; ftell(file) <= 4L << 20; i++) fputs("# a comment line of padding\n", file);
+    long size = ftell(file);
+    fclose(file);
+    moe_err_t ret = moe_config_load(path, &cfg, &errs);
+    unlink(path);
+    cr_expect_eq(ret, MOE_ERR_CONFIG);
+    char expected[256];
+    snprintf(expected, sizeof expected, "%s: is %ld bytes; a config may be at most 4194304 bytes",
+             path, size);
+    EXPECT_ERROR(expected);
+    cr_expect_eq(errs.count, 1, "%s", errors_text());
+    /* The string loader has the same limit. */
+    size_t len = (4u << 20) + 1;
+    char *text = malloc(len + 1);
+    cr_assert_not_null(text);
+    memset(text, '\n', len);
+    text[len] = '\0';
+    cr_expect_eq(moe_config_load_string(text, len, "s.yaml", &cfg, &errs), MOE_ERR_CONFIG);
+    free(text);
+    EXPECT_ERROR("s.yaml: is 4194305 bytes; a config may be at most 4194304 bytes (4 MiB)");
+    /* 4 MiB exactly is still a (large) config. */
+    text = malloc(4u << 20);
+    cr_assert_not_null(text);
+    memset(text, '\n', 4u << 20);
+    cr_expect_eq(moe_config_load_string(text, 4u << 20, "s.yaml", &cfg, &errs), MOE_OK, "%s",
+                 errors_text());
+    free(text);
+}
+
+/* An integer too large for 64 bits is still told its field's bounds. */
+Test(config, overflowing_integers_quote_the_field_bounds, .timeout = 10) {
+    load("model: {hidden: 99999999999999999999999, experts: -99999999999999999999999}\n"
+         "serve: {max_queue_tokens: 99999999999999999999999, max_frame_bytes: 9223372036854775807}\n"
+         "eplb: {mode: static, placement: [99999999999999999999999]}\n");
+    EXPECT_ERROR("model.hidden: 99999999999999999999999 is out of bounds [1, 65536]");
+    EXPECT_ERROR("model.experts: -99999999999999999999999 is out of bounds [1, 1024]");
+    EXPECT_ERROR("serve.max_queue_tokens: 99999999999999999999999 is out of bounds "
+                 "[1, 17179869184]");
+    EXPECT_ERROR("serve.max_frame_bytes: 9223372036854775807 is out of bounds [48, 4294967295]");
+    EXPECT_ERROR("eplb.placement[0]: 99999999999999999999999 is out of bounds [0, 1023]");
+    cr_expect_not(has_error("9200000000000000000"), "%s", errors_text());
+    load("model: {layers: 99999999999999999999999}\n");
+    EXPECT_ERROR("model.layers: 99999999999999999999999 is out of bounds [1, 256]");
+    /* Every int and int64 row: one past its maximum, and an overflow. */
+    for (int i = 0; i < moe_config_field_count; i++) {
+        const moe_config_field_t *f = &moe_config_fields[i];
+        if (f->type != MOE_FIELD_INT && f->type != MOE_FIELD_INT64) continue;
+        char bounds[64], msg[300], want[200];
+        moe_config_field_bounds_text(f, bounds, sizeof bounds);
+        moe_config_defaults(&cfg);
+        static const char *const overflows[] = {"99999999999999999999999",
+                                                "-99999999999999999999999"};
+        for (int j = 0; j < 2; j++) {
+            cr_expect_not(moe_config_field_set_scalar(i, &cfg, overflows[j], false, msg, sizeof msg),
+                          "%s took %s", f->path, overflows[j]);
+            snprintf(want, sizeof want, "%s is out of bounds %s", overflows[j], bounds);
+            cr_expect_str_eq(msg, want, "%s", f->path);
+        }
+        char above[32];
+        snprintf(above, sizeof above, "%.0f", f->max + 1);
+        cr_expect_not(moe_config_field_set_scalar(i, &cfg, above, false, msg, sizeof msg), "%s",
+                      f->path);
+        snprintf(want, sizeof want, "%s is out of bounds %s", above, bounds);
+        cr_expect_str_eq(msg, want, "%s", f->path);
+    }
 }

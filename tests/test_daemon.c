@@ -304,8 +304,8 @@ static double slow_drip(int rank) {
 }
 
 /* A client that sends and never reads: the daemon must drop it once its
- * unsent output passes serve.max_output_bytes. Returns true when the
- * connection was closed by the daemon. */
+ * unsent output passes serve.max_output_bytes and nothing was read for a
+ * second. Returns true when the connection was closed by the daemon. */
 static bool never_reads(int rank, uint64_t seed) {
     moe_test_conn_t c;
     cr_assert_eq(moe_test_conn_open(&c, &daemon_, rank), 0);
@@ -319,13 +319,17 @@ static bool never_reads(int rank, uint64_t seed) {
     for (int i = 0; i < 400 && !send_failed; i++)
         send_failed = moe_test_send_forward(c.fd, (uint64_t)i + 1, 2, x, 64, 64, MOE_DTYPE_F32, NULL, NULL, 0) != 0;
     free(x);
+    /* the client's behaviour under test: it reads nothing for 2.5 s (the
+     * daemon gives a client whose results pile up 1 s to read some) */
+    struct timespec pause = {2, 500 * 1000 * 1000};
+    nanosleep(&pause, NULL);
     bool closed = moe_test_conn_wait_eof(&c, 20000);
     moe_test_conn_close(&c);
     return closed;
 }
 
 Test(daemon, bad_input_does_not_hurt_others, .timeout = 180, .fini = fini) {
-    moe_test_daemon_opts_t opts = {.request_timeout_ms = 1000, .max_output_bytes = 65536,
+    moe_test_daemon_opts_t opts = {.request_timeout_ms = 1000, .max_output_bytes = 131072,
                                    .max_request_tokens = 256, .max_frame_bytes = 1 << 20};
     start(&opts);
     /* good clients on both ranks, checking every answer throughout */

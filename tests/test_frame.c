@@ -274,6 +274,60 @@ Test(frame, lying_header_allocates_nothing, .timeout = 5) {
     cr_assert_null(p.payload);
 }
 
+/* The accept hook refuses a FORWARD from its header: its payload is skipped
+ * without being stored, the frame comes back with no payload and the
+ * refusal, and the next frame on the stream parses normally. */
+static uint32_t refuse_big(void *ctx, const moe_frame_header_t *h, char *msg, size_t msg_size) {
+    (*(int *)ctx)++;
+    if (h->n_tokens <= 4) return 0;
+    snprintf(msg, msg_size, "%u tokens is too many", h->n_tokens);
+    return MOE_STATUS_TOO_LARGE;
+}
+
+Test(frame, accept_hook_skips_refused_payloads, .timeout = 5) {
+    moe_frame_parser_t p;
+    int calls = 0;
+    moe_frame_parser_init(&p, 1 << 30);
+    p.accept = refuse_big;
+    p.accept_ctx = &calls;
+    moe_frame_header_t big = forward_header(1000, 256, MOE_DTYPE_F32), small = forward_header(2, 8, MOE_DTYPE_F32);
+    size_t big_len = MOE_FRAME_HEADER_SIZE + (size_t)big.payload_len;
+    size_t total = big_len + MOE_FRAME_HEADER_SIZE + (size_t)small.payload_len;
+    uint8_t *stream = malloc(total);
+    cr_assert_not_null(stream);
+    moe_frame_encode_header(&big, stream);
+    memset(stream + MOE_FRAME_HEADER_SIZE, 0x5a, (size_t)big.payload_len);
+    moe_frame_encode_header(&small, stream + big_len);
+    for (size_t i = 0; i < small.payload_len; i++) stream[big_len + MOE_FRAME_HEADER_SIZE + i] = (uint8_t)i;
+    struct mallinfo2 before = mallinfo2();
+    size_t at = 0, consumed;
+    moe_frame_header_t out;
+    uint8_t *payload = (uint8_t *)0x1;
+    moe_parse_result_t r = MOE_PARSE_NEED_MORE;
+    while (r == MOE_PARSE_NEED_MORE && at < big_len) { /* the refused frame, in 4 KiB pieces */
+        size_t piece = big_len - at < 4096 ? big_len - at : 4096;
+        r = moe_frame_parse(&p, stream + at, piece, &consumed, &out, &payload);
+        at += consumed;
+    }
+    struct mallinfo2 after = mallinfo2();
+    cr_assert_eq(r, MOE_PARSE_FRAME);
+    cr_assert_eq(at, big_len);
+    cr_assert_null(payload, "a refused payload is not handed out");
+    cr_assert_eq(p.rejected_status, MOE_STATUS_TOO_LARGE);
+    cr_assert(strstr(p.rejected_msg, "1000 tokens") != NULL, "%s", p.rejected_msg);
+    cr_assert_eq(after.uordblks, before.uordblks, "a refused payload allocates nothing");
+    cr_assert_eq(after.hblkhd, before.hblkhd, "a refused payload allocates nothing");
+    r = moe_frame_parse(&p, stream + at, total - at, &consumed, &out, &payload);
+    cr_assert_eq(r, MOE_PARSE_FRAME);
+    cr_assert_eq(p.rejected_status, 0);
+    cr_assert_eq(out.n_tokens, 2);
+    cr_assert_not_null(payload);
+    for (size_t i = 0; i < small.payload_len; i++) cr_assert_eq(payload[i], (uint8_t)i);
+    cr_assert_eq(calls, 2);
+    free(payload);
+    free(stream);
+}
+
 /* ---- dtype conversions ---- */
 
 static float f32_of(uint32_t bits) {

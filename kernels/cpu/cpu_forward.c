@@ -317,9 +317,14 @@ moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer_id, const float *x
                 trace->slot_counts[moe_slots_pick(&engine->slots, ids[(size_t)t * k + i],
                                                   engine->ep.rank, t)]++;
     }
-    const int chunk = engine->cfg.moe.chunking.max_tokens_per_chunk > 0
-                          ? engine->cfg.moe.chunking.max_tokens_per_chunk
-                          : agree[0] + 1;
+    int chunk = engine->cfg.moe.chunking.max_tokens_per_chunk > 0
+                    ? engine->cfg.moe.chunking.max_tokens_per_chunk
+                    : agree[0] + 1;
+    /* MPI counts are ints: a chunk's rows (or entry bytes) from every rank
+     * must fit, whatever the config says; the same bound on every rank */
+    const int64_t row_width = H > 8 * k ? H : 8 * k;
+    const int64_t safe = INT_MAX / ((int64_t)engine->ep.size * row_width);
+    if (chunk > safe) chunk = (int)(safe > 0 ? safe : 1);
     for (int begin = 0; begin < agree[0]; begin += chunk) {
         int count = n_tokens - begin;
         count = count < 0 ? 0 : count > chunk ? chunk : count;

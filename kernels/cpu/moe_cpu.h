@@ -20,11 +20,13 @@ typedef struct moe_cpu_engine moe_cpu_engine_t;
 /* What routing chose for each token, expert-level (before slot mapping):
  * ids[t*k+i], weights[t*k+i]; and, when slot_counts is non-NULL, the number
  * of this rank's (token, expert) entries sent to each physical slot
- * (n_slots entries; EPLB statistics). Each member may be NULL. */
+ * (n_slots entries; EPLB statistics); and, from the CUDA backend, the
+ * router logits routing saw. Each member may be NULL. */
 typedef struct {
     int32_t *ids;
     float *weights;
     int64_t *slot_counts;
+    float *logits; /* [n_tokens, E] router logits (CUDA backend; methods that use them) */
 } moe_route_trace_t;
 
 /* Builds the engine: the slot table, then loads the router (and bias, shared

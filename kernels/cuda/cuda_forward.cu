@@ -107,6 +107,9 @@ moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, co
             logits = RESERVE(engine, logits, float, (size_t)T * E);
             if (logits == nullptr) return MOE_ERR_NOMEM;
             MOE_TRY(gemm(engine, E, T, H, L->router, x, logits, msg, msg_size));
+            if (trace != nullptr && trace->logits != nullptr && T > 0)
+                MOE_TRY(fetch(engine, trace->logits + first_token * E, logits, sizeof(float) * (size_t)T * E, msg,
+                              msg_size));
         }
         moe_route_params_t params;
         moe_route_params_init(&params, m, nullptr, L->layer, engine->ep.rank, R);

@@ -98,7 +98,7 @@ double moe_test_layer_check(const moe_config_t *cfg, moe_ep_t ep, int n_tokens, 
                 client_w[t * k + i] = 0.25f + 0.5f * (float)i;
             }
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) out[i] = NAN; /* poison */
-        moe_route_trace_t trace = {ids, weights, NULL};
+        moe_route_trace_t trace = {ids, weights, NULL, NULL};
         bool client = cfg->model.routing.method == MOE_ROUTE_CLIENT;
         if (moe_cpu_forward(engine, layer, x, n_tokens, client ? client_ids : NULL,
                             client ? client_w : NULL, out, &trace, msg, msg_size) != MOE_OK) {
