@@ -12,6 +12,7 @@
  * Runs alone or under mpirun (one rank per GPU). Exit status 0 on success. */
 #include <math.h>
 #include <stdbool.h>
+#include <stdlib.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -147,13 +148,19 @@ int main(int argc, char **argv) {
     const int sizes[] = {0, 1, 37, 300};
     int failures = 0, runs = 0;
     double worst = 0;
-    for (int i = 0; i < moe_test_case_count; i++)
-        for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
-            int n = (int)((sizes[s] + (uint64_t)ep.rank * 13) % 400);
-            if (sizes[s] == 0) n = 0;
-            failures += check_case(&moe_test_cases[i], ep, seed + i * 101 + s * 7 + (uint64_t)ep.rank, n, &worst);
-            runs++;
-        }
+    /* both expert-GEMM paths: one cuBLAS call per slot (what these small
+     * models get by default) and the grouped call (forced) */
+    for (int grouped = 0; grouped < 2; grouped++) {
+        if (grouped) setenv("MOE_CUDA_FORCE_GROUPED", "1", 1);
+        for (int i = 0; i < moe_test_case_count; i++)
+            for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+                int n = (int)((sizes[s] + (uint64_t)ep.rank * 13) % 400);
+                if (sizes[s] == 0) n = 0;
+                failures += check_case(&moe_test_cases[i], ep, seed + i * 101 + s * 7 + (uint64_t)ep.rank, n, &worst);
+                runs++;
+            }
+    }
+    unsetenv("MOE_CUDA_FORCE_GROUPED");
     int total = failures;
     if (under_mpi) {
         MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);

@@ -194,6 +194,11 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
                            "moe.gemm: 'grouped' (moed's own grouped GEMM) is not in this build; supported: "
                            "cublas, auto (= cublas)");
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->stream, cudaStreamNonBlocking));
+    engine->grouped_gemm = getenv("MOE_CUDA_NO_GROUPED") == nullptr;
+    engine->grouped_min_slots = getenv("MOE_CUDA_FORCE_GROUPED") != nullptr ? 0 : 16;
+    engine->profile.on = getenv("MOE_CUDA_PROFILE") != nullptr;
+    for (int p = 0; engine->profile.on && p <= MOE_CUDA_PHASES; p++)
+        MOE_CUDA_TRY(cudaEventCreate(&engine->profile.marks[p]));
     MOE_CUBLAS_TRY(cublasCreate(&engine->cublas));
     MOE_CUBLAS_TRY(cublasSetStream(engine->cublas, engine->stream));
     MOE_TRY(init_nccl(engine, msg, msg_size));
@@ -251,6 +256,7 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
     for (size_t i = 0; i < sizeof engine->ws / sizeof(cuda_buffer_t); i++) buffers[i].host = false;
     engine->ws.host_counts.host = engine->ws.host_x.host = engine->ws.host_out.host = true;
     engine->ws.host_ids.host = engine->ws.host_weights.host = engine->ws.host_stats.host = true;
+    engine->ws.host_gemm_ptrs.host = true;
     moe_route_params_t params;
     moe_route_params_init(&params, &cfg->model, nullptr, 0, ep.rank, ep.size);
     moe_err_t ret = moe_route_validate(&params, msg, msg_size);
@@ -287,6 +293,8 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
         ncclCommDestroy(engine->comm);
         ncclCommDestroy(engine->comm_balancer);
     }
+    for (int p = 0; engine->profile.on && p <= MOE_CUDA_PHASES; p++)
+        if (engine->profile.marks[p] != nullptr) cudaEventDestroy(engine->profile.marks[p]);
     if (engine->cublas != nullptr) cublasDestroy(engine->cublas);
     if (engine->stream != nullptr) cudaStreamDestroy(engine->stream);
     (void)cudaGetLastError();

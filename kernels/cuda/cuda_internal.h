@@ -90,8 +90,18 @@ typedef struct {
     cuda_buffer_t x, x_f32, logits, ids, weights, entry_slot, flags, scan, send_token, send_rows,
         send_meta, recv_rows, recv_meta, keys, vals, keys_sorted, vals_sorted, inverse, slot_counts,
         gathered, h13, act, y, partial, back, out, shared_h13, shared_act, shared_y, gate, cub_temp,
-        counts, stat_counts, host_counts, host_x, host_out, host_ids, host_weights, host_stats;
+        counts, stat_counts, host_counts, host_x, host_out, host_ids, host_weights, host_stats,
+        gemm_ptrs, host_gemm_ptrs;
 } cuda_workspace_t;
+
+/* Per-phase CUDA events of one chunk, when MOE_CUDA_PROFILE is set. */
+#define MOE_CUDA_PHASES 8
+typedef struct {
+    bool on;
+    cudaEvent_t marks[MOE_CUDA_PHASES + 1];
+    double ms[MOE_CUDA_PHASES]; /* summed over recorded chunks */
+    long chunks;
+} cuda_profile_t;
 
 /* One routed (token, expert) entry as it travels to the expert's rank. */
 typedef struct {
@@ -114,6 +124,9 @@ struct moe_cuda_engine {
     int n_layers;
     cuda_layer_t *layers;
     double *d_zipf_cdf;
+    bool grouped_gemm;   /* cublasGemmGroupedBatchedEx works here (else one call per slot) */
+    int grouped_min_slots; /* use it only with more local slots than this (16; 0 with MOE_CUDA_FORCE_GROUPED) */
+    cuda_profile_t profile;
     cuda_workspace_t ws;
 };
 
@@ -149,7 +162,8 @@ cudaError_t moe_cuda_pair_keys_launch(const cuda_meta_t *meta, int n_entries, in
 cudaError_t moe_cuda_gather_launch(const bf16 *rows, const int32_t *vals_sorted, int n_valid, int hidden,
                                    int top_k, bf16 *gathered, int32_t *inverse, cudaStream_t stream);
 cudaError_t moe_cuda_swiglu_launch(const float *h13, int n_rows, int inter, bf16 *act, cudaStream_t stream);
-cudaError_t moe_cuda_reduce_launch(const float *y, const cuda_meta_t *meta, const int32_t *inverse, int n_rows,
+cudaError_t moe_cuda_swiglu_bf16_launch(const bf16 *h13, int n_rows, int inter, bf16 *act, cudaStream_t stream);
+cudaError_t moe_cuda_reduce_launch(const bf16 *y, const cuda_meta_t *meta, const int32_t *inverse, int n_rows,
                                    int hidden, int top_k, bf16 *partial, cudaStream_t stream);
 cudaError_t moe_cuda_gate_launch(const bf16 *x, const float *gate, int n_tokens, int hidden, float *gate_out,
                                  cudaStream_t stream);

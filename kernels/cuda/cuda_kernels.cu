@@ -9,7 +9,8 @@
  *   send_rows [n_send,H] bf16, send_meta [n_send,k] {local slot|-1, weight}
  *   pairs: (row, entry) of the received rows with a local slot, sorted by
  *     slot (stable radix sort: deterministic), gathered [n_valid,H] bf16,
- *     h13 [n_valid,2I] f32, act [n_valid,I] bf16, y [n_valid,H] f32
+ *     h13 [n_valid,2I] bf16, act [n_valid,I] bf16, y [n_valid,H] bf16
+ *     (f32 accumulation inside the GEMMs)
  *   partial [n_recv,H] bf16 = Σ over a row's local entries of w·y
  *   out [T,H] f32 = Σ over ranks (ascending) of the returned partials
  *     + gate·shared expert.
@@ -193,6 +194,22 @@ __global__ void swiglu_kernel(const float *h13, size_t n, int inter, bf16 *act) 
     }
 }
 
+/* The same from a bf16 [gate | up] (the grouped expert GEMMs write bf16). */
+__global__ void swiglu_bf16_kernel(const bf16 *h13, size_t n, int inter, bf16 *act) {
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
+        size_t row = idx / inter, i = idx % inter;
+        float gate = __bfloat162float(h13[row * 2 * inter + i]), up = __bfloat162float(h13[row * 2 * inter + inter + i]);
+        act[idx] = __float2bfloat16(gate / (1.0f + expf(-gate)) * up);
+    }
+}
+
+cudaError_t moe_cuda_swiglu_bf16_launch(const bf16 *h13, int n_rows, int inter, bf16 *act, cudaStream_t stream) {
+    size_t n = (size_t)n_rows * inter;
+    if (n == 0) return cudaSuccess;
+    swiglu_bf16_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(h13, n, inter, act);
+    return cudaGetLastError();
+}
+
 cudaError_t moe_cuda_swiglu_launch(const float *h13, int n_rows, int inter, bf16 *act, cudaStream_t stream) {
     size_t n = (size_t)n_rows * inter;
     if (n == 0) return cudaSuccess;
@@ -201,7 +218,7 @@ cudaError_t moe_cuda_swiglu_launch(const float *h13, int n_rows, int inter, bf16
 }
 
 /* partial[r] = Σ over r's local entries, in entry order, of w · y[pair]. */
-__global__ void reduce_kernel(const float *y, const cuda_meta_t *meta, const int32_t *inverse, int hidden,
+__global__ void reduce_kernel(const bf16 *y, const cuda_meta_t *meta, const int32_t *inverse, int hidden,
                               int top_k, bf16 *partial) {
     int r = blockIdx.x;
     for (int h = threadIdx.x; h < hidden; h += blockDim.x) {
@@ -209,13 +226,13 @@ __global__ void reduce_kernel(const float *y, const cuda_meta_t *meta, const int
         for (int i = 0; i < top_k; i++) {
             cuda_meta_t m = meta[(size_t)r * top_k + i];
             if (m.local_slot < 0) continue;
-            acc += m.weight * y[(size_t)inverse[(size_t)r * top_k + i] * hidden + h];
+            acc += m.weight * __bfloat162float(y[(size_t)inverse[(size_t)r * top_k + i] * hidden + h]);
         }
         partial[(size_t)r * hidden + h] = __float2bfloat16(acc);
     }
 }
 
-cudaError_t moe_cuda_reduce_launch(const float *y, const cuda_meta_t *meta, const int32_t *inverse, int n_rows,
+cudaError_t moe_cuda_reduce_launch(const bf16 *y, const cuda_meta_t *meta, const int32_t *inverse, int n_rows,
                                    int hidden, int top_k, bf16 *partial, cudaStream_t stream) {
     if (n_rows <= 0) return cudaSuccess;
     reduce_kernel<<<n_rows, 256, 0, stream>>>(y, meta, inverse, hidden, top_k, partial);
