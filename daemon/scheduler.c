@@ -58,6 +58,19 @@ static int wait_request(moe_daemon_t *daemon, MPI_Request *request) {
     }
 }
 
+/* Starts a nonblocking collective (its MPI_I* call's return code in
+ * `started`) and waits for it; a failure is logged with MPI's message and
+ * returned as MOE_ERR_MPI. */
+static moe_err_t collective(moe_daemon_t *daemon, int started, MPI_Request *request, const char *what) {
+    int rc = started == MPI_SUCCESS ? wait_request(daemon, request) : started;
+    if (rc == MPI_SUCCESS) return MOE_OK;
+    char text[MPI_MAX_ERROR_STRING] = "";
+    int len = 0;
+    MPI_Error_string(rc, text, &len);
+    moe_log(MOE_LOG_ERROR, "step", "%s failed: %s", what, text);
+    return MOE_ERR_MPI;
+}
+
 static void answer(moe_daemon_t *daemon, moe_request_t *request, uint32_t status, const char *text) {
     request->status = status;
     if (text != NULL) snprintf(request->error, sizeof request->error, "%s", text);
@@ -145,12 +158,9 @@ static moe_err_t agree(scheduler_t *s, double now) {
         return MOE_OK;
     }
     MPI_Request request;
-    if (MPI_Iallgather(rec, count, MPI_LONG_LONG, s->records, count, MPI_LONG_LONG, daemon->ep.comm,
-                       &request) != MPI_SUCCESS ||
-        wait_request(daemon, &request) != MPI_SUCCESS) {
-        moe_log(MOE_LOG_ERROR, "step", "agreement (MPI_Iallgather) failed");
-        return MOE_ERR_MPI;
-    }
+    MOE_CHECK(collective(daemon, MPI_Iallgather(rec, count, MPI_LONG_LONG, s->records, count, MPI_LONG_LONG,
+                                                daemon->ep.comm, &request),
+                         &request, "agreement (MPI_Iallgather)"));
     if (daemon->ep.rank == 0) {
         long long sums[MOE_COUNTERS] = {0};
         for (int r = 0; r < daemon->ep.size; r++)
@@ -174,10 +184,9 @@ static moe_err_t apply_reload(scheduler_t *s, int epoch) {
     }
     if (daemon->ep.size > 1) {
         MPI_Request request;
-        if (MPI_Ibcast(next, (int)sizeof *next, MPI_BYTE, 0, daemon->ep.comm, &request) != MPI_SUCCESS ||
-            wait_request(daemon, &request) != MPI_SUCCESS) {
+        if (collective(daemon, MPI_Ibcast(next, (int)sizeof *next, MPI_BYTE, 0, daemon->ep.comm, &request), &request,
+                       "config broadcast (MPI_Ibcast)") != MOE_OK) {
             free(next);
-            moe_log(MOE_LOG_ERROR, "reload", "config broadcast (MPI_Ibcast) failed");
             return MOE_ERR_MPI;
         }
     }
@@ -293,10 +302,9 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
     long long step = atomic_fetch_add(&daemon->step, 1) + 1;
     if (daemon->ep.size > 1) {
         MPI_Request request;
-        if (MPI_Ireduce(s->slot_loads, s->slot_loads_sum, n_slots, MPI_INT64_T, MPI_SUM, 0, daemon->ep.comm,
-                        &request) != MPI_SUCCESS ||
-            wait_request(daemon, &request) != MPI_SUCCESS)
-            return MOE_ERR_MPI;
+        MOE_CHECK(collective(daemon, MPI_Ireduce(s->slot_loads, s->slot_loads_sum, n_slots, MPI_INT64_T, MPI_SUM, 0,
+                                                 daemon->ep.comm, &request),
+                             &request, "slot loads (MPI_Ireduce)"));
     } else {
         memcpy(s->slot_loads_sum, s->slot_loads, sizeof(int64_t) * (size_t)n_slots);
     }

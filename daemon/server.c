@@ -28,6 +28,16 @@ typedef struct {
 
 static void reserve_tokens(moe_conn_t *conn, long long n_tokens);
 
+/* libuv calls of the start-up: a failure is returned with file:line and
+ * libuv's message (STYLE 3). */
+#define MOE_UV_TRY(call)                                                                                 \
+    do {                                                                                                 \
+        int moe_uv_rc_ = (call);                                                                         \
+        if (moe_uv_rc_ != 0)                                                                             \
+            return moe_err_fmt(msg, msg_size, MOE_ERR_IO, "%s:%d: %s: %s", __FILE__, __LINE__, #call,    \
+                               uv_strerror(moe_uv_rc_));                                                 \
+    } while (0)
+
 static void conn_maybe_free(moe_conn_t *conn) {
     if (!conn->handle_closed || conn->in_flight > 0 || conn->timer_started) return;
     moe_frame_parser_reset(&conn->parser);
@@ -738,24 +748,24 @@ moe_err_t moe_server_start(moe_daemon_t *daemon, char *msg, size_t msg_size) {
     server->daemon = daemon;
     server->loop = &daemon->loop;
     server->last_reload_ok = true;
-    uv_loop_init(server->loop);
+    MOE_UV_TRY(uv_loop_init(server->loop));
     const moe_serve_config_t *serve = &daemon->io_cfg.serve;
     const int rank = daemon->ep.rank;
     MOE_CHECK(read_token(server, rank == 0 ? serve->token_file : "", msg, msg_size));
-    uv_async_init(server->loop, &daemon->outbound_async, on_outbound);
+    MOE_UV_TRY(uv_async_init(server->loop, &daemon->outbound_async, on_outbound));
     daemon->outbound_async.data = daemon;
-    uv_timer_init(server->loop, &server->sweep_timer);
+    MOE_UV_TRY(uv_timer_init(server->loop, &server->sweep_timer));
     server->sweep_timer.data = server;
-    uv_timer_start(&server->sweep_timer, on_sweep, 200, 200);
-    uv_timer_init(server->loop, &server->stop_timer);
+    MOE_UV_TRY(uv_timer_start(&server->sweep_timer, on_sweep, 200, 200));
+    MOE_UV_TRY(uv_timer_init(server->loop, &server->stop_timer));
     server->stop_timer.data = server;
-    uv_signal_init(server->loop, &server->sigterm);
-    uv_signal_init(server->loop, &server->sigint);
-    uv_signal_init(server->loop, &server->sighup);
+    MOE_UV_TRY(uv_signal_init(server->loop, &server->sigterm));
+    MOE_UV_TRY(uv_signal_init(server->loop, &server->sigint));
+    MOE_UV_TRY(uv_signal_init(server->loop, &server->sighup));
     server->sigterm.data = server->sigint.data = server->sighup.data = server;
-    uv_signal_start(&server->sigterm, on_signal, SIGTERM);
-    uv_signal_start(&server->sigint, on_signal, SIGINT);
-    if (rank == 0) uv_signal_start(&server->sighup, on_signal, SIGHUP);
+    MOE_UV_TRY(uv_signal_start(&server->sigterm, on_signal, SIGTERM));
+    MOE_UV_TRY(uv_signal_start(&server->sigint, on_signal, SIGINT));
+    if (rank == 0) MOE_UV_TRY(uv_signal_start(&server->sighup, on_signal, SIGHUP));
     MOE_CHECK(listen_on(server, serve->data, rank, true, &server->data_listener, server->data_path, 0666, false,
                         "serve.data", msg, msg_size));
     server->data_listening = true;
