@@ -25,6 +25,13 @@ static void *watchdog_main(void *arg) {
     while (atomic_load(&watchdog_running)) {
         struct timespec ts = {0, 200 * 1000 * 1000};
         nanosleep(&ts, NULL);
+        char msg[512];
+        const moe_backend_ops_t *ops = daemon->backend.ops;
+        if (ops != NULL && ops->check != NULL && ops->check(daemon->backend.state, msg, sizeof msg) != MOE_OK) {
+            moe_log(MOE_LOG_ERROR, "watchdog", "rank %d: %s; aborting the job", daemon->ep.rank, msg);
+            moe_mpi_abort_job(3);
+            _exit(3);
+        }
         int timeout_ms = atomic_load(&daemon->stall_timeout_ms);
         double since = daemon->collective_since, limit = timeout_ms / 1e3;
         if (since > 0 && moe_now() - since > limit) {

@@ -26,6 +26,10 @@ typedef struct {
     /* Device-timed iterations for moe-bench (NULL: time on the host). */
     moe_err_t (*bench)(void *state, int layer, int n_tokens, int warmup, int iters, double *ms_per_iter,
                        char *msg, size_t msg_size);
+    /* For the watchdog thread, while the compute thread runs: MOE_OK, or an
+     * asynchronous communication error (NCCL) with its message; then the
+     * communicators are aborted. NULL: nothing to check (cpu). */
+    moe_err_t (*check)(void *state, char *msg, size_t msg_size);
     /* What runs it ("cpu, 2 threads", "NVIDIA H200, 132 SMs, ..."). */
     const char *(*device)(const void *state);
     void (*destroy)(void *state);

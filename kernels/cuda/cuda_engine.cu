@@ -309,3 +309,21 @@ extern "C" void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config
 extern "C" int moe_cuda_slot_count(const moe_cuda_engine_t *engine) { return engine->slots.n_slots; }
 extern "C" const int *moe_cuda_placement(const moe_cuda_engine_t *engine) { return engine->slots.slot_expert; }
 extern "C" const char *moe_cuda_device_name(const moe_cuda_engine_t *engine) { return engine->device_name; }
+
+extern "C" moe_err_t moe_cuda_check(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
+    if (!engine->have_comm) return MOE_OK;
+    ncclComm_t comms[2] = {engine->comm, engine->comm_balancer};
+    for (int i = 0; i < 2; i++) {
+        ncclResult_t async = ncclSuccess;
+        ncclResult_t rc = ncclCommGetAsyncError(comms[i], &async);
+        if (rc == ncclSuccess && async == ncclSuccess) continue;
+        ncclResult_t error = rc != ncclSuccess ? rc : async;
+        moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "NCCL %s communicator: %s (%s)", i == 0 ? "main" : "balancer",
+                    ncclGetErrorString(error), ncclGetLastError(comms[i]));
+        ncclCommAbort(engine->comm);
+        ncclCommAbort(engine->comm_balancer);
+        engine->have_comm = false;
+        return MOE_ERR_MPI;
+    }
+    return MOE_OK;
+}

@@ -48,6 +48,11 @@ void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config_t *cfg);
 int moe_cuda_slot_count(const moe_cuda_engine_t *engine);
 const int *moe_cuda_placement(const moe_cuda_engine_t *engine);
 
+/* Polls the NCCL communicators for an asynchronous error (safe from another
+ * thread: the watchdog's); on one, aborts them (so a rank stuck in a
+ * collective returns) and returns MOE_ERR_MPI with NCCL's message. */
+moe_err_t moe_cuda_check(moe_cuda_engine_t *engine, char *msg, size_t msg_size);
+
 /* "NVIDIA H200, 132 SMs, 139.8 GiB, cc 9.0" */
 const char *moe_cuda_device_name(const moe_cuda_engine_t *engine);
 
