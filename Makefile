@@ -135,12 +135,14 @@ asan:
 
 install: $(BINS)
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/moed/examples \
-	    $(DESTDIR)$(PREFIX)/libexec/moed $(DESTDIR)$(PREFIX)/share/moed/systemd
+	    $(DESTDIR)$(PREFIX)/libexec/moed $(DESTDIR)$(PREFIX)/share/moed/systemd \
+	    $(DESTDIR)$(PREFIX)/share/doc/moed
 	install -m 0755 $(BINS) $(DESTDIR)$(PREFIX)/bin/
 	install -m 0755 systemd/moed-signal-rank0 $(DESTDIR)$(PREFIX)/libexec/moed/
 	install -m 0644 config/moed.example.yaml $(DESTDIR)$(PREFIX)/share/moed/
 	install -m 0644 config/examples/*.yaml $(DESTDIR)$(PREFIX)/share/moed/examples/
 	install -m 0644 systemd/moed.service systemd/moed.env $(DESTDIR)$(PREFIX)/share/moed/systemd/
+	install -m 0644 README.md protocol/PROTOCOL.md $(DESTDIR)$(PREFIX)/share/doc/moed/
 
 deps:
 	bash scripts/deps.sh
