@@ -96,6 +96,13 @@ void moe_conn_write_json(moe_conn_t *conn, cJSON *value);
 void moe_conn_close(moe_conn_t *conn);
 moe_conn_t *moe_server_find_conn(moe_server_t *server, uint64_t id);
 
+/* server.c: the libuv callbacks server_start.c installs */
+void moe_server_on_connection(uv_stream_t *listener, int status);
+void moe_server_on_outbound(uv_async_t *async);
+void moe_server_on_sweep(uv_timer_t *timer);
+/* server_start.c: reads serve.token_file (a failed read keeps the old token) */
+moe_err_t moe_server_read_token(moe_server_t *server, const char *path, char *msg, size_t msg_size);
+
 /* control.c */
 void moe_control_on_line(moe_conn_t *conn, char *line);
 void moe_control_reload_done(moe_server_t *server, const moe_event_t *event);

@@ -29,12 +29,14 @@ extern "C" {
  * n_ranks ranks from per-expert loads (double, >= 0). Deterministic: the same
  * inputs give the same placement on every rank (ties broken by lower index).
  *   1. replicate: every expert one slot; each remaining slot to the expert with
- *      the largest load per replica (ties: lower expert id);
+ *      the largest load per replica (ties: fewer replicas, then lower expert
+ *      id — so all-zero loads spread the extra slots round-robin);
  *   2. pack: sort the replicas by load per replica, descending (ties: lower
  *      expert id), put each on the rank with the least load that still has a
- *      free slot (ties: lower rank); a rank never holds two replicas of the
- *      same expert when avoidable (if the least-loaded rank with room already
- *      has that expert, take the next least-loaded one with room that does not);
+ *      free slot (ties: fewer filled slots, then lower rank); a rank never
+ *      holds two replicas of the same expert when avoidable (if the
+ *      least-loaded rank with room already has that expert, take the next
+ *      least-loaded one with room that does not);
  *   3. hierarchical (ranks_per_node > 0, n_ranks divisible by it, n_nodes > 1):
  *      first pack whole experts onto nodes by the same greedy rule (balance
  *      node loads, ties: fewer experts, then lower node; at most

@@ -57,14 +57,7 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
     for (int l = 0; l < cfg.model.n_layers && !failed; l++) {
         int layer = cfg.model.layer_ids[l];
         moe_test_fill_random(x, (size_t)n_tokens * H, seed + (uint64_t)l * 7919);
-        for (int t = 0; t < n_tokens; t++)
-            for (int i = 0; i < k; i++) {
-                client_ids[t * k + i] = (int32_t)((moe_synth_mix(seed + t) + (uint64_t)i * 3) % (uint64_t)E);
-                for (int j = 0; j < i; j++)
-                    if (client_ids[t * k + j] == client_ids[t * k + i])
-                        client_ids[t * k + i] = (client_ids[t * k + i] + 1) % E, j = -1;
-                client_w[t * k + i] = 0.25f + 0.5f * (float)i;
-            }
+        moe_test_client_routing(seed, n_tokens, k, E, client_ids, client_w);
         int client = cfg.model.routing.method == MOE_ROUTE_CLIENT;
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) out[i] = NAN; /* poison */
         memset(slot_counts, 0, sizeof slot_counts);

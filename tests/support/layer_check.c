@@ -29,6 +29,17 @@ const moe_test_case_t moe_test_cases[] = {
 };
 const int moe_test_case_count = (int)(sizeof moe_test_cases / sizeof moe_test_cases[0]);
 
+void moe_test_client_routing(uint64_t seed, int n_tokens, int k, int experts, int32_t *ids, float *weights) {
+    for (int t = 0; t < n_tokens; t++)
+        for (int i = 0; i < k; i++) {
+            int32_t id = (int32_t)((moe_synth_mix(seed + (uint64_t)t) + (uint64_t)i * 3) % (uint64_t)experts);
+            for (int j = 0; j < i; j++) /* distinct within the token */
+                if (ids[t * k + j] == id) id = (id + 1) % experts, j = -1;
+            ids[t * k + i] = id;
+            weights[t * k + i] = 0.25f + 0.5f * (float)i;
+        }
+}
+
 void moe_test_case_config(const moe_test_case_t *c, int n_ranks, moe_config_t *cfg) {
     moe_config_defaults(cfg);
     moe_model_config_t *m = &cfg->model;
@@ -89,14 +100,7 @@ double moe_test_layer_check(const moe_config_t *cfg, moe_ep_t ep, int n_tokens, 
     for (int l = 0; l < cfg->model.n_layers; l++) {
         int layer = cfg->model.layer_ids[l];
         moe_test_fill_random(x, (size_t)n_tokens * H, seed + (uint64_t)l);
-        /* client routing: distinct ids, arbitrary positive weights */
-        for (int t = 0; t < n_tokens; t++)
-            for (int i = 0; i < k; i++) {
-                client_ids[t * k + i] = (int32_t)((moe_synth_mix(seed + t) + (uint64_t)i * 3) % (uint64_t)E);
-                for (int j = 0; j < i; j++)
-                    if (client_ids[t * k + j] == client_ids[t * k + i]) client_ids[t * k + i] = (client_ids[t * k + i] + 1) % E, j = -1;
-                client_w[t * k + i] = 0.25f + 0.5f * (float)i;
-            }
+        moe_test_client_routing(seed, n_tokens, k, E, client_ids, client_w);
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) out[i] = NAN; /* poison */
         moe_route_trace_t trace = {ids, weights, NULL, NULL};
         bool client = cfg->model.routing.method == MOE_ROUTE_CLIENT;

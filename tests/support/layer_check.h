@@ -20,6 +20,10 @@ typedef struct {
 extern const moe_test_case_t moe_test_cases[];
 extern const int moe_test_case_count;
 
+/* Client-supplied routing for n_tokens tokens: k distinct expert ids per
+ * token drawn from seed, weights 0.25, 0.75, 1.25, ... */
+void moe_test_client_routing(uint64_t seed, int n_tokens, int k, int experts, int32_t *ids, float *weights);
+
 /* A small synthetic model configured for the case on n_ranks ranks. */
 void moe_test_case_config(const moe_test_case_t *c, int n_ranks, moe_config_t *cfg);
 
