@@ -329,7 +329,7 @@ static bool never_reads(int rank, uint64_t seed) {
 }
 
 Test(daemon, bad_input_does_not_hurt_others, .timeout = 180, .fini = fini) {
-    moe_test_daemon_opts_t opts = {.request_timeout_ms = 1000, .max_output_bytes = 131072,
+    moe_test_daemon_opts_t opts = {.request_timeout_ms = 3000, .max_output_bytes = 131072,
                                    .max_request_tokens = 256, .max_frame_bytes = 1 << 20};
     start(&opts);
     /* good clients on both ranks, checking every answer throughout */
@@ -418,7 +418,7 @@ Test(daemon, bad_input_does_not_hurt_others, .timeout = 180, .fini = fini) {
         moe_test_conn_close(&c); /* a whole request, gone before its answer */
     }
     double drip_s = slow_drip(1);
-    cr_assert(drip_s < 6.0, "slow drip closed after %.1f s (request_timeout_ms 1000)", drip_s);
+    cr_assert(drip_s > 2.5 && drip_s < 9.0, "slow drip closed after %.1f s (request_timeout_ms 3000)", drip_s);
     cr_assert(never_reads(0, seed_), "a client that never reads was not disconnected; log:\n%s", LOG_TAIL());
     cr_assert(never_reads(1, seed_ + 1), "rank 1: a client that never reads was not disconnected");
 
