@@ -114,20 +114,24 @@ const moe_config_field_t moe_config_fields[] = {
     F_ENUM("moe.backend", moe.backend, backend_names, "cpu", false,
            "cpu (reference, always built) or cuda"),
     F_ENUM("moe.gemm", moe.gemm, gemm_names, "auto", true,
-           "CUDA expert GEMM: cublas, grouped, or auto (autotuned per token bucket)"),
+           "CUDA expert GEMM: cublas; auto (= cublas until the autotuner exists); grouped "
+           "(moed's own kernel) is refused at startup in this version"),
     F_ENUM("moe.comm", moe.comm, comm_names, "auto", false,
-           "token exchange: alltoall, allgather, or auto per step; not reloadable because "
-           "the exchange buffers are sized for it at startup"),
+           "token exchange: alltoall; auto (= alltoall in this version); allgather is "
+           "refused at startup in this version. Not reloadable: buffers are sized for it"),
     F_INT("moe.max_tokens_per_step", moe.max_tokens_per_step, "8192", 1, K * K, true,
           "tokens one step takes off the queue, at most"),
     F_INT("moe.chunking.max_tokens_per_chunk", moe.chunking.max_tokens_per_chunk, "4096", 1,
           K * K, true, "a larger step runs as chunks of at most this many tokens"),
     F_BOOL("moe.chunking.overlap", moe.chunking.overlap, "true", true,
-           "overlap chunk i+1's dispatch with chunk i's experts"),
+           "overlap chunk i+1's dispatch with chunk i's experts (accepted; chunks run one "
+           "after another in this version)"),
     F_INT("moe.autotune.max_tokens", moe.autotune.max_tokens, "16384", 1, K * K, false,
-          "largest token-count bucket the GEMM autotuner times"),
+          "largest token-count bucket the GEMM autotuner times (the autotuner is not in "
+          "this version)"),
     F_STRING("moe.autotune.cache", moe.autotune.cache, "", false,
-             "file caching the autotuner's choices; empty = tune at every start"),
+             "file caching the autotuner's choices; empty = tune at every start (the "
+             "autotuner is not in this version)"),
 
     F_ENUM("eplb.mode", eplb.mode, eplb_mode_names, "off", false,
            "off: slot = expert; static: placement from config; online: from live statistics; "

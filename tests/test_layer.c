@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "../kernels/cpu/moe_cpu.h"
+#include "../kernels/moe_backend.h"
 
 #include "support/dense_ref.h"
 #include "support/layer_check.h"
@@ -60,4 +61,23 @@ Test(layer, rejects_shapes_that_cannot_be_placed, .timeout = 30) {
     cr_assert_eq(moe_cpu_create(&cfg, three, &engine, msg, sizeof msg), MOE_ERR_CONFIG);
     cr_assert(strstr(msg, "3 ranks") != NULL, "%s", msg);
     cr_assert_null(engine);
+}
+
+Test(layer, backend_table_refuses_what_this_version_lacks, .timeout = 30) {
+    moe_config_t cfg;
+    moe_test_case_config(&moe_test_cases[0], 1, &cfg);
+    char msg[512] = "";
+    moe_backend_t backend;
+    cfg.moe.comm = MOE_COMM_ALLGATHER;
+    cr_assert_eq(moe_backend_create(&cfg, moe_ep_single(), &backend, msg, sizeof msg), MOE_ERR_UNSUPPORTED);
+    cr_assert(strstr(msg, "allgather") != NULL, "%s", msg);
+    cfg.moe.comm = MOE_COMM_AUTO;
+    cr_assert_eq(moe_backend_create(&cfg, moe_ep_single(), &backend, msg, sizeof msg), MOE_OK, "%s", msg);
+    cr_assert_str_eq(backend.ops->name, "cpu");
+    moe_backend_destroy(&backend);
+    /* no GPU on the test machines: cuda is either not built or finds no device */
+    cfg.moe.backend = MOE_BACKEND_CUDA;
+    cr_assert_neq(moe_backend_create(&cfg, moe_ep_single(), &backend, msg, sizeof msg), MOE_OK);
+    cr_assert(strstr(msg, "cuda") != NULL, "%s", msg);
+    moe_backend_destroy(&backend);
 }
