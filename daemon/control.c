@@ -245,16 +245,35 @@ static void cmd_reload(command_t *cmd) {
 }
 
 static void cmd_rebalance(command_t *cmd) {
-    const moe_eplb_config_t *eplb = &daemon_of(cmd)->io_cfg.eplb;
-    if (eplb->mode == MOE_EPLB_OFF)
+    moe_daemon_t *d = daemon_of(cmd);
+    const moe_eplb_config_t *eplb = &d->io_cfg.eplb;
+    if (eplb->mode == MOE_EPLB_OFF) {
         fail(cmd, "eplb_off", "EPLB is off (eplb.mode: off): every expert has one fixed slot; set eplb.mode to "
                               "online to rebalance%s", NULL);
-    else if (eplb->mode == MOE_EPLB_STATIC)
-        fail(cmd, "eplb_static", "eplb.mode is static: the placement comes from the config; change it and "
-                                 "reload, or set eplb.mode online%s", NULL);
-    else
-        fail(cmd, "eplb_unavailable", "online rebalancing is not in this version of moed; the placement "
-                                      "stays as configured%s", NULL);
+        return;
+    }
+    if (eplb->mode == MOE_EPLB_STATIC) {
+        fail(cmd, "eplb_static", "eplb.mode is static: the placement comes from the config; set eplb.mode online "
+                                 "(restart) to rebalance%s", NULL);
+        return;
+    }
+    int layer = -1;
+    if (!int_arg(cmd, "layer", 0, 1 << 30, &layer)) return;
+    bool served = layer < 0;
+    for (int i = 0; i < d->io_cfg.model.n_layers && !served; i++) served = d->io_cfg.model.layer_ids[i] == layer;
+    if (!served) {
+        char text[64];
+        snprintf(text, sizeof text, "%d", layer);
+        fail(cmd, "bad_request", "layer %s is not served", text);
+        return;
+    }
+    /* taken by the step loop at the next boundary, on every rank */
+    atomic_store(&d->rebalance_requested, layer < 0 ? -1 : layer + 1);
+    cmd->result = cJSON_CreateObject();
+    cJSON_AddTrueToObject(cmd->result, "scheduled");
+    if (layer < 0) cJSON_AddStringToObject(cmd->result, "layers", "all");
+    else cJSON_AddNumberToObject(cmd->result, "layer", layer);
+    cJSON_AddNumberToObject(cmd->result, "after_step", (double)atomic_load(&d->step));
 }
 
 static void cmd_drain(command_t *cmd) {

@@ -77,7 +77,8 @@ static int serve(const char *path, moe_ep_t ep) {
     pthread_mutex_init(&daemon.outbound_lock, NULL);
     pthread_mutex_init(&daemon.reload_lock, NULL);
     int n_slots = daemon.backend.ops->slot_count(daemon.backend.state);
-    ok = moe_stats_init(&daemon.stats, &daemon.cfg, ep.size, n_slots, daemon.backend.ops->placement(daemon.backend.state)) == MOE_OK;
+    ok = moe_stats_init(&daemon.stats, &daemon.cfg, ep.size, n_slots, daemon.backend.ops->placement,
+                        daemon.backend.state) == MOE_OK;
     if (ok) {
         ok = moe_server_start(&daemon, msg, sizeof msg) == MOE_OK;
         if (!ok) moe_log(MOE_LOG_ERROR, "main", "%s", msg);

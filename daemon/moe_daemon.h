@@ -99,6 +99,7 @@ typedef struct moe_daemon {
     _Atomic double oldest_queued;  /* arrival of the oldest queued request, 0 if none */
     _Atomic double collective_since; /* >0 while inside a step or collective with peers (watchdog) */
     atomic_int stall_timeout_ms;     /* scheduler.stall_timeout_ms, readable by the watchdog */
+    atomic_int rebalance_requested;  /* rank 0: 0 none, -1 every layer, else layer + 1 (control `rebalance`) */
 
     moe_stats_t stats;
     uv_loop_t loop;

@@ -27,7 +27,15 @@ typedef struct {
     int layer;
     long long steps;
     long long bucket_stamp[MOE_STATS_BUCKETS + 1];
-    int64_t *bucket_loads; /* [(BUCKETS + 1) * n_slots] */
+    /* per bucket: E expert loads, then R rank loads (converted from slot
+     * loads with the placement in force at that step, so a rebalance does
+     * not mix placements) */
+    int64_t *bucket_loads;
+    int *placement;          /* [n_slots] slot -> expert now */
+    long long rebalances;
+    long long migration_bytes; /* all ranks, all rebalances */
+    double migration_ms;       /* the last rebalance's */
+    double imbalance_before, imbalance_after; /* predicted, at the last rebalance */
 } moe_layer_stats_t;
 
 /* Request counters each rank reports at every agreement; rank 0 sums them
@@ -50,7 +58,6 @@ typedef struct moe_stats {
     int experts;
     int window_steps;
     moe_layer_stats_t *layers;
-    int placement[MOE_MAX_SLOTS];
 
     long long completed;
     long long completed_tokens;
@@ -71,8 +78,9 @@ typedef struct moe_stats {
     long long cluster[MOE_COUNTERS];
 } moe_stats_t;
 
+/* placement(layer) gives each layer's initial slot -> expert table. */
 moe_err_t moe_stats_init(moe_stats_t *stats, const moe_config_t *cfg, int n_ranks, int n_slots,
-                         const int *placement);
+                         const int *(*placement)(const void *ctx, int layer), const void *ctx);
 void moe_stats_destroy(moe_stats_t *stats);
 /* Applies a reloaded window length (eplb.window_steps). */
 void moe_stats_reconfigure(moe_stats_t *stats, const moe_config_t *cfg);
@@ -80,9 +88,18 @@ void moe_stats_reconfigure(moe_stats_t *stats, const moe_config_t *cfg);
 void moe_stats_completed(moe_stats_t *stats, double now, double latency_s, int n_tokens);
 void moe_stats_rejected(moe_stats_t *stats, uint32_t status);
 /* One finished step of model layer `layer`; slot_loads (n_slots entries,
- * summed over ranks) may be NULL on ranks other than 0. */
+ * summed over ranks) may be NULL. */
 void moe_stats_step(moe_stats_t *stats, long long step, int layer, double step_s,
                     const int64_t *slot_loads);
+
+/* Expert loads of a layer over the window ending at `step` (E values). */
+void moe_stats_window_expert_loads(moe_stats_t *stats, int layer, long long step, double *expert_loads);
+
+/* A rebalance of `layer` took effect: its new placement, the predicted
+ * imbalance before and after, the bytes of weights loaded on all ranks and
+ * the time it took. */
+void moe_stats_rebalanced(moe_stats_t *stats, int layer, const int *placement, double before, double after,
+                          long long bytes, double ms);
 
 /* This rank's counters (MOE_COUNTERS values); queued is passed in. */
 void moe_stats_local_counters(moe_stats_t *stats, double now, long long queued, long long *out);

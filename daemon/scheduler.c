@@ -16,6 +16,7 @@
 #include <time.h>
 
 #include "../config/moe_log.h"
+#include "../kernels/moe_eplb.h"
 #include "moe_daemon.h"
 
 typedef struct {
@@ -26,6 +27,7 @@ typedef struct {
 typedef struct {
     moe_daemon_t *daemon;
     bool closed;           /* this rank's inbound queue is closed (shutdown) */
+    long long last_rebalance_check; /* the step EPLB last looked at */
     fifo_t *fifos;
     int n_layers;
     long long *record;     /* this rank's agreement record */
@@ -37,7 +39,7 @@ typedef struct {
     int64_t *slot_loads, *slot_loads_sum;
 } scheduler_t;
 
-enum { REC_EPOCH = 0, REC_DRAIN, REC_SHUTDOWN, REC_CLOSED, REC_COUNTERS, REC_FIXED = REC_COUNTERS + MOE_COUNTERS };
+enum { REC_EPOCH = 0, REC_DRAIN, REC_SHUTDOWN, REC_CLOSED, REC_REBALANCE, REC_COUNTERS, REC_FIXED = REC_COUNTERS + MOE_COUNTERS };
 
 static void sleep_us(long us) {
     struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
@@ -146,6 +148,7 @@ static moe_err_t agree(scheduler_t *s, double now) {
     rec[REC_DRAIN] = atomic_load(&daemon->draining);
     rec[REC_SHUTDOWN] = atomic_load(&daemon->shutdown);
     rec[REC_CLOSED] = s->closed;
+    rec[REC_REBALANCE] = daemon->ep.rank == 0 ? atomic_exchange(&daemon->rebalance_requested, 0) : 0;
     moe_stats_local_counters(&daemon->stats, moe_now(), atomic_load(&daemon->queued_requests), rec + REC_COUNTERS);
     for (int l = 0; l < s->n_layers; l++) {
         rec[REC_FIXED + l] = s->fifos[l].tokens;
@@ -211,6 +214,55 @@ static moe_err_t apply_reload(scheduler_t *s, int epoch) {
     event->step = step;
     event->ok = true;
     moe_daemon_post(daemon, event);
+    return MOE_OK;
+}
+
+/* EPLB online (DESIGN §6): a placement from the window's expert loads,
+ * computed identically on every rank, adopted when it cuts the predicted
+ * imbalance by eplb.min_improvement (or when `rebalance` forced it and it
+ * is better at all), migrated at this step boundary by every rank. A
+ * migration that fails on any rank ends the job: ranks serving with
+ * different placements would compute wrong results. */
+static moe_err_t rebalance_layer(scheduler_t *s, int layer, bool forced) {
+    moe_daemon_t *daemon = s->daemon;
+    const moe_config_t *cfg = &daemon->cfg;
+    const int E = cfg->model.experts, R = daemon->ep.size;
+    const int n_slots = daemon->backend.ops->slot_count(daemon->backend.state);
+    double loads[MOE_MAX_EXPERTS], total = 0;
+    moe_stats_window_expert_loads(&daemon->stats, layer, atomic_load(&daemon->step), loads);
+    for (int e = 0; e < E; e++) total += loads[e];
+    if (total <= 0) return MOE_OK;
+    const int *current = daemon->backend.ops->placement(daemon->backend.state, layer);
+    static int next[MOE_MAX_SLOTS];
+    char msg[512] = "";
+    if (moe_eplb_place(loads, E, n_slots, R, cfg->eplb.ranks_per_node, next, NULL, msg, sizeof msg) != MOE_OK) {
+        moe_log(MOE_LOG_WARN, "eplb", "layer %d: no placement: %s", layer, msg);
+        return MOE_OK;
+    }
+    double before = moe_eplb_imbalance(loads, E, current, n_slots, R, NULL);
+    double after = moe_eplb_imbalance(loads, E, next, n_slots, R, NULL);
+    bool adopt = forced ? after < before : moe_eplb_should_adopt(before, after, cfg->eplb.min_improvement);
+    if (!adopt || memcmp(current, next, sizeof(int) * (size_t)n_slots) == 0) return MOE_OK;
+    double start = moe_now();
+    int64_t bytes = 0;
+    moe_err_t err = daemon->backend.ops->migrate(daemon->backend.state, layer, next, &bytes, msg, sizeof msg);
+    long long result[2] = {err != MOE_OK, bytes};
+    if (R > 1) {
+        MPI_Request request;
+        MOE_CHECK(collective(daemon, MPI_Iallreduce(MPI_IN_PLACE, result, 2, MPI_LONG_LONG, MPI_SUM, daemon->ep.comm,
+                                                    &request),
+                             &request, "migration outcome (MPI_Iallreduce)"));
+    }
+    if (result[0] != 0) {
+        moe_log(MOE_LOG_ERROR, "eplb", "layer %d: migration failed on %lld rank(s)%s%s; ending the job", layer,
+                result[0], err != MOE_OK ? ": " : "", err != MOE_OK ? msg : "");
+        return MOE_ERR_INTERNAL;
+    }
+    double ms = (moe_now() - start) * 1e3;
+    moe_stats_rebalanced(&daemon->stats, layer, next, before, after, result[1], ms);
+    if (daemon->ep.rank == 0)
+        moe_log(MOE_LOG_INFO, "eplb", "layer %d: new placement, predicted imbalance %.3f -> %.3f; %lld bytes of "
+                "weights loaded in %.1f ms", layer, before, after, result[1], ms);
     return MOE_OK;
 }
 
@@ -302,14 +354,15 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
     long long step = atomic_fetch_add(&daemon->step, 1) + 1;
     if (daemon->ep.size > 1) {
         MPI_Request request;
-        MOE_CHECK(collective(daemon, MPI_Ireduce(s->slot_loads, s->slot_loads_sum, n_slots, MPI_INT64_T, MPI_SUM, 0,
-                                                 daemon->ep.comm, &request),
-                             &request, "slot loads (MPI_Ireduce)"));
+        /* every rank keeps the same window, so that EPLB computes the same
+         * placement everywhere without a broadcast (DESIGN §6) */
+        MOE_CHECK(collective(daemon, MPI_Iallreduce(s->slot_loads, s->slot_loads_sum, n_slots, MPI_INT64_T, MPI_SUM,
+                                                    daemon->ep.comm, &request),
+                             &request, "slot loads (MPI_Iallreduce)"));
     } else {
         memcpy(s->slot_loads_sum, s->slot_loads, sizeof(int64_t) * (size_t)n_slots);
     }
-    moe_stats_step(&daemon->stats, step, cfg->model.layer_ids[pos], elapsed,
-                   daemon->ep.rank == 0 ? s->slot_loads_sum : NULL);
+    moe_stats_step(&daemon->stats, step, cfg->model.layer_ids[pos], elapsed, s->slot_loads_sum);
     daemon->last_step_done = moe_now();
     return MOE_OK;
 }
@@ -382,6 +435,21 @@ moe_err_t moe_scheduler_run(moe_daemon_t *daemon) {
         /* step boundary: what every rank agreed on */
         if (s.records[REC_EPOCH] > daemon->epoch && (ret = apply_reload(&s, (int)s.records[REC_EPOCH])) != MOE_OK)
             break;
+        /* EPLB at the boundary: every rebalance_every_steps steps, or when
+         * rank 0 was asked (record of rank 0: -1 every layer, else layer+1) */
+        long long forced = s.records[REC_REBALANCE];
+        long long steps_done = atomic_load(&daemon->step);
+        if (daemon->cfg.eplb.mode == MOE_EPLB_ONLINE &&
+            (forced != 0 || (steps_done > 0 && steps_done != s.last_rebalance_check &&
+                             steps_done % daemon->cfg.eplb.rebalance_every_steps == 0))) {
+            s.last_rebalance_check = steps_done;
+            for (int l = 0; l < s.n_layers && ret == MOE_OK; l++) {
+                int layer = daemon->cfg.model.layer_ids[l];
+                if (forced > 0 && forced - 1 != layer) continue;
+                ret = rebalance_layer(&s, layer, forced != 0);
+            }
+            if (ret != MOE_OK) break;
+        }
         bool drain = false, shutdown = false, all_closed = true;
         for (int r = 0; r < daemon->ep.size; r++) {
             drain |= s.records[(size_t)r * count + REC_DRAIN] != 0;

@@ -10,7 +10,7 @@ static const double hist_bounds[MOE_STATS_HIST_BOUNDS] = {0.0005, 0.001, 0.002, 
                                                          0.05,   0.1,   0.2,   0.5,   1.0,  5.0};
 
 moe_err_t moe_stats_init(moe_stats_t *stats, const moe_config_t *cfg, int n_ranks, int n_slots,
-                         const int *placement) {
+                         const int *(*placement)(const void *ctx, int layer), const void *ctx) {
     memset(stats, 0, sizeof *stats);
     pthread_mutex_init(&stats->lock, NULL);
     stats->n_layers = cfg->model.n_layers;
@@ -18,20 +18,28 @@ moe_err_t moe_stats_init(moe_stats_t *stats, const moe_config_t *cfg, int n_rank
     stats->n_ranks = n_ranks;
     stats->experts = cfg->model.experts;
     stats->window_steps = cfg->eplb.window_steps > 0 ? cfg->eplb.window_steps : 1000;
-    memcpy(stats->placement, placement, sizeof(int) * (size_t)n_slots);
     stats->layers = calloc((size_t)stats->n_layers, sizeof *stats->layers);
     if (stats->layers == NULL) return MOE_ERR_NOMEM;
+    const size_t width = (size_t)stats->experts + (size_t)n_ranks;
     for (int l = 0; l < stats->n_layers; l++) {
-        stats->layers[l].layer = cfg->model.layer_ids[l];
-        stats->layers[l].bucket_loads = calloc((size_t)(MOE_STATS_BUCKETS + 1) * n_slots, sizeof(int64_t));
-        if (stats->layers[l].bucket_loads == NULL) return MOE_ERR_NOMEM;
-        for (int b = 0; b <= MOE_STATS_BUCKETS; b++) stats->layers[l].bucket_stamp[b] = -1;
+        moe_layer_stats_t *ls = &stats->layers[l];
+        ls->layer = cfg->model.layer_ids[l];
+        ls->bucket_loads = calloc((size_t)(MOE_STATS_BUCKETS + 1) * width, sizeof(int64_t));
+        ls->placement = malloc(sizeof(int) * (size_t)n_slots);
+        const int *initial = placement(ctx, ls->layer);
+        if (ls->bucket_loads == NULL || ls->placement == NULL || initial == NULL) return MOE_ERR_NOMEM;
+        memcpy(ls->placement, initial, sizeof(int) * (size_t)n_slots);
+        for (int b = 0; b <= MOE_STATS_BUCKETS; b++) ls->bucket_stamp[b] = -1;
+        ls->imbalance_before = ls->imbalance_after = NAN;
     }
     return MOE_OK;
 }
 
 void moe_stats_destroy(moe_stats_t *stats) {
-    for (int l = 0; stats->layers != NULL && l < stats->n_layers; l++) free(stats->layers[l].bucket_loads);
+    for (int l = 0; stats->layers != NULL && l < stats->n_layers; l++) {
+        free(stats->layers[l].bucket_loads);
+        free(stats->layers[l].placement);
+    }
     free(stats->layers);
     stats->layers = NULL;
     pthread_mutex_destroy(&stats->lock);
@@ -84,6 +92,8 @@ void moe_stats_step(moe_stats_t *stats, long long step, int layer, double step_s
     stats->step_time[stats->step_count++ % MOE_STATS_SAMPLES] = step_s;
     hist_add(stats->step_hist, step_s);
     stats->step_sum += step_s;
+    const size_t width = (size_t)stats->experts + (size_t)stats->n_ranks;
+    const int per_rank = stats->n_slots / stats->n_ranks;
     for (int l = 0; l < stats->n_layers; l++) {
         moe_layer_stats_t *ls = &stats->layers[l];
         if (ls->layer != layer) continue;
@@ -91,27 +101,60 @@ void moe_stats_step(moe_stats_t *stats, long long step, int layer, double step_s
         if (slot_loads == NULL) break;
         long long stamp = step / bucket_width(stats);
         int b = (int)(stamp % (MOE_STATS_BUCKETS + 1));
-        int64_t *loads = ls->bucket_loads + (size_t)b * stats->n_slots;
+        int64_t *loads = ls->bucket_loads + (size_t)b * width;
         if (ls->bucket_stamp[b] != stamp) {
-            memset(loads, 0, sizeof(int64_t) * (size_t)stats->n_slots);
+            memset(loads, 0, sizeof(int64_t) * width);
             ls->bucket_stamp[b] = stamp;
         }
-        for (int s = 0; s < stats->n_slots; s++) loads[s] += slot_loads[s];
+        for (int s = 0; s < stats->n_slots; s++) {
+            loads[ls->placement[s]] += slot_loads[s];
+            loads[stats->experts + s / per_rank] += slot_loads[s];
+        }
         break;
     }
     pthread_mutex_unlock(&stats->lock);
 }
 
-/* Slot loads over the window ending at `step`, into loads[n_slots]. */
-static void window_loads(const moe_stats_t *stats, const moe_layer_stats_t *ls, long long step,
-                         int64_t *loads) {
+/* Expert loads (E) then rank loads (R) over the window ending at `step`. */
+static void window_loads(const moe_stats_t *stats, const moe_layer_stats_t *ls, long long step, double *loads) {
+    const size_t width = (size_t)stats->experts + (size_t)stats->n_ranks;
     long long now_stamp = step / bucket_width(stats);
-    memset(loads, 0, sizeof(int64_t) * (size_t)stats->n_slots);
+    for (size_t i = 0; i < width; i++) loads[i] = 0;
     for (int b = 0; b <= MOE_STATS_BUCKETS; b++) {
         long long stamp = ls->bucket_stamp[b];
         if (stamp < 0 || stamp < now_stamp - MOE_STATS_BUCKETS || stamp > now_stamp) continue;
-        for (int s = 0; s < stats->n_slots; s++) loads[s] += ls->bucket_loads[(size_t)b * stats->n_slots + s];
+        for (size_t i = 0; i < width; i++) loads[i] += (double)ls->bucket_loads[(size_t)b * width + i];
     }
+}
+
+static moe_layer_stats_t *find_layer(moe_stats_t *stats, int layer) {
+    for (int l = 0; l < stats->n_layers; l++)
+        if (stats->layers[l].layer == layer) return &stats->layers[l];
+    return NULL;
+}
+
+void moe_stats_window_expert_loads(moe_stats_t *stats, int layer, long long step, double *expert_loads) {
+    double loads[MOE_MAX_EXPERTS + MOE_MAX_SLOTS];
+    pthread_mutex_lock(&stats->lock);
+    moe_layer_stats_t *ls = find_layer(stats, layer);
+    if (ls != NULL) window_loads(stats, ls, step, loads);
+    for (int e = 0; e < stats->experts; e++) expert_loads[e] = ls != NULL ? loads[e] : 0.0;
+    pthread_mutex_unlock(&stats->lock);
+}
+
+void moe_stats_rebalanced(moe_stats_t *stats, int layer, const int *placement, double before, double after,
+                          long long bytes, double ms) {
+    pthread_mutex_lock(&stats->lock);
+    moe_layer_stats_t *ls = find_layer(stats, layer);
+    if (ls != NULL) {
+        memcpy(ls->placement, placement, sizeof(int) * (size_t)stats->n_slots);
+        ls->rebalances++;
+        ls->migration_bytes += bytes;
+        ls->migration_ms = ms;
+        ls->imbalance_before = before;
+        ls->imbalance_after = after;
+    }
+    pthread_mutex_unlock(&stats->lock);
 }
 
 static int compare_double(const void *a, const void *b) {
@@ -163,14 +206,15 @@ void moe_stats_set_cluster(moe_stats_t *stats, const long long *sums) {
     pthread_mutex_unlock(&stats->lock);
 }
 
+static void add_number_or_null(cJSON *obj, const char *name, double value) {
+    if (isfinite(value)) cJSON_AddNumberToObject(obj, name, value);
+    else cJSON_AddNullToObject(obj, name);
+}
+
 static cJSON *layer_json(const moe_stats_t *stats, const moe_layer_stats_t *ls, long long step) {
-    int64_t *loads = malloc(sizeof(int64_t) * (size_t)stats->n_slots);
+    double loads[MOE_MAX_EXPERTS + MOE_MAX_SLOTS];
     cJSON *obj = cJSON_CreateObject();
-    if (loads == NULL || obj == NULL) {
-        free(loads);
-        cJSON_Delete(obj);
-        return NULL;
-    }
+    if (obj == NULL) return NULL;
     window_loads(stats, ls, step, loads);
     cJSON_AddNumberToObject(obj, "layer", ls->layer);
     cJSON_AddNumberToObject(obj, "steps", (double)ls->steps);
@@ -178,31 +222,21 @@ static cJSON *layer_json(const moe_stats_t *stats, const moe_layer_stats_t *ls, 
     cJSON *experts = cJSON_AddArrayToObject(obj, "expert_loads");
     cJSON *ranks = cJSON_AddArrayToObject(obj, "rank_loads");
     cJSON *placement = cJSON_AddArrayToObject(obj, "placement");
-    double rank_load[MOE_MAX_SLOTS] = {0};
-    double expert_load[MOE_MAX_EXPERTS] = {0};
-    int per_rank = stats->n_slots / stats->n_ranks;
-    for (int s = 0; s < stats->n_slots; s++) {
-        expert_load[stats->placement[s]] += (double)loads[s];
-        rank_load[s / per_rank] += (double)loads[s];
-        cJSON_AddItemToArray(placement, cJSON_CreateNumber(stats->placement[s]));
-    }
+    for (int s = 0; s < stats->n_slots; s++) cJSON_AddItemToArray(placement, cJSON_CreateNumber(ls->placement[s]));
     double max = 0, sum = 0;
-    for (int e = 0; e < stats->experts; e++) cJSON_AddItemToArray(experts, cJSON_CreateNumber(expert_load[e]));
+    for (int e = 0; e < stats->experts; e++) cJSON_AddItemToArray(experts, cJSON_CreateNumber(loads[e]));
     for (int r = 0; r < stats->n_ranks; r++) {
-        cJSON_AddItemToArray(ranks, cJSON_CreateNumber(rank_load[r]));
-        max = rank_load[r] > max ? rank_load[r] : max;
-        sum += rank_load[r];
+        double load = loads[stats->experts + r];
+        cJSON_AddItemToArray(ranks, cJSON_CreateNumber(load));
+        max = load > max ? load : max;
+        sum += load;
     }
-    if (sum > 0) cJSON_AddNumberToObject(obj, "imbalance", max / (sum / stats->n_ranks));
-    else cJSON_AddNullToObject(obj, "imbalance");
-    /* EPLB (online rebalancing) fills these; with eplb off or static the
-     * placement never changes */
-    cJSON_AddNullToObject(obj, "imbalance_before");
-    cJSON_AddNullToObject(obj, "imbalance_after");
-    cJSON_AddNumberToObject(obj, "rebalances", 0);
-    cJSON_AddNumberToObject(obj, "migration_bytes", 0);
-    cJSON_AddNumberToObject(obj, "migration_ms", 0);
-    free(loads);
+    add_number_or_null(obj, "imbalance", sum > 0 ? max / (sum / stats->n_ranks) : NAN);
+    add_number_or_null(obj, "imbalance_before", ls->imbalance_before);
+    add_number_or_null(obj, "imbalance_after", ls->imbalance_after);
+    cJSON_AddNumberToObject(obj, "rebalances", (double)ls->rebalances);
+    cJSON_AddNumberToObject(obj, "migration_bytes", (double)ls->migration_bytes);
+    cJSON_AddNumberToObject(obj, "migration_ms", ls->migration_ms);
     return obj;
 }
 
@@ -278,20 +312,17 @@ void moe_stats_prometheus(moe_stats_t *stats, double now, FILE *out) {
     prom_histogram(out, "moed_request_latency_seconds", "Admission to answer, per request.",
                    stats->latency_hist, stats->latency_sum);
     prom_histogram(out, "moed_step_seconds", "Time of one layer step.", stats->step_hist, stats->step_sum);
-    int64_t *loads = malloc(sizeof(int64_t) * (size_t)stats->n_slots);
+    double *loads = malloc(sizeof(double) * ((size_t)MOE_MAX_EXPERTS + MOE_MAX_SLOTS));
     if (loads != NULL) {
         fprintf(out, "# HELP moed_expert_load Token-expert assignments over the EPLB window.\n"
                      "# TYPE moed_expert_load gauge\n");
         for (int l = 0; l < stats->n_layers; l++) {
             window_loads(stats, &stats->layers[l], stats->steps, loads);
-            double expert_load[MOE_MAX_EXPERTS] = {0};
-            for (int s = 0; s < stats->n_slots; s++) expert_load[stats->placement[s]] += (double)loads[s];
             for (int e = 0; e < stats->experts; e++)
-                fprintf(out, "moed_expert_load{layer=\"%d\",expert=\"%d\"} %.0f\n",
-                        stats->layers[l].layer, e, expert_load[e]);
+                fprintf(out, "moed_expert_load{layer=\"%d\",expert=\"%d\"} %.0f\n", stats->layers[l].layer, e,
+                        loads[e]);
         }
         /* one family after the other: Prometheus wants each family grouped */
-        int per_rank = stats->n_slots / stats->n_ranks;
         double imbalance[MOE_MAX_LAYERS];
         fprintf(out, "# HELP moed_rank_load Token-expert assignments per rank over the EPLB window.\n"
                      "# TYPE moed_rank_load gauge\n");
@@ -299,8 +330,7 @@ void moe_stats_prometheus(moe_stats_t *stats, double now, FILE *out) {
             window_loads(stats, &stats->layers[l], stats->steps, loads);
             double max = 0, sum = 0;
             for (int r = 0; r < stats->n_ranks; r++) {
-                double load = 0;
-                for (int s = r * per_rank; s < (r + 1) * per_rank; s++) load += (double)loads[s];
+                double load = loads[stats->experts + r];
                 fprintf(out, "moed_rank_load{layer=\"%d\",rank=\"%d\"} %.0f\n", stats->layers[l].layer, r, load);
                 max = load > max ? load : max;
                 sum += load;
@@ -313,11 +343,13 @@ void moe_stats_prometheus(moe_stats_t *stats, double now, FILE *out) {
             fprintf(out, "moed_imbalance{layer=\"%d\"} %.4f\n", stats->layers[l].layer, imbalance[l]);
         fprintf(out, "# HELP moed_rebalances_total EPLB placement swaps.\n# TYPE moed_rebalances_total counter\n");
         for (int l = 0; l < stats->n_layers; l++)
-            fprintf(out, "moed_rebalances_total{layer=\"%d\"} 0\n", stats->layers[l].layer);
-        fprintf(out, "# HELP moed_migration_bytes_total Expert weight bytes migrated by EPLB.\n"
+            fprintf(out, "moed_rebalances_total{layer=\"%d\"} %lld\n", stats->layers[l].layer,
+                    stats->layers[l].rebalances);
+        fprintf(out, "# HELP moed_migration_bytes_total Expert weight bytes migrated by EPLB (all ranks).\n"
                      "# TYPE moed_migration_bytes_total counter\n");
         for (int l = 0; l < stats->n_layers; l++)
-            fprintf(out, "moed_migration_bytes_total{layer=\"%d\"} 0\n", stats->layers[l].layer);
+            fprintf(out, "moed_migration_bytes_total{layer=\"%d\"} %lld\n", stats->layers[l].layer,
+                    stats->layers[l].migration_bytes);
         free(loads);
     }
     pthread_mutex_unlock(&stats->lock);

@@ -22,7 +22,11 @@ typedef struct {
                          moe_route_trace_t *trace, char *msg, size_t msg_size);
     void (*reconfigure)(void *state, const moe_config_t *cfg);
     int (*slot_count)(const void *state);
-    const int *(*placement)(const void *state);
+    const int *(*placement)(const void *state, int layer);
+    /* EPLB: a new placement for one layer, at a step boundary on every rank
+     * (NULL: this backend cannot migrate yet; online EPLB is refused). */
+    moe_err_t (*migrate)(void *state, int layer, const int *slot_expert, int64_t *bytes_loaded, char *msg,
+                         size_t msg_size);
     /* Device-timed iterations for moe-bench (NULL: time on the host). */
     moe_err_t (*bench)(void *state, int layer, int n_tokens, int warmup, int iters, double *ms_per_iter,
                        char *msg, size_t msg_size);

@@ -7,9 +7,61 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "../kernels/cpu/moe_cpu.h"
 #include "../kernels/moe_synth.h"
 #include "support/dense_ref.h"
 #include "support/layer_check.h"
+
+/* EPLB migration on every rank at once: the layer against the reference
+ * before and after a placement that moves experts across ranks. */
+static int check_migration(moe_ep_t ep, uint64_t seed) {
+    moe_config_t cfg;
+    moe_test_case_config(&moe_test_cases[2], ep.size, &cfg); /* softmax_topk, 12 slots */
+    const int H = cfg.model.hidden, T = 40 + ep.rank * 17;
+    char msg[512] = "";
+    int failures = 0;
+    moe_cpu_engine_t *engine = NULL;
+    moe_test_ref_t *ref = moe_test_ref_create(&cfg, msg, sizeof msg);
+    float *x = malloc(sizeof(float) * (size_t)T * H), *out = malloc(sizeof(float) * (size_t)T * H);
+    double *want = malloc(sizeof(double) * (size_t)T * H);
+    if (ref == NULL || !x || !out || !want || moe_cpu_create(&cfg, ep, &engine, msg, sizeof msg) != MOE_OK) {
+        fprintf(stderr, "FAIL rank %d migration setup: %s\n", ep.rank, msg);
+        failures = 1;
+        goto done;
+    }
+    moe_test_fill_random(x, (size_t)T * H, seed);
+    int layer = cfg.model.layer_ids[0];
+    /* every expert moves to the other rank; replicas of 3 and 6 */
+    int next[12] = {4, 5, 6, 7, 3, 6, 0, 1, 2, 3, 6, 0};
+    for (int round = 0; round < 2 && !failures; round++) {
+        if (round == 1) {
+            int64_t bytes = 0;
+            if (moe_cpu_migrate(engine, layer, next, &bytes, msg, sizeof msg) != MOE_OK || bytes <= 0) {
+                fprintf(stderr, "FAIL rank %d migration: %s (bytes %lld)\n", ep.rank, msg, (long long)bytes);
+                failures = 1;
+                break;
+            }
+        }
+        for (int i = 0; i < T * H; i++) out[i] = NAN;
+        if (moe_cpu_forward(engine, layer, x, T, NULL, NULL, out, NULL, msg, sizeof msg) != MOE_OK) {
+            fprintf(stderr, "FAIL rank %d forward after migration: %s\n", ep.rank, msg);
+            failures = 1;
+            break;
+        }
+        moe_test_ref_forward(ref, layer, x, T, ep.rank, ep.size, NULL, NULL, want, NULL);
+        double err = moe_test_rel_error(out, want, (size_t)T * H);
+        if (!(err <= 1e-5)) {
+            fprintf(stderr, "FAIL rank %d migration round %d (seed %llu): error %g\n", ep.rank, round,
+                    (unsigned long long)seed, err);
+            failures = 1;
+        }
+    }
+done:
+    moe_cpu_destroy(engine);
+    moe_test_ref_destroy(ref);
+    free(x), free(out), free(want);
+    return failures;
+}
 
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
@@ -35,6 +87,7 @@ int main(int argc, char **argv) {
             failures += bad;
         }
     }
+    if (ep.size == 2) failures += check_migration(ep, seed + 99);
     int total = 0;
     MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     if (ep.rank == 0)

@@ -1055,3 +1055,49 @@ Test(daemon, metrics, .timeout = 120, .fini = fini) {
     free(text);
     stop();
 }
+
+/* ------------------------------------------------------------------ EPLB */
+
+/* eplb.mode online: client-routed requests send half their picks to
+ * experts 0-1; the step loop measures the loads and moves experts while
+ * clients on both ranks keep checking every answer against the reference —
+ * no request lost or wrong across the swaps — and `stats` shows the
+ * rebalance with a lower predicted imbalance. */
+Test(daemon, eplb_online_rebalances_while_serving, .timeout = 180, .fini = fini) {
+    moe_test_daemon_opts_t opts = {.routing = "client", .eplb_mode = "online", .num_slots = 8,
+                                   .rebalance_every_steps = 8, .window_steps = 64, .log_level = "info"};
+    moe_test_skew = true; /* experts 0-1 hot, both on rank 0 in the first placement (slot = expert) */
+    start(&opts);
+    moe_test_client_t clients[4];
+    for (int i = 0; i < 4; i++) client_init(&clients[i], i % 2, 4, 40, 48, false, seed_ + 31 + (uint64_t)i);
+    run_clients(clients, 4);
+    for (int i = 0; i < 4; i++)
+        cr_assert(clients[i].results == clients[i].sent && clients[i].errors == 0,
+                  "client %d: %d sent, %d results, %d errors", i, clients[i].sent, clients[i].results,
+                  clients[i].errors);
+    cJSON *reply = control_ok("{\"id\":1,\"cmd\":\"stats\"}");
+    cJSON *layers = cJSON_GetObjectItem(moe_test_reply_result(reply), "layers");
+    int rebalanced = 0;
+    cJSON *layer;
+    cJSON_ArrayForEach(layer, layers) {
+        if (moe_test_json_number(layer, "rebalances", 0) < 1) continue;
+        rebalanced++;
+        double before = moe_test_json_number(layer, "imbalance_before", 0);
+        double after = moe_test_json_number(layer, "imbalance_after", 99);
+        cr_assert(after < before, "layer %g: predicted imbalance %g -> %g", moe_test_json_number(layer, "layer", -1),
+                  before, after);
+        cr_assert(moe_test_json_number(layer, "migration_bytes", 0) > 0, "a move between ranks loads weights");
+        cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(layer, "placement")), 8);
+    }
+    cr_assert(rebalanced > 0, "no layer was rebalanced; stats %s; log:\n%s", cJSON_PrintUnformatted(reply),
+              LOG_TAIL());
+    cJSON_Delete(reply);
+    reply = control_ok("{\"id\":2,\"cmd\":\"rebalance\",\"layer\":1}");
+    cr_assert(cJSON_IsTrue(cJSON_GetObjectItem(moe_test_reply_result(reply), "scheduled")));
+    cJSON_Delete(reply);
+    cJSON_Delete(control_fails("{\"id\":3,\"cmd\":\"rebalance\",\"layer\":9}", "bad_request"));
+    moe_test_skew = false;
+    char msg[4096];
+    cr_assert_eq(moe_test_daemon_stop(&daemon_, 20000, msg, sizeof msg), 0, "%s", msg);
+    moe_test_daemon_destroy(&daemon_);
+}

@@ -81,3 +81,45 @@ Test(layer, backend_table_refuses_what_this_version_lacks, .timeout = 30) {
     cr_assert(strstr(msg, "cuda") != NULL, "%s", msg);
     moe_backend_destroy(&backend);
 }
+
+/* EPLB migration: a new placement (replicas moved, experts swapped between
+ * slots) gives the same layer — checked against the dense reference before
+ * and after, and before against after. */
+Test(layer, migration_keeps_the_layer, .timeout = 60) {
+    moe_config_t cfg;
+    moe_test_case_config(&moe_test_cases[2], 1, &cfg); /* softmax_topk with 12 slots */
+    uint64_t seed = moe_test_fresh_seed();
+    char msg[512] = "";
+    moe_cpu_engine_t *engine = NULL;
+    moe_test_ref_t *ref = moe_test_ref_create(&cfg, msg, sizeof msg);
+    cr_assert_not_null(ref, "%s", msg);
+    cr_assert_eq(moe_cpu_create(&cfg, moe_ep_single(), &engine, msg, sizeof msg), MOE_OK, "%s", msg);
+    enum { T = 57, H = 48 };
+    static float x[T * H], before[T * H], after[T * H];
+    static double want[T * H];
+    moe_test_fill_random(x, T * H, seed);
+    int layer = cfg.model.layer_ids[1];
+    cr_assert_eq(moe_cpu_forward(engine, layer, x, T, NULL, NULL, before, NULL, msg, sizeof msg), MOE_OK, "%s", msg);
+    int next[12] = {7, 6, 5, 4, 3, 2, 1, 0, 3, 3, 5, 2};
+    int64_t bytes = -1;
+    cr_assert_eq(moe_cpu_migrate(engine, layer, next, &bytes, msg, sizeof msg), MOE_OK, "%s", msg);
+    cr_assert_eq(bytes, 0, "every expert of the new placement was already on this (only) rank: copied, not read");
+    cr_assert(memcmp(moe_cpu_placement(engine, layer), next, sizeof next) == 0);
+    cr_assert(memcmp(moe_cpu_placement(engine, cfg.model.layer_ids[0]), next, sizeof next) != 0,
+              "only the migrated layer changes");
+    cr_assert_eq(moe_cpu_forward(engine, layer, x, T, NULL, NULL, after, NULL, msg, sizeof msg), MOE_OK, "%s", msg);
+    moe_test_ref_forward(ref, layer, x, T, 0, 1, NULL, NULL, want, NULL);
+    cr_assert(moe_test_rel_error(before, want, T * H) <= 1e-5, "seed %llu", (unsigned long long)seed);
+    cr_assert(moe_test_rel_error(after, want, T * H) <= 1e-5, "seed %llu", (unsigned long long)seed);
+    double diff = 0, max = 0;
+    for (int i = 0; i < T * H; i++) {
+        diff = fmax(diff, fabs((double)after[i] - before[i]));
+        max = fmax(max, fabs((double)before[i]));
+    }
+    cr_assert(diff <= 1e-6 * max, "before vs after the swap: %g (seed %llu)", diff / max, (unsigned long long)seed);
+    int bad[12] = {0, 1, 2, 3, 4, 5, 6, 6, 6, 6, 6, 6}; /* expert 7 missing */
+    cr_assert_eq(moe_cpu_migrate(engine, layer, bad, &bytes, msg, sizeof msg), MOE_ERR_CONFIG);
+    cr_assert(memcmp(moe_cpu_placement(engine, layer), next, sizeof next) == 0, "a refused placement changes nothing");
+    moe_cpu_destroy(engine);
+    moe_test_ref_destroy(ref);
+}

@@ -41,6 +41,7 @@ static double engine_bytes(const moe_config_t *cfg, int slots_per_rank) {
 }
 
 static void layer_free(moe_cpu_layer_t *layer) {
+    free(layer->slots);
     free(layer->router);
     free(layer->bias);
     free(layer->shared_w1);
@@ -60,6 +61,10 @@ static moe_err_t layer_load(moe_cpu_engine_t *engine, moe_weights_t *weights, in
                  E = (size_t)m->experts, Is = (size_t)m->shared_intermediate,
                  spr = (size_t)engine->slots.slots_per_rank;
     layer->layer = m->layer_ids[index];
+    layer->slots = malloc(sizeof *layer->slots);
+    if (layer->slots == NULL)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "layer %d: out of memory", layer->layer);
+    *layer->slots = engine->slots;
     layer->router = malloc(sizeof(float) * E * H);
     layer->slot_w1 = malloc(sizeof(float) * spr * I * H);
     layer->slot_w3 = malloc(sizeof(float) * spr * I * H);
@@ -172,4 +177,64 @@ void moe_cpu_reconfigure(moe_cpu_engine_t *engine, const moe_config_t *cfg) {
 
 int moe_cpu_slot_count(const moe_cpu_engine_t *engine) { return engine->slots.n_slots; }
 
-const int *moe_cpu_placement(const moe_cpu_engine_t *engine) { return engine->slots.slot_expert; }
+const int *moe_cpu_placement(const moe_cpu_engine_t *engine, int layer) {
+    for (int i = 0; i < engine->n_layers; i++)
+        if (engine->layers[i].layer == layer) return engine->layers[i].slots->slot_expert;
+    return NULL;
+}
+
+/* EPLB migration (DESIGN §6) on the CPU: the new slots of this rank are
+ * filled in fresh buffers — copied from the old buffers when this rank
+ * already held that expert, else read from the weight source — and the
+ * table and buffers are swapped only when all of it worked. */
+moe_err_t moe_cpu_migrate(moe_cpu_engine_t *engine, int layer_id, const int *slot_expert, int64_t *bytes_loaded,
+                          char *msg, size_t msg_size) {
+    moe_cpu_layer_t *layer = NULL;
+    for (int i = 0; i < engine->n_layers; i++)
+        if (engine->layers[i].layer == layer_id) layer = &engine->layers[i];
+    if (layer == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "migrate: layer %d is not served", layer_id);
+    const moe_model_config_t *m = &engine->cfg.model;
+    const size_t H = (size_t)m->hidden, I = (size_t)m->moe_intermediate;
+    moe_err_t ret = MOE_OK;
+    moe_weights_t *weights = NULL;
+    moe_slot_table_t *table = malloc(sizeof *table);
+    float *w1 = NULL, *w3 = NULL, *w2 = NULL;
+    if (table == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "migrate: out of memory");
+    MOE_CHECK_GOTO(moe_slots_from_placement(slot_expert, engine->slots.n_slots, m->experts, engine->ep.size, table, msg,
+                                            msg_size),
+                   ret, fail);
+    const size_t spr = (size_t)table->slots_per_rank, first = (size_t)engine->ep.rank * spr;
+    w1 = malloc(sizeof(float) * spr * I * H);
+    w3 = malloc(sizeof(float) * spr * I * H);
+    w2 = malloc(sizeof(float) * spr * H * I);
+    if (w1 == NULL || w3 == NULL || w2 == NULL) {
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "migrate: out of memory for layer %d", layer_id);
+        goto fail;
+    }
+    *bytes_loaded = 0;
+    for (size_t s = 0; s < spr; s++) {
+        int expert = table->slot_expert[first + s];
+        size_t old = spr;
+        for (size_t o = 0; o < spr && old == spr; o++)
+            if (layer->slots->slot_expert[first + o] == expert) old = o;
+        if (old < spr) {
+            memcpy(w1 + s * I * H, layer->slot_w1 + old * I * H, sizeof(float) * I * H);
+            memcpy(w3 + s * I * H, layer->slot_w3 + old * I * H, sizeof(float) * I * H);
+            memcpy(w2 + s * H * I, layer->slot_w2 + old * H * I, sizeof(float) * H * I);
+            continue;
+        }
+        if (weights == NULL) MOE_CHECK_GOTO(moe_weights_open(m, &weights, msg, msg_size), ret, fail);
+        MOE_CHECK_GOTO(moe_weights_expert(weights, layer_id, expert, w1 + s * I * H, w3 + s * I * H, w2 + s * H * I,
+                                          msg, msg_size),
+                       ret, fail);
+        *bytes_loaded += (int64_t)(3 * H * I * sizeof(float));
+    }
+    moe_weights_close(weights);
+    free(layer->slot_w1), free(layer->slot_w3), free(layer->slot_w2), free(layer->slots);
+    layer->slot_w1 = w1, layer->slot_w3 = w3, layer->slot_w2 = w2, layer->slots = table;
+    return MOE_OK;
+fail:
+    moe_weights_close(weights);
+    free(w1), free(w3), free(w2), free(table);
+    return ret;
+}

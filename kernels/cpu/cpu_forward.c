@@ -187,7 +187,7 @@ static moe_err_t forward_chunk(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer,
     if (slot == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "slots: out of memory");
     for (int t = 0; t < n_tokens; t++)
         for (int i = 0; i < k; i++)
-            slot[(size_t)t * k + i] = moe_slots_pick(&engine->slots, ids[(size_t)t * k + i],
+            slot[(size_t)t * k + i] = moe_slots_pick(layer->slots, ids[(size_t)t * k + i],
                                                      engine->ep.rank, first_token + t);
     int n_send = 0;
     MOE_CHECK(pack_dispatch(engine, x, slot, weights, n_tokens, send_counts, &n_send, msg, msg_size));
@@ -311,10 +311,10 @@ moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer_id, const float *x
     if (trace != NULL && trace->weights != NULL)
         memcpy(trace->weights, weights, sizeof(float) * (size_t)n_tokens * k);
     if (trace != NULL && trace->slot_counts != NULL) {
-        memset(trace->slot_counts, 0, sizeof(int64_t) * (size_t)engine->slots.n_slots);
+        memset(trace->slot_counts, 0, sizeof(int64_t) * (size_t)layer->slots->n_slots);
         for (int t = 0; t < n_tokens; t++)
             for (int i = 0; i < k; i++)
-                trace->slot_counts[moe_slots_pick(&engine->slots, ids[(size_t)t * k + i],
+                trace->slot_counts[moe_slots_pick(layer->slots, ids[(size_t)t * k + i],
                                                   engine->ep.rank, t)]++;
     }
     int chunk = engine->cfg.moe.chunking.max_tokens_per_chunk > 0

@@ -21,6 +21,7 @@ typedef struct {
     float *slot_w1;    /* [slots_per_rank, I, H] */
     float *slot_w3;    /* [slots_per_rank, I, H] */
     float *slot_w2;    /* [slots_per_rank, H, I] */
+    moe_slot_table_t *slots; /* this layer's placement (EPLB changes it per layer) */
     uint64_t step;     /* forward calls so far (seeds the benchmark routers) */
 } moe_cpu_layer_t;
 
@@ -45,7 +46,7 @@ typedef struct {
 struct moe_cpu_engine {
     moe_config_t cfg;
     moe_ep_t ep;
-    moe_slot_table_t slots;
+    moe_slot_table_t slots; /* the configured placement every layer starts from */
     int n_layers;
     moe_cpu_layer_t *layers;
     moe_cpu_workspace_t ws;

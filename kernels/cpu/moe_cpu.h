@@ -58,8 +58,18 @@ void moe_cpu_reconfigure(moe_cpu_engine_t *engine, const moe_config_t *cfg);
 /* Number of physical slots (eplb.num_slots, or experts). */
 int moe_cpu_slot_count(const moe_cpu_engine_t *engine);
 
-/* Slot s -> expert, n_slots entries (the placement). */
-const int *moe_cpu_placement(const moe_cpu_engine_t *engine);
+/* Slot s -> expert of model layer `layer`, n_slots entries (its placement),
+ * or NULL for a layer not served. */
+const int *moe_cpu_placement(const moe_cpu_engine_t *engine, int layer);
+
+/* EPLB: gives model layer `layer` the placement slot_expert (n_slots
+ * entries, every expert at least once). Not a collective: every rank calls
+ * it with the same placement at the same step boundary (the placement is
+ * computed identically everywhere). Loads this rank's new experts (copies
+ * those it already held); bytes_loaded receives what was read. On error the
+ * old placement stays. */
+moe_err_t moe_cpu_migrate(moe_cpu_engine_t *engine, int layer, const int *slot_expert, int64_t *bytes_loaded,
+                          char *msg, size_t msg_size);
 
 /* Number of floating-point operations of the forward for n_tokens tokens of
  * this rank (router + k experts per token + shared expert). */

@@ -72,6 +72,12 @@ char *moe_test_daemon_yaml(const moe_test_daemon_opts_t *o, const char *dir) {
         if (o->max_tokens_per_step) fprintf(f, "  max_tokens_per_step: %d\n", o->max_tokens_per_step);
         if (o->max_tokens_per_chunk) fprintf(f, "  chunking: {max_tokens_per_chunk: %d}\n", o->max_tokens_per_chunk);
     }
+    if (o->eplb_mode) {
+        fprintf(f, "eplb:\n  mode: %s\n", o->eplb_mode);
+        if (o->num_slots) fprintf(f, "  num_slots: %d\n", o->num_slots);
+        if (o->rebalance_every_steps) fprintf(f, "  rebalance_every_steps: %d\n", o->rebalance_every_steps);
+        if (o->window_steps) fprintf(f, "  window_steps: %d\n", o->window_steps);
+    }
     fprintf(f, "scheduler:\n  stall_timeout_ms: %d\n", o->stall_timeout_ms ? o->stall_timeout_ms : 30000);
     fprintf(f, "serve:\n  data: unix:%s/data-%%r.sock\n  control: unix:%s/control.sock\n", dir, dir);
     if (o->metrics_port) fprintf(f, "  metrics: 127.0.0.1:%d\n", o->metrics_port);
@@ -633,6 +639,8 @@ uint64_t moe_test_rand(uint64_t *state) {
     return z ^ (z >> 31);
 }
 
+bool moe_test_skew;
+
 void moe_test_random_routing(uint64_t *state, int n_tokens, int experts, int top_k, int32_t *ids,
                              float *weights) {
     for (int t = 0; t < n_tokens; t++) {
@@ -641,7 +649,10 @@ void moe_test_random_routing(uint64_t *state, int n_tokens, int experts, int top
             int32_t id;
             bool repeated;
             do {
-                id = (int32_t)(moe_test_rand(state) % (uint64_t)experts);
+                /* skewed: half the picks go to the first quarter of the experts */
+                uint64_t r = moe_test_rand(state);
+                id = (int32_t)(moe_test_skew && (r & 1) ? (r >> 1) % (uint64_t)(experts / 4 > 0 ? experts / 4 : 1)
+                                                        : (r >> 1) % (uint64_t)experts);
                 repeated = false;
                 for (int j = 0; j < i; j++) repeated |= ids[t * top_k + j] == id;
             } while (repeated);

@@ -44,6 +44,10 @@ typedef struct {
     const char *token;            /* non-NULL: serve.token_file holds it */
     const char *log_level;        /* NULL = warn */
     uint64_t weights_seed;        /* 0 = 7 */
+    const char *eplb_mode;        /* NULL = off */
+    int num_slots;                /* eplb.num_slots (0 = experts) */
+    int rebalance_every_steps;    /* 0 = default */
+    int window_steps;             /* 0 = default */
 } moe_test_daemon_opts_t;
 
 typedef struct {
@@ -202,6 +206,10 @@ void moe_test_round_to_dtype(uint8_t dtype, float *x, size_t n);
 
 /* A small deterministic generator for tests (splitmix64). */
 uint64_t moe_test_rand(uint64_t *state);
+
+/* When true, moe_test_random_routing sends half of its picks to the first
+ * quarter of the experts (a hot set for EPLB tests). */
+extern bool moe_test_skew;
 
 /* Valid client-routing ids/weights for n_tokens from state: top_k distinct
  * ids in [0, experts), positive weights summing to 1. */
