@@ -6,6 +6,9 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 #include "../kernels/cpu/moe_cpu.h"
 #include "../kernels/moe_backend.h"
@@ -122,4 +125,41 @@ Test(layer, migration_keeps_the_layer, .timeout = 60) {
     cr_assert(memcmp(moe_cpu_placement(engine, layer), next, sizeof next) == 0, "a refused placement changes nothing");
     moe_cpu_destroy(engine);
     moe_test_ref_destroy(ref);
+}
+
+/* eplb.placement_file: a placement per layer, each honoured (and the layer
+ * still matches the reference). */
+Test(layer, placement_file_per_layer, .timeout = 60) {
+    moe_config_t cfg;
+    moe_test_case_config(&moe_test_cases[2], 1, &cfg); /* 12 slots, static */
+    cfg.eplb.n_placement = 0;
+    char path[] = "/tmp/moe-placement-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    const char *json = "{\"layers\": [3, 0], \"placement\": [[7,6,5,4,3,2,1,0,0,0,1,1], [0,1,2,3,4,5,6,7,7,7,6,6]]}";
+    cr_assert_eq(write(fd, json, strlen(json)), (ssize_t)strlen(json));
+    close(fd);
+    snprintf(cfg.eplb.placement_file, sizeof cfg.eplb.placement_file, "%s", path);
+    char msg[512] = "";
+    moe_cpu_engine_t *engine = NULL;
+    moe_err_t err = moe_cpu_create(&cfg, moe_ep_single(), &engine, msg, sizeof msg);
+    unlink(path);
+    cr_assert_eq(err, MOE_OK, "%s", msg);
+    const int want0[12] = {0, 1, 2, 3, 4, 5, 6, 7, 7, 7, 6, 6}, want3[12] = {7, 6, 5, 4, 3, 2, 1, 0, 0, 0, 1, 1};
+    cr_assert(memcmp(moe_cpu_placement(engine, 0), want0, sizeof want0) == 0);
+    cr_assert(memcmp(moe_cpu_placement(engine, 3), want3, sizeof want3) == 0);
+    moe_cpu_destroy(engine);
+    fd = open(path, O_CREAT | O_WRONLY | O_TRUNC, 0600);
+    cr_assert(fd >= 0);
+    cr_assert_eq(write(fd, json, strlen(json)), (ssize_t)strlen(json));
+    close(fd);
+    uint64_t seed = moe_test_fresh_seed();
+    double worst = moe_test_layer_check(&cfg, moe_ep_single(), 77, seed, msg, sizeof msg);
+    unlink(path);
+    cr_assert(worst <= 1e-5, "with per-layer placements, seed %llu: %g %s", (unsigned long long)seed, worst, msg);
+    /* a broken file is a startup error naming it */
+    snprintf(cfg.eplb.placement_file, sizeof cfg.eplb.placement_file, "/nonexistent/placement.json");
+    cr_assert_neq(moe_cpu_create(&cfg, moe_ep_single(), &engine, msg, sizeof msg), MOE_OK);
+    cr_assert(strstr(msg, "/nonexistent/placement.json") != NULL, "%s", msg);
+    cr_assert_null(engine);
 }

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "../../config/moe_log.h"
+#include "../moe_eplb.h"
 #include "../moe_weights.h"
 #include "cpu_internal.h"
 
@@ -53,7 +54,9 @@ static void layer_free(moe_cpu_layer_t *layer) {
     free(layer->slot_w2);
 }
 
-static moe_err_t layer_load(moe_cpu_engine_t *engine, moe_weights_t *weights, int index,
+/* placement: this layer's slot -> expert (eplb.placement_file), or NULL
+ * for the configured one. */
+static moe_err_t layer_load(moe_cpu_engine_t *engine, moe_weights_t *weights, int index, const int *placement,
                             char *msg, size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
     moe_cpu_layer_t *layer = &engine->layers[index];
@@ -65,6 +68,9 @@ static moe_err_t layer_load(moe_cpu_engine_t *engine, moe_weights_t *weights, in
     if (layer->slots == NULL)
         return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "layer %d: out of memory", layer->layer);
     *layer->slots = engine->slots;
+    if (placement != NULL)
+        MOE_CHECK(moe_slots_from_placement(placement, engine->slots.n_slots, m->experts, engine->ep.size, layer->slots,
+                                           msg, msg_size));
     layer->router = malloc(sizeof(float) * E * H);
     layer->slot_w1 = malloc(sizeof(float) * spr * I * H);
     layer->slot_w3 = malloc(sizeof(float) * spr * I * H);
@@ -90,7 +96,7 @@ static moe_err_t layer_load(moe_cpu_engine_t *engine, moe_weights_t *weights, in
                                      layer->shared_w2, layer->shared_gate, msg, msg_size));
     int first_slot = engine->ep.rank * engine->slots.slots_per_rank;
     for (size_t s = 0; s < spr; s++) {
-        int expert = engine->slots.slot_expert[first_slot + (int)s];
+        int expert = layer->slots->slot_expert[first_slot + (int)s];
         MOE_CHECK(moe_weights_expert(weights, layer->layer, expert, layer->slot_w1 + s * I * H,
                                      layer->slot_w3 + s * I * H, layer->slot_w2 + s * H * I, msg,
                                      msg_size));
@@ -108,6 +114,7 @@ moe_err_t moe_cpu_create(const moe_config_t *cfg, moe_ep_t ep, moe_cpu_engine_t 
                          size_t msg_size) {
     moe_err_t ret = MOE_OK;
     moe_weights_t *weights = NULL;
+    int *placements = NULL;
     *out = NULL;
     moe_cpu_engine_t *engine = calloc(1, sizeof *engine);
     if (engine == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cpu engine: out of memory");
@@ -139,10 +146,25 @@ moe_err_t moe_cpu_create(const moe_config_t *cfg, moe_ep_t ep, moe_cpu_engine_t 
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cpu engine: out of memory");
         goto fail;
     }
+    if (engine->cfg.eplb.placement_file[0] != '\0') {
+        /* a placement per layer, validated against the shapes */
+        placements = malloc(sizeof(int) * (size_t)m->n_layers * (size_t)engine->slots.n_slots);
+        if (placements == NULL) {
+            ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cpu engine: out of memory");
+            goto fail;
+        }
+        MOE_CHECK_GOTO(moe_eplb_load_placement_file(engine->cfg.eplb.placement_file, m->experts,
+                                                    engine->slots.n_slots, m->n_layers, m->layer_ids, placements,
+                                                    msg, msg_size),
+                       ret, fail);
+    }
     MOE_CHECK_GOTO(moe_weights_open(m, &weights, msg, msg_size), ret, fail);
     double start = now_seconds(), last_report = start;
     for (int i = 0; i < m->n_layers; i++) {
-        MOE_CHECK_GOTO(layer_load(engine, weights, i, msg, msg_size), ret, fail);
+        MOE_CHECK_GOTO(layer_load(engine, weights, i,
+                                  placements != NULL ? placements + (size_t)i * engine->slots.n_slots : NULL, msg,
+                                  msg_size),
+                       ret, fail);
         double now = now_seconds();
         if (now - last_report > 2.0) {
             moe_log(MOE_LOG_INFO, "weights", "loaded %d/%d layers (%.1f s)", i + 1, m->n_layers,
@@ -153,10 +175,12 @@ moe_err_t moe_cpu_create(const moe_config_t *cfg, moe_ep_t ep, moe_cpu_engine_t 
     moe_log(MOE_LOG_DEBUG, "weights", "rank %d: %d layers, %d slots, %.1f MiB in %.2f s", ep.rank,
             m->n_layers, engine->slots.slots_per_rank, bytes / (1 << 20), now_seconds() - start);
     moe_weights_close(weights);
+    free(placements);
     *out = engine;
     return MOE_OK;
 fail:
     moe_weights_close(weights);
+    free(placements);
     moe_cpu_destroy(engine);
     return ret;
 }

@@ -189,6 +189,10 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
         return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
                            "moe.backend: cuda needs bf16 tensor cores (compute capability >= 8.0); %s has %d.%d",
                            prop.name, prop.major, prop.minor);
+    if (engine->cfg.eplb.placement_file[0] != '\0')
+        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
+                           "eplb.placement_file: per-layer placements are CPU-only in this version; give the "
+                           "placement in eplb.placement (one for every layer)");
     if (engine->cfg.moe.gemm == MOE_GEMM_GROUPED)
         return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
                            "moe.gemm: 'grouped' (moed's own grouped GEMM) is not in this build; supported: "
