@@ -60,7 +60,7 @@ MPI_BINS  := $(MPI_SRC:tests/%.c=$(BUILD)/tests/%)
 # GPU checks (scripts/gpu-test.sh runs them on a GPU host; not part of make test)
 GPU_BINS  := $(if $(filter 1,$(CUDA)),$(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/cuda_*.c)))
 
-.PHONY: all test asan install deps clean demo dist
+.PHONY: all test asan install deps clean demo dist fuzz
 all: $(BINS) $(UNIT_BINS) $(MPI_BINS) $(GPU_BINS)
 
 # V=1 shows the whole command lines.
@@ -148,11 +148,65 @@ deps:
 	bash scripts/deps.sh
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz dist
 
 # dist/moed/: binaries, test binaries, the libraries a CUDA host may lack
 # (RUNPATH $ORIGIN/../lib), configs and the GPU test scripts (scripts/dist.sh).
 dist:
 	BUILD=$(BUILD) MAKE="$(MAKE)" JOBS=$(JOBS) bash scripts/dist.sh
+
+# make fuzz: every tests/fuzz/fuzz_*.c as a libFuzzer binary (clang, ASan +
+# UBSan) in build-fuzz/, each run FUZZ_SECONDS from a seed corpus in
+# build-fuzz/corpus/<name>; crashes land in build-fuzz/crashes/. Not part of
+# make test. Reproduce one: build-fuzz/<name> build-fuzz/crashes/<file>.
+FUZZ_SECONDS ?= 30
+FUZZ_MAX_LEN ?= 16384
+FUZZ_CC      ?= clang
+FUZZ_BUILD   := build-fuzz
+FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -Wall -Wextra -g -O1 -fno-omit-frame-pointer \
+                -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined $(MPI_CFLAGS)
+FUZZ_LIB_SRC := $(wildcard config/*.c) kernels/safetensors.c \
+                $(filter-out protocol/moectl%,$(wildcard protocol/*.c))
+FUZZ_NAMES   := $(patsubst tests/fuzz/%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+
+$(FUZZ_BUILD)/.toolchain:
+	@mkdir -p $(FUZZ_BUILD)
+	@printf 'int LLVMFuzzerTestOneInput(const unsigned char *d, unsigned long n) { (void)d; (void)n; return 0; }\n' \
+	    > $(FUZZ_BUILD)/probe.c
+	@$(FUZZ_CC) -fsanitize=fuzzer,address,undefined $(FUZZ_BUILD)/probe.c -o $(FUZZ_BUILD)/probe 2>/dev/null || { \
+	    echo "make fuzz needs clang with libFuzzer ($(FUZZ_CC) -fsanitize=fuzzer failed)."; \
+	    echo "  Debian/Ubuntu: sudo apt-get install clang-14 libclang-rt-14-dev   (then FUZZ_CC=clang-14 if clang is absent)"; \
+	    exit 1; }
+	@touch $@
+
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_LIB_SRC) $(wildcard config/*.h kernels/moe_safetensors.h protocol/*.h) | $(FUZZ_BUILD)/.toolchain
+	@$(if $(Q),echo "  FUZZCC  $@")
+	$(Q)$(FUZZ_CC) $(FUZZ_CFLAGS) $< $(FUZZ_LIB_SRC) -o $@ -lyaml -lcjson -lm
+
+# Seeds: the shipped configs; a small valid safetensors file (F32 [2] and
+# F16 [1,2]); control replies and events (first byte: 0 = call, 1 = events).
+$(FUZZ_BUILD)/corpus/%/.seeded:
+	@mkdir -p $(dir $@)
+	$(Q)case $* in \
+	fuzz_config) cp config/examples/*.yaml config/moed.example.yaml $(dir $@) ;; \
+	fuzz_safetensors) h='{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"h":{"dtype":"F16","shape":[1,2],"data_offsets":[8,12]},"__metadata__":{"format":"pt"}}'; \
+	    { printf "$$(printf '\\%03o' $${#h})\0\0\0\0\0\0\0%s" "$$h"; printf '\0\0\200\077\0\0\0\100\0\074\0\100'; } > $(dir $@)tiny.safetensors ;; \
+	fuzz_control) printf '\000{"event":"stats","result":{}}\n{"id":7,"ok":true}\n{"id":1,"ok":true,"result":{"status":"ok"}}\n' > $(dir $@)call; \
+	    printf '\001{"event":"stats","result":{"steps":1}}\r\n\n{"event":"reload","result":null}\n' > $(dir $@)events ;; \
+	esac
+	@touch $@
+
+fuzz: $(FUZZ_NAMES:%=$(FUZZ_BUILD)/%) $(FUZZ_NAMES:%=$(FUZZ_BUILD)/corpus/%/.seeded)
+	@mkdir -p $(FUZZ_BUILD)/crashes
+	@fail=0; for name in $(FUZZ_NAMES); do \
+	    echo "== $$name: $(FUZZ_SECONDS) s (log: $(FUZZ_BUILD)/$$name.log)"; \
+	    if $(FUZZ_BUILD)/$$name $(FUZZ_BUILD)/corpus/$$name -max_total_time=$(FUZZ_SECONDS) \
+	        -max_len=$(FUZZ_MAX_LEN) -timeout=10 -print_final_stats=1 \
+	        -artifact_prefix=$(FUZZ_BUILD)/crashes/$$name- > $(FUZZ_BUILD)/$$name.log 2>&1; then \
+	        grep -E '^stat::(number_of_executed_units|peak_rss_mb)|cov: ' $(FUZZ_BUILD)/$$name.log | tail -n 3; \
+	    else \
+	        fail=1; tail -n 40 $(FUZZ_BUILD)/$$name.log; echo "== $$name FAILED"; \
+	    fi; \
+	done; exit $$fail
 
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

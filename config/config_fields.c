@@ -135,7 +135,7 @@ const moe_config_field_t moe_config_fields[] = {
 
     F_ENUM("eplb.mode", eplb.mode, eplb_mode_names, "off", false,
            "off: slot = expert; static: placement from config; online: from live statistics; "
-           "needs a restart until online rebalancing exists"),
+           "needs a restart: a reload does not migrate weights (online mode rebalances by itself)"),
     F_INT("eplb.num_slots", eplb.num_slots, "0", 0, MOE_MAX_SLOTS, false,
           "physical expert slots per layer, >= experts, divisible by the rank count; 0 = experts"),
     F_INT("eplb.window_steps", eplb.window_steps, "1000", 1, 100000000, true,
