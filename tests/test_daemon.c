@@ -1004,15 +1004,22 @@ Test(daemon, control_channel, .timeout = 120, .fini = fini) {
 
 /* ------------------------------------------------------------------ h. */
 
+/* A loopback port that binds now, chosen below the kernel's ephemeral range
+ * (where mpirun's runtime takes its ports), at random so that parallel
+ * tests do not pick the same one. */
 static int free_tcp_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = 0};
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof addr;
-    cr_assert(fd >= 0 && bind(fd, (struct sockaddr *)&addr, sizeof addr) == 0 &&
-              getsockname(fd, (struct sockaddr *)&addr, &len) == 0, "cannot find a free port");
-    close(fd);
-    return ntohs(addr.sin_port);
+    uint64_t state = moe_test_fresh_seed();
+    for (int attempt = 0; attempt < 100; attempt++) {
+        int port = 20000 + (int)(moe_test_rand(&state) % 10000);
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+        addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        bool ok = fd >= 0 && bind(fd, (struct sockaddr *)&addr, sizeof addr) == 0;
+        if (fd >= 0) close(fd);
+        if (ok) return port;
+    }
+    cr_assert_fail("cannot find a free port");
+    return -1;
 }
 
 /* GET path over TCP; the whole response (malloc'd). */
@@ -1041,8 +1048,20 @@ static char *http_get(int port, const char *path) {
 }
 
 Test(daemon, metrics, .timeout = 120, .fini = fini) {
-    moe_test_daemon_opts_t opts = {.metrics_port = free_tcp_port()};
-    start(&opts);
+    /* A port found free can be taken again before moed binds it (mpirun's
+     * own runtime opens ephemeral ports): try a few. */
+    moe_test_daemon_opts_t opts = {0};
+    char msg[4096] = "";
+    int rc = -1;
+    for (int attempt = 0; attempt < 5 && rc != 0; attempt++) {
+        opts.metrics_port = free_tcp_port();
+        rc = moe_test_daemon_start(&daemon_, &opts, 2, true, msg, sizeof msg);
+        if (rc != 0 && strstr(msg, "address already in use") == NULL) break;
+    }
+    cr_assert_eq(rc, 0, "cannot start the daemon: %s", msg);
+    seed_ = moe_test_fresh_seed();
+    ref_ = moe_test_ref_create(&daemon_.cfg, msg, sizeof msg);
+    cr_assert_not_null(ref_, "reference: %s", msg);
     serve_tokens(0, 0, 2, 4);
     char *text = http_get(opts.metrics_port, "/metrics");
     cr_assert(strncmp(text, "HTTP/1.0 200", 12) == 0 || strncmp(text, "HTTP/1.1 200", 12) == 0, "metrics: %.200s", text);
