@@ -1,4 +1,4 @@
-/* watchdog: a thread per rank that turns a hang into an exit (DESIGN §10).
+/* watchdog: a thread per rank that turns a hang into the end of the job (DESIGN §10).
  * If this rank has been inside one collective or one layer step with its
  * peers (agreement, forward, stats reduction) for longer than
  * scheduler.stall_timeout_ms, a peer died or hangs: log why and abort the
