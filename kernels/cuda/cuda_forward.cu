@@ -6,9 +6,10 @@
  *   (grouped send/recv) -> entries sorted by local slot (CUB radix sort,
  *   stable) -> per-slot cuBLAS GEMMs [gate|up], SwiGLU, down -> weighted
  *   per-row reduction -> NCCL back -> finalize (+ shared expert).
- * The host learns three counts per chunk (rows to send, rows received,
- * entries per local slot: cuBLAS takes its group sizes on the host), so a
- * chunk has three small device-to-host synchronisations. */
+ * The host learns the counts per chunk (rows to send and received, with
+ * more than one rank; entries per local slot: cuBLAS takes its group sizes
+ * on the host), so a chunk has one (1 rank) or two small device-to-host
+ * synchronisations. */
 #include <cub/cub.cuh>
 
 #include "cuda_internal.h"
@@ -39,7 +40,7 @@ static moe_err_t gemm(moe_cuda_engine_t *engine, int N, int n, int K, const bf16
  * differs per slot; cuBLAS 13 offers it for bf16 in and out, not f32 out)
  * where the library supports it, else one cublasGemmEx per slot. */
 static moe_err_t grouped_gemm(moe_cuda_engine_t *engine, int N, int K, const bf16 *W, const bf16 *x,
-                              bf16 *y, const int *rows, int S, char *msg, size_t msg_size) {
+                              bf16 *y, const int *rows, int S, int table, char *msg, size_t msg_size) {
     /* Measured on an H200 (README): one grouped call wins with many small
      * experts per rank (Qwen3: 128 slots, 1.75 against 2.47 ms at 4096
      * tokens); cuBLAS's plain GEMMs win with few large ones (Mixtral: 8
@@ -54,14 +55,19 @@ static moe_err_t grouped_gemm(moe_cuda_engine_t *engine, int N, int K, const bf1
     int groups = 0;
     for (int s = 0; s < S; s++) groups += rows[s] > 0;
     if (groups == 0) return MOE_OK;
-    const void **host = (const void **)moe_cuda_reserve(&engine->ws.host_gemm_ptrs, sizeof(void *) * 3 * groups, msg,
-                                                        msg_size);
-    const void **dev = (const void **)moe_cuda_reserve(&engine->ws.gemm_ptrs, sizeof(void *) * 3 * groups, msg, msg_size);
-    if (host == nullptr || dev == nullptr) return MOE_ERR_NOMEM;
+    /* Two pointer tables, one per GEMM of a chunk (`table` 0: gate/up, 1:
+     * down), each 3·MOE_MAX_SLOTS pointers. No host sync is needed before
+     * rewriting one: the chunk's slot-count fetch synchronised the stream
+     * after the previous chunk's copies out of both. */
+    const size_t per_table = sizeof(void *) * 3 * MOE_MAX_SLOTS;
+    char *host_base = (char *)moe_cuda_reserve(&engine->ws.host_gemm_ptrs, 2 * per_table, msg, msg_size);
+    char *dev_base = (char *)moe_cuda_reserve(&engine->ws.gemm_ptrs, 2 * per_table, msg, msg_size);
+    if (host_base == nullptr || dev_base == nullptr) return MOE_ERR_NOMEM;
+    const void **host = (const void **)(host_base + (size_t)table * per_table);
+    const void **dev = (const void **)(dev_base + (size_t)table * per_table);
     cublasOperation_t ta[MOE_MAX_SLOTS], tb[MOE_MAX_SLOTS];
     int m[MOE_MAX_SLOTS], n[MOE_MAX_SLOTS], k[MOE_MAX_SLOTS], size[MOE_MAX_SLOTS];
     float alpha[MOE_MAX_SLOTS], beta[MOE_MAX_SLOTS];
-    MOE_CUDA_TRY(cudaStreamSynchronize(engine->stream)); /* the pinned pointer table is free */
     for (int s = 0, off = 0, g = 0; s < S; off += rows[s], s++) {
         if (rows[s] == 0) continue;
         host[g] = W + (size_t)s * N * K;
@@ -79,7 +85,7 @@ static moe_err_t grouped_gemm(moe_cuda_engine_t *engine, int N, int K, const bf1
         moe_log(MOE_LOG_WARN, "cuda", "cublasGemmGroupedBatchedEx: %s for bf16 x bf16 -> bf16; one GEMM per slot instead",
                 cublasGetStatusString(st));
         engine->grouped_gemm = false;
-        return grouped_gemm(engine, N, K, W, x, y, rows, S, msg, msg_size);
+        return grouped_gemm(engine, N, K, W, x, y, rows, S, table, msg, msg_size);
     }
     MOE_CUBLAS_TRY(st);
     return MOE_OK;
@@ -215,8 +221,9 @@ moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, co
         MOE_NCCL_TRY(ncclGroupEnd());
         MOE_TRY(fetch(engine, host_counts, counts, sizeof(int32_t) * 2 * R, msg, msg_size));
     } else {
-        MOE_TRY(fetch(engine, host_counts, counts, sizeof(int32_t), msg, msg_size));
-        host_counts[1] = host_counts[0];
+        /* one rank holds every expert: every token is sent to itself, and
+         * the host knows that without asking the device */
+        host_counts[0] = host_counts[1] = T;
     }
     int n_send = 0, n_recv = 0;
     for (int d = 0; d < R; d++) {
@@ -262,10 +269,10 @@ moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, co
     if (!gathered || !h13 || !act || !y || !partial) return MOE_ERR_NOMEM;
     MOE_CUDA_TRY(moe_cuda_gather_launch(recv_rows, vals_sorted, n_valid, H, k, gathered, inverse, stream));
     mark(engine, 3);
-    MOE_TRY(grouped_gemm(engine, 2 * I, H, L->w13, gathered, h13, host_slot_counts, S, msg, msg_size));
+    MOE_TRY(grouped_gemm(engine, 2 * I, H, L->w13, gathered, h13, host_slot_counts, S, 0, msg, msg_size));
     mark(engine, 4);
     MOE_CUDA_TRY(moe_cuda_swiglu_bf16_launch(h13, n_valid, I, act, stream));
-    MOE_TRY(grouped_gemm(engine, H, I, L->w2, act, y, host_slot_counts, S, msg, msg_size));
+    MOE_TRY(grouped_gemm(engine, H, I, L->w2, act, y, host_slot_counts, S, 1, msg, msg_size));
     mark(engine, 5);
     MOE_CUDA_TRY(moe_cuda_reduce_launch(y, recv_meta, inverse, n_recv, H, k, partial, stream));
 
