@@ -135,6 +135,16 @@ static int report(cJSON *reply) {
 
 /* health, version, config, drain, shutdown, and reload/rebalance with
  * their one optional argument. */
+
+/* `--layer L` (optional) into a control command's arguments; -1 on a bad value. */
+static int add_layer_arg(cJSON *args, const char *layer) {
+    long value;
+    if (layer == NULL) return 0;
+    if (moectl_int(layer, "--layer", 0, 1 << 30, &value) != 0) return -1;
+    cJSON_AddNumberToObject(args, "layer", (double)value);
+    return 0;
+}
+
 static int cmd_simple(const moectl_opts_t *opts, const char *cmd, int argc, char **argv) {
     const char *path = NULL, *layer = NULL;
     moectl_arg_t reload_args[] = {{"--path", 1, &path}, {NULL, 0, NULL}};
@@ -151,13 +161,9 @@ static int cmd_simple(const moectl_opts_t *opts, const char *cmd, int argc, char
         cJSON_AddStringToObject(args, "path", abs ? abs : path);
         free(abs);
     }
-    if (layer) {
-        long value;
-        if (moectl_int(layer, "--layer", 0, 1 << 30, &value) != 0) {
-            cJSON_Delete(args);
-            return MOECTL_EXIT_USAGE;
-        }
-        cJSON_AddNumberToObject(args, "layer", (double)value);
+    if (add_layer_arg(args, layer) != 0) {
+        cJSON_Delete(args);
+        return MOECTL_EXIT_USAGE;
     }
     return report(moectl_control_call(opts, cmd, args));
 }
@@ -220,13 +226,9 @@ static int cmd_stats(const moectl_opts_t *opts, int argc, char **argv) {
     moectl_arg_t table[] = {{"--layer", 1, &layer}, {"--json", 0, &json}, {NULL, 0, NULL}};
     if (moectl_parse_args(argc, argv, table, "stats") != 0) return MOECTL_EXIT_USAGE;
     cJSON *args = cJSON_CreateObject();
-    if (layer) {
-        long value;
-        if (moectl_int(layer, "--layer", 0, 1 << 30, &value) != 0) {
-            cJSON_Delete(args);
-            return MOECTL_EXIT_USAGE;
-        }
-        cJSON_AddNumberToObject(args, "layer", (double)value);
+    if (add_layer_arg(args, layer) != 0) {
+        cJSON_Delete(args);
+        return MOECTL_EXIT_USAGE;
     }
     cJSON *reply = moectl_control_call(opts, "stats", args);
     if (json || reply == NULL || !cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(reply, "ok")))

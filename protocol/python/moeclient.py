@@ -31,6 +31,19 @@ STATUS_NAMES = {0: "ok", 1: "bad_layer", 2: "bad_shape", 3: "bad_dtype", 4: "too
 MAX_FRAME_BYTES = 1 << 30
 
 
+
+class _Closing:
+    """Context-manager plumbing shared by the clients: `with` closes the socket."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.sock.close()
+
 class ProtocolError(Exception):
     """The server sent something that is not protocol v1, or hung up."""
 
@@ -124,7 +137,7 @@ def _dial(address, rank):
     return sock
 
 
-class Client:
+class Client(_Closing):
     """One connection to one rank's data plane. Not thread-safe."""
 
     def __init__(self, address="127.0.0.1:7600", rank=0, timeout=30):
@@ -133,15 +146,6 @@ class Client:
         self._ids = itertools.count(1)
         self._buffered = {}  # request_id -> (header, payload), in arrival order
         self._pending = {}   # request_id -> (n_tokens, hidden) of submitted requests
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        self.sock.close()
 
     def _recv_exact(self, n):
         chunks, left = [], n
@@ -239,7 +243,7 @@ class Client:
         self.sock.sendall(data)
 
 
-class ControlClient:
+class ControlClient(_Closing):
     """The JSON control channel on rank 0: call(cmd, **args) -> result."""
 
     def __init__(self, address="unix:/tmp/moed-control.sock", token=None, timeout=30):
@@ -249,15 +253,6 @@ class ControlClient:
         self._ids = itertools.count(1)
         self._buf = b""
         self._events = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        self.sock.close()
 
     def _line(self):
         while b"\n" not in self._buf:
