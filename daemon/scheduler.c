@@ -73,6 +73,7 @@ static moe_err_t collective(moe_daemon_t *daemon, int started, MPI_Request *requ
     return MOE_ERR_MPI;
 }
 
+/* Hands a request back to the I/O thread; the caller must not touch it after. */
 static void answer(moe_daemon_t *daemon, moe_request_t *request, uint32_t status, const char *text) {
     request->status = status;
     if (text != NULL) snprintf(request->error, sizeof request->error, "%s", text);
@@ -338,15 +339,18 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
     }
     at = 0;
     while (taken != NULL) {
+        /* read what is needed first: once answered, the request belongs to the
+         * I/O thread, which frees it at once when its client is gone */
         moe_request_t *r = taken;
+        size_t n_tokens = (size_t)r->n_tokens;
         taken = r->next;
         if (err == MOE_OK && ok) {
-            memcpy(r->x, s->step_out + at * H, sizeof(float) * r->n_tokens * H);
+            memcpy(r->x, s->step_out + at * H, sizeof(float) * n_tokens * H);
             answer(daemon, r, MOE_STATUS_OK, NULL);
         } else {
             answer(daemon, r, MOE_STATUS_INTERNAL, msg);
         }
-        at += (size_t)r->n_tokens;
+        at += n_tokens;
     }
     /* slot loads of this step, summed on rank 0 for stats and EPLB */
     int n_slots = daemon->backend.ops->slot_count(daemon->backend.state);
