@@ -219,6 +219,7 @@ static void print_json(const moe_config_t *cfg, moe_ep_t ep, const moe_backend_t
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "backend", moe_backend_name(cfg->moe.backend));
     cJSON_AddStringToObject(root, "device", backend->ops->device(backend->state));
+    if (backend->ops->gemm != NULL) cJSON_AddStringToObject(root, "gemm", backend->ops->gemm(backend->state));
     cJSON_AddNumberToObject(root, "peak_tbps", args->peak_tbps);
     cJSON_AddNumberToObject(root, "peak_tflops", args->peak_tflops);
     cJSON_AddNumberToObject(root, "ranks", ep.size);
@@ -289,6 +290,7 @@ int main(int argc, char **argv) {
                cfg.model.hidden, cfg.model.moe_intermediate, cfg.model.experts, cfg.model.top_k,
                cfg.model.shared_intermediate, moe_route_method_name(cfg.model.routing.method),
                cfg.model.n_layers, cfg.model.n_layers == 1 ? "" : "s", args.iters);
+        if (backend.ops->gemm != NULL) printf("expert GEMM %s\n", backend.ops->gemm(backend.state));
         printf("%12s %10s %10s %12s %9s %10s %10s %9s\n", "tokens/rank", "tokens", "ms/layer", "tokens/s",
                "TFLOP/s", "weight GB/s", "roofline ms", "of roof");
     }

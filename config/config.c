@@ -431,6 +431,13 @@ static void check_cross_fields(load_ctx_t *ctx) {
     if (model->weights.format == MOE_WEIGHTS_SAFETENSORS && model->weights.path[0] == '\0' &&
         usable(ctx, "model.weights.format", "model.weights.path", NULL))
         cross_error(ctx, "model.weights.path", "is required with format safetensors");
+    /* moed's grouped GEMM loads 16-byte row pieces (kernels/cuda/cuda_grouped.cu) */
+    if (cfg->moe.gemm == MOE_GEMM_GROUPED && (model->hidden % 8 != 0 || model->moe_intermediate % 8 != 0) &&
+        usable(ctx, "moe.gemm", "model.hidden", "model.moe_intermediate", NULL))
+        cross_error(ctx, "moe.gemm",
+                    "'grouped' needs model.hidden and model.moe_intermediate to be multiples of 8 (have "
+                    "%d and %d); use cublas or auto",
+                    model->hidden, model->moe_intermediate);
     const moe_eplb_config_t *eplb = &cfg->eplb;
     if (eplb->num_slots != 0 && eplb->num_slots < model->experts &&
         usable(ctx, "eplb.num_slots", "model.experts", NULL))

@@ -114,8 +114,9 @@ const moe_config_field_t moe_config_fields[] = {
     F_ENUM("moe.backend", moe.backend, backend_names, "cpu", false,
            "cpu (reference, always built) or cuda"),
     F_ENUM("moe.gemm", moe.gemm, gemm_names, "auto", true,
-           "CUDA expert GEMM: cublas; auto (= cublas until the autotuner exists); grouped "
-           "(moed's own kernel) is refused at startup in this version"),
+           "CUDA expert GEMM: cublas (cuBLAS, group sizes on the host); grouped (moed's own "
+           "kernel: one launch, no host sync; needs hidden and moe_intermediate multiples of 8); "
+           "auto (timed per token-count bucket at startup, see moe.autotune)"),
     F_ENUM("moe.comm", moe.comm, comm_names, "auto", false,
            "token exchange: alltoall; auto (= alltoall in this version); allgather is "
            "refused at startup in this version. Not reloadable: buffers are sized for it"),
@@ -126,12 +127,12 @@ const moe_config_field_t moe_config_fields[] = {
     F_BOOL("moe.chunking.overlap", moe.chunking.overlap, "true", true,
            "overlap chunk i+1's dispatch with chunk i's experts (accepted; chunks run one "
            "after another in this version)"),
-    F_INT("moe.autotune.max_tokens", moe.autotune.max_tokens, "16384", 1, K * K, false,
-          "largest token-count bucket the GEMM autotuner times (the autotuner is not in "
-          "this version)"),
+    F_INT("moe.autotune.max_tokens", moe.autotune.max_tokens, "16384", 1, 65536, false,
+          "largest token-count bucket (received rows per chunk, powers of two) the moe.gemm: "
+          "auto tuner times; larger chunks use its choice"),
     F_STRING("moe.autotune.cache", moe.autotune.cache, "", false,
-             "file caching the autotuner's choices; empty = tune at every start (the "
-             "autotuner is not in this version)"),
+             "file caching the moe.gemm: auto table, keyed by device, shapes, EP size and "
+             "slots; empty = tune at every start"),
 
     F_ENUM("eplb.mode", eplb.mode, eplb_mode_names, "off", false,
            "off: slot = expert; static: placement from config; online: from live statistics; "

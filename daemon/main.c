@@ -79,6 +79,8 @@ static int serve(const char *path, moe_ep_t ep) {
     int n_slots = daemon.backend.ops->slot_count(daemon.backend.state);
     ok = moe_stats_init(&daemon.stats, &daemon.cfg, ep.size, n_slots, daemon.backend.ops->placement,
                         daemon.backend.state) == MOE_OK;
+    if (ok && daemon.backend.ops->gemm != NULL)
+        moe_stats_set_gemm(&daemon.stats, daemon.backend.ops->gemm(daemon.backend.state));
     if (ok) {
         ok = moe_server_start(&daemon, msg, sizeof msg) == MOE_OK;
         if (!ok) moe_log(MOE_LOG_ERROR, "main", "%s", msg);

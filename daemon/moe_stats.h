@@ -52,6 +52,7 @@ enum {
 
 typedef struct moe_stats {
     pthread_mutex_t lock;
+    char gemm[1024]; /* the backend's expert-GEMM table ("" on cpu) */
     int n_layers;
     int n_slots;
     int n_ranks;
@@ -83,6 +84,8 @@ moe_err_t moe_stats_init(moe_stats_t *stats, const moe_config_t *cfg, int n_rank
                          const int *(*placement)(const void *ctx, int layer), const void *ctx);
 void moe_stats_destroy(moe_stats_t *stats);
 /* Applies a reloaded window length (eplb.window_steps). */
+/* Records the backend's expert-GEMM table (text) for `stats`. */
+void moe_stats_set_gemm(moe_stats_t *stats, const char *text);
 void moe_stats_reconfigure(moe_stats_t *stats, const moe_config_t *cfg);
 
 void moe_stats_completed(moe_stats_t *stats, double now, double latency_s, int n_tokens);

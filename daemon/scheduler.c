@@ -200,6 +200,8 @@ static moe_err_t apply_reload(scheduler_t *s, int epoch) {
     moe_log_set_level((moe_log_level_t)next->log.level);
     daemon->backend.ops->reconfigure(daemon->backend.state, next);
     moe_stats_reconfigure(&daemon->stats, next);
+    if (daemon->backend.ops->gemm != NULL)
+        moe_stats_set_gemm(&daemon->stats, daemon->backend.ops->gemm(daemon->backend.state));
     long long step = atomic_load(&daemon->step);
     if (daemon->ep.rank == 0)
         moe_log(MOE_LOG_INFO, "reload", "config epoch %d (%s) applied at step %lld on every rank", epoch,

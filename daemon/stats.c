@@ -51,6 +51,12 @@ void moe_stats_reconfigure(moe_stats_t *stats, const moe_config_t *cfg) {
     pthread_mutex_unlock(&stats->lock);
 }
 
+void moe_stats_set_gemm(moe_stats_t *stats, const char *text) {
+    pthread_mutex_lock(&stats->lock);
+    snprintf(stats->gemm, sizeof stats->gemm, "%s", text != NULL ? text : "");
+    pthread_mutex_unlock(&stats->lock);
+}
+
 static void hist_add(long long *hist, double value) {
     int b = 0;
     while (b < MOE_STATS_HIST_BOUNDS && value > hist_bounds[b]) b++;
@@ -272,6 +278,7 @@ cJSON *moe_stats_json(moe_stats_t *stats, double now, long long step, int layer)
     cJSON *step_ms = cJSON_AddObjectToObject(root, "step_ms");
     cJSON_AddNumberToObject(step_ms, "p50", step_q[0]);
     cJSON_AddNumberToObject(step_ms, "p99", step_q[2]);
+    if (stats->gemm[0] != '\0') cJSON_AddStringToObject(root, "gemm", stats->gemm);
     cJSON *layers = cJSON_AddArrayToObject(root, "layers");
     for (int l = 0; l < stats->n_layers; l++)
         if (layer < 0 || stats->layers[l].layer == layer)

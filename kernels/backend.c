@@ -66,16 +66,17 @@ static const int *cuda_placement(const void *state, int layer) {
     return moe_cuda_placement(state);
 }
 static const char *cuda_device(const void *state) { return moe_cuda_device_name(state); }
+static const char *cuda_gemm(const void *state) { return moe_cuda_gemm_table(state); }
 static moe_err_t cuda_check(void *state, char *msg, size_t msg_size) { return moe_cuda_check(state, msg, msg_size); }
 static void cuda_destroy(void *state) { moe_cuda_destroy(state); }
 #endif
 
 static const moe_backend_ops_t backends[] = {
     {"cpu", MOE_BACKEND_CPU, cpu_create, cpu_forward, cpu_reconfigure, cpu_slot_count,
-     cpu_placement, cpu_migrate, NULL, NULL, cpu_device, cpu_destroy},
+     cpu_placement, cpu_migrate, NULL, NULL, cpu_device, NULL, cpu_destroy},
 #ifdef MOE_WITH_CUDA
     {"cuda", MOE_BACKEND_CUDA, cuda_create, cuda_forward, cuda_reconfigure, cuda_slot_count,
-     cuda_placement, NULL, cuda_bench, cuda_check, cuda_device, cuda_destroy},
+     cuda_placement, NULL, cuda_bench, cuda_check, cuda_device, cuda_gemm, cuda_destroy},
 #endif
 };
 

@@ -14,7 +14,9 @@
 #           (max|a-b|/max|b| <= 2e-2, no NaN); shutdown, every rank exits 0.
 #           Without --quick also a Qwen3-shaped 1-layer model with 1 rank.
 #   bench   moe-bench, backend cuda, synthetic 1-layer Qwen3-30B-A3B shape
-#           (H2048 I768 E128 k8) and Mixtral shape (H4096 I14336 E8 k2);
+#           (H2048 I768 E128 k8) and Mixtral shape (H4096 I14336 E8 k2)
+#           with moe.gemm auto (the autotuner; its table in the JSON), then
+#           with cublas and grouped alone (a table of the three);
 #           also under mpirun -np 2 with >= 2 GPUs (same total tokens)
 #   peer    scripts/peer_torch.py --self-check, then the PyTorch peers for the
 #           same shapes and tokens; a table moed vs peers vs roofline
@@ -31,6 +33,8 @@
 #   MOED_GPU_TEST_BACKEND=cpu   dry run without a GPU: the "cuda" daemon and
 #                               moe-bench use the cpu backend (2-rank runs too)
 #   MOED_GPU_TEST_TOKENS=1,16   token counts of bench/peer; MOED_GPU_TEST_ITERS=20
+#   MOED_GPU_TEST_GEMMS=cublas,grouped  the single-implementation bench runs
+#                               (empty: none)
 #   MOED_MPIRUN_ARGS="..."      extra mpirun options (e.g. --mca btl ^openib)
 #   PYTHON=python3              the Python with torch (and numpy)
 # NCCL_NVLS_ENABLE=0 (and the other NVLink-multicast switches) is always set
@@ -273,12 +277,19 @@ daemon_compare() {
     fi
 }
 
-# bench SHAPE NP H I E K: moe-bench JSON into $D/moed-SHAPE-npNP.json
+# bench SHAPE NP H I E K [GEMM]: moe-bench JSON into $D/moed-SHAPE-npNP.json
+# (moe.gemm auto), or $D/gemm-SHAPE-GEMM.json with moe.gemm GEMM
 bench() {
-    local shape=$1 np=$2 h=$3 i=$4 e=$5 k=$6 tokens=$TOKENS
-    local tag=bench-$shape-np$np cfg=$TMP/bench-$shape.yaml
+    local shape=$1 np=$2 h=$3 i=$4 e=$5 k=$6 gemm=${7:-} tokens=$TOKENS
+    local tag=bench-$shape-np$np${gemm:+-$gemm} cfg=$TMP/bench-$shape${gemm:+-$gemm}.yaml
+    local json=$D/moed-$shape-np$np.json
+    [ -n "$gemm" ] && json=$D/gemm-$shape-$gemm.json
     if ! make_config "$cfg" "$BACKEND" "$h" "$i" "$e" "$k" 1 "$TMP/bench-sock" 2> "$D/$tag.log"; then
         fail "$tag: config rejected"; tail_log "$D/$tag.log"; return
+    fi
+    if [ -n "$gemm" ]; then
+        sed -i "s|^  backend: .*|&\n  gemm: $gemm|" "$cfg"
+        grep -q "^  gemm: $gemm\$" "$cfg" || { fail "$tag: gemm not set"; return; }
     fi
     local cmd=("$BIN/moe-bench")
     if [ "$np" -gt 1 ]; then
@@ -290,14 +301,14 @@ bench() {
     local start rc
     start=$(date +%s)
     timeout --kill-after=15 "${MOED_GPU_TEST_BENCH_S:-420}" "${cmd[@]}" --config "$cfg" \
-        --tokens "$tokens" --iters "$ITERS" --json > "$D/moed-$shape-np$np.json" 2> "$D/$tag.log"
+        --tokens "$tokens" --iters "$ITERS" --json > "$json" 2> "$D/$tag.log"
     rc=$?
-    if [ $rc = 0 ] && "$PYTHON" -c 'import json,sys; json.load(open(sys.argv[1]))' "$D/moed-$shape-np$np.json" 2>> "$D/$tag.log"; then
+    if [ $rc = 0 ] && "$PYTHON" -c 'import json,sys; json.load(open(sys.argv[1]))' "$json" 2>> "$D/$tag.log"; then
         pass "$tag (backend $BACKEND, tokens/rank $tokens, $(($(date +%s) - start))s)"
     else
         fail "$tag: exit $rc (log: detail/$tag.log)"
         tail_log "$D/$tag.log"
-        tail_log "$D/moed-$shape-np$np.json" 5
+        tail_log "$json" 5
     fi
 }
 
@@ -344,6 +355,26 @@ for name, (h, i, e, k) in shapes.items():
         rows.append({"shape": name, "tokens": t, "moed_1rank_ms": m1, "moed_2rank_ms": m2,
                      "peer_best_ms": p, "peer_best_variant": best["variant"] if best else None,
                      "roofline_ms": roof})
+gemm = {}
+for path in sorted(glob.glob(os.path.join(d, "gemm-*.json"))):
+    shape, impl = os.path.basename(path)[5:-5].rsplit("-", 1)
+    doc = load(path)
+    if doc:
+        gemm[(shape, impl)] = {r["tokens_total"]: r["ms_per_layer"] for r in doc.get("results", [])}
+if gemm:
+    impls = sorted({i for _, i in gemm})
+    lines.append("")
+    lines.append("moe.gemm, ms per layer (1 rank): " + ", ".join(impls) + ", auto (the autotuner's table below)")
+    lines.append(f"{'shape':<8} {'T':>6} " + " ".join(f"{i:>9}" for i in impls) + f" {'auto':>9}")
+    for name in shapes:
+        for t in sorted(moed.get((name, 1), {})):
+            vals = [gemm.get((name, i), {}).get(t) for i in impls] + [moed.get((name, 1), {}).get(t)]
+            lines.append(f"{name:<8} {t:>6} " + " ".join(f"{v:9.3f}" if v is not None else f"{'-':>9}" for v in vals))
+            rows.append({"shape": name, "tokens": t, "gemm_ms": dict(zip(impls + ["auto"], vals))})
+    for name in shapes:
+        doc = load(os.path.join(d, f"moed-{name}-np1.json"))
+        if doc and doc.get("gemm"):
+            lines.append(f"{name} autotuner: {doc['gemm']}")
 text = "\n".join(lines)
 print(text)
 with open(os.path.join(logdir, "summary.txt"), "w") as f:
@@ -411,6 +442,11 @@ main() {
         echo "== moe-bench ($BACKEND)"
         bench qwen3 1 2048 768 128 8
         bench mixtral 1 4096 14336 8 2
+        local gemm
+        for gemm in $(echo "${MOED_GPU_TEST_GEMMS-cublas,grouped}" | tr ',' ' '); do
+            bench qwen3 1 2048 768 128 8 "$gemm"
+            bench mixtral 1 4096 14336 8 2 "$gemm"
+        done
         if [ $NP2 = 1 ]; then
             bench qwen3 2 2048 768 128 8
             bench mixtral 2 4096 14336 8 2

@@ -9,6 +9,10 @@
  *      same experts and weights (the logits themselves come from a bf16 GEMM,
  *      so the CPU engine's own choice may differ on near-ties);
  *   3. slot statistics: every (token, expert) counted once.
+ * Each with every expert-GEMM path: cuBLAS per slot, cuBLAS's grouped call,
+ * moed's grouped kernel (moe.gemm: grouped) and the autotuner's mix (auto);
+ * then the autotuner's cache file: written, read back to the same table,
+ * and ignored (tuned again) when its key does not match.
  * Runs alone or under mpirun (one rank per GPU). Exit status 0 on success. */
 #include <math.h>
 #include <stdbool.h>
@@ -17,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../kernels/cpu/moe_cpu.h"
 #include "../kernels/cuda/moe_cuda.h"
@@ -25,9 +30,13 @@
 #include "support/dense_ref.h"
 #include "support/layer_check.h"
 
+static moe_gemm_kind_t gemm_kind = MOE_GEMM_CUBLAS;
+
 static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int n_tokens, double *worst_out) {
     moe_config_t cfg, ref_cfg;
     moe_test_case_config(c, ep.size, &cfg);
+    cfg.moe.gemm = gemm_kind;
+    cfg.moe.autotune.max_tokens = 32; /* a quick tune; larger chunks use the 32-row choice */
     const int H = cfg.model.hidden, k = cfg.model.top_k, E = cfg.model.experts;
     char msg[512] = "";
     int failed = 0;
@@ -118,11 +127,48 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
         }
         if (err > *worst_out || isnan(err)) *worst_out = err;
     }
+    if (!failed && n_tokens == 300 && ep.rank == 0 && c == &moe_test_cases[0])
+        printf("cuda_layer: moe.gemm %s -> %s\n", moe_gemm_name(gemm_kind), moe_cuda_gemm_table(gpu));
 done:
     moe_cuda_destroy(gpu);
     moe_test_ref_destroy(ref);
     free(x), free(out), free(w), free(cpu_w), free(client_w), free(ids), free(cpu_ids);
     free(client_ids), free(want), free(logits);
+    return failed;
+}
+
+/* The autotuner's cache: the first engine tunes and writes it, the second
+ * reads the same table back, a third with another key tunes again. */
+static int check_cache(moe_ep_t ep) {
+    moe_config_t cfg;
+    moe_test_case_config(&moe_test_cases[0], ep.size, &cfg);
+    cfg.moe.gemm = MOE_GEMM_AUTO;
+    cfg.moe.autotune.max_tokens = 64;
+    snprintf(cfg.moe.autotune.cache, sizeof cfg.moe.autotune.cache, "/tmp/moed-cuda-layer-%d-%d.tune", (int)getpid(),
+             ep.rank);
+    remove(cfg.moe.autotune.cache);
+    char msg[512], first[1024] = "", second[1024] = "", third[1024] = "";
+    int failed = 0;
+    for (int pass = 0; pass < 3 && !failed; pass++) {
+        if (pass == 2) cfg.moe.autotune.max_tokens = 32; /* part of the key */
+        moe_cuda_engine_t *gpu = NULL;
+        if (moe_cuda_create(&cfg, ep, &gpu, msg, sizeof msg) != MOE_OK) {
+            fprintf(stderr, "FAIL autotune cache pass %d: %s\n", pass, msg);
+            failed = 1;
+            break;
+        }
+        snprintf(pass == 0 ? first : pass == 1 ? second : third, sizeof first, "%s", moe_cuda_gemm_table(gpu));
+        moe_cuda_destroy(gpu);
+    }
+    const char *tuned = "auto (tuned):", *cached = "auto (from the cache):";
+    if (!failed && (strncmp(first, tuned, strlen(tuned)) != 0 || strncmp(second, cached, strlen(cached)) != 0 ||
+                    strcmp(first + strlen(tuned), second + strlen(cached)) != 0 ||
+                    strncmp(third, tuned, strlen(tuned)) != 0)) {
+        fprintf(stderr, "FAIL autotune cache: first '%s', second '%s', third '%s'\n", first, second, third);
+        failed = 1;
+    }
+    if (!failed && ep.rank == 0) printf("cuda_layer: autotune cache written, read back and re-keyed: %s\n", second);
+    remove(cfg.moe.autotune.cache);
     return failed;
 }
 
@@ -138,13 +184,20 @@ int main(int argc, char **argv) {
     }
     unsigned long long seed = argc > 1 ? strtoull(argv[1], NULL, 10) : moe_test_fresh_seed();
     if (under_mpi) MPI_Bcast(&seed, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
-    const int sizes[] = {0, 1, 37, 300};
+    const int sizes[] = {0, 1, 37, 120, 300}; /* 37/120/300: 16-, 32- and 64-row tiles of the grouped kernel */
     int failures = 0, runs = 0;
     double worst = 0;
-    /* both expert-GEMM paths: one cuBLAS call per slot (what these small
-     * models get by default) and the grouped call (forced) */
-    for (int grouped = 0; grouped < 2; grouped++) {
-        if (grouped) setenv("MOE_CUDA_FORCE_GROUPED", "1", 1);
+    /* every expert-GEMM path: one cuBLAS call per slot (what these small
+     * models get from cublas), cuBLAS's grouped call (forced), moed's own
+     * grouped kernel, and the autotuner's choice */
+    const struct {
+        moe_gemm_kind_t kind;
+        bool force_cublas_grouped;
+    } paths[] = {{MOE_GEMM_CUBLAS, false}, {MOE_GEMM_CUBLAS, true}, {MOE_GEMM_GROUPED, false}, {MOE_GEMM_AUTO, false}};
+    for (size_t p = 0; p < sizeof paths / sizeof paths[0]; p++) {
+        gemm_kind = paths[p].kind;
+        if (paths[p].force_cublas_grouped) setenv("MOE_CUDA_FORCE_GROUPED", "1", 1);
+        else unsetenv("MOE_CUDA_FORCE_GROUPED");
         for (int i = 0; i < moe_test_case_count; i++)
             for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
                 int n = (int)((sizes[s] + (uint64_t)ep.rank * 13) % 400);
@@ -154,6 +207,7 @@ int main(int argc, char **argv) {
             }
     }
     unsetenv("MOE_CUDA_FORCE_GROUPED");
+    failures += check_cache(ep);
     int total = failures;
     if (under_mpi) {
         MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);

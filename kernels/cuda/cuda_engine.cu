@@ -193,10 +193,11 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
         return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
                            "eplb.placement_file: per-layer placements are CPU-only in this version; give the "
                            "placement in eplb.placement (one for every layer)");
-    if (engine->cfg.moe.gemm == MOE_GEMM_GROUPED)
-        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
-                           "moe.gemm: 'grouped' (moed's own grouped GEMM) is not in this build; supported: "
-                           "cublas, auto (= cublas)");
+    engine->cc_major = prop.major;
+    char why[160];
+    engine->own_grouped_ok = moe_cuda_grouped_supported(m->hidden, m->moe_intermediate, prop.major, why, sizeof why);
+    if (engine->cfg.moe.gemm == MOE_GEMM_GROUPED && !engine->own_grouped_ok)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED, "moe.gemm: 'grouped' %s; use cublas or auto", why);
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->stream, cudaStreamNonBlocking));
     engine->grouped_gemm = getenv("MOE_CUDA_NO_GROUPED") == nullptr;
     engine->grouped_min_slots = getenv("MOE_CUDA_FORCE_GROUPED") != nullptr ? 0 : 16;
@@ -245,6 +246,7 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
             (void)cudaGetLastError();
             return moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda: loading weights: %s", cudaGetErrorString(sync));
         }
+        ret = moe_cuda_autotune(engine, msg, msg_size);
     }
     return ret;
 }
@@ -308,7 +310,25 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
 extern "C" void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config_t *cfg) {
     engine->cfg.moe.chunking = cfg->moe.chunking;
     engine->cfg.moe.max_tokens_per_step = cfg->moe.max_tokens_per_step;
+    if (cfg->moe.gemm == engine->cfg.moe.gemm) return;
+    /* a new moe.gemm: grouped was checked against the model when the
+     * reload was validated (config cross-field rules); auto tunes now, at
+     * this step boundary, unless the cache has the table */
+    const moe_gemm_kind_t old = engine->cfg.moe.gemm;
+    engine->cfg.moe.gemm = cfg->moe.gemm;
+    if (cfg->moe.gemm == MOE_GEMM_GROUPED && !engine->own_grouped_ok) engine->cfg.moe.gemm = old;
+    char msg[512];
+    if (moe_cuda_autotune(engine, msg, sizeof msg) != MOE_OK) {
+        moe_log(MOE_LOG_ERROR, "cuda", "moe.gemm %s: %s; keeping %s", moe_gemm_name(cfg->moe.gemm), msg,
+                moe_gemm_name(old));
+        engine->cfg.moe.gemm = old;
+        if (moe_cuda_autotune(engine, msg, sizeof msg) != MOE_OK)
+            for (int b = 0; b < MOE_GEMM_BUCKETS; b++) engine->gemm_table[b] = MOE_IMPL_CUBLAS;
+    }
+    moe_log(MOE_LOG_INFO, "cuda", "rank %d: expert GEMM now %s", engine->ep.rank, engine->gemm_text);
 }
+
+extern "C" const char *moe_cuda_gemm_table(const moe_cuda_engine_t *engine) { return engine->gemm_text; }
 
 extern "C" int moe_cuda_slot_count(const moe_cuda_engine_t *engine) { return engine->slots.n_slots; }
 extern "C" const int *moe_cuda_placement(const moe_cuda_engine_t *engine) { return engine->slots.slot_expert; }

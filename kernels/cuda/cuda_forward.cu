@@ -150,11 +150,77 @@ static moe_err_t exchange(moe_cuda_engine_t *engine, const void *send, const int
     return MOE_OK;
 }
 
+int moe_cuda_bucket(int rows) {
+    int b = 0;
+    while (b < MOE_GEMM_BUCKETS - 1 && (1 << b) < rows) b++;
+    return b;
+}
+
+/* Entries grouped by local slot (a stable radix sort: deterministic), then
+ * [gate|up], SwiGLU and down per slot, then the weighted per-row sum.
+ * cuBLAS needs the per-slot counts on the host (one sync); moed's grouped
+ * kernel reads them on the device, reads each entry's row in place (the
+ * gather is fused) and applies SwiGLU in its epilogue. */
+moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_impl_t impl,
+                           const bf16 *recv_rows, const cuda_meta_t *recv_meta, int n_recv, bf16 **partial_out,
+                           char *msg, size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    const int k = m->top_k, H = m->hidden, I = m->moe_intermediate, S = engine->slots.slots_per_rank;
+    cudaStream_t stream = engine->stream;
+    const int n_entries = n_recv * k;
+    int32_t *keys = RESERVE(engine, keys, int32_t, n_entries), *vals = RESERVE(engine, vals, int32_t, n_entries);
+    int32_t *keys_sorted = RESERVE(engine, keys_sorted, int32_t, n_entries);
+    int32_t *vals_sorted = RESERVE(engine, vals_sorted, int32_t, n_entries);
+    int32_t *slot_counts = RESERVE(engine, slot_counts, int32_t, S);
+    int32_t *inverse = RESERVE(engine, inverse, int32_t, n_entries);
+    bf16 *partial = RESERVE(engine, partial, bf16, (size_t)n_recv * H);
+    if (!keys || !vals || !keys_sorted || !vals_sorted || !slot_counts || !inverse || !partial) return MOE_ERR_NOMEM;
+    *partial_out = partial;
+    MOE_CUDA_TRY(moe_cuda_pair_keys_launch(recv_meta, n_entries, S, keys, vals, slot_counts, stream));
+    MOE_TRY(sort_pairs(engine, keys, keys_sorted, vals, vals_sorted, n_entries, S, msg, msg_size));
+    bf16 *y = nullptr;
+    if (impl == MOE_IMPL_GROUPED && engine->own_grouped_ok) {
+        /* buffers sized for every entry: the host does not learn how many are local */
+        int32_t *plan = RESERVE(engine, plan, int32_t, 2 * (size_t)S + 2);
+        bf16 *act = RESERVE(engine, act, bf16, (size_t)n_entries * I);
+        y = RESERVE(engine, y, bf16, (size_t)n_entries * H);
+        if (!plan || !act || !y) return MOE_ERR_NOMEM;
+        const int tile_rows = moe_cuda_grouped_tile_rows(n_entries, S);
+        MOE_CUDA_TRY(moe_cuda_grouped_plan_launch(slot_counts, S, tile_rows, plan, vals_sorted, n_entries, inverse,
+                                                  stream));
+        mark(engine, 3);
+        MOE_CUDA_TRY(moe_cuda_grouped_gemm_launch(L->w13, recv_rows, vals_sorted, k, plan, S, tile_rows, true, I, H,
+                                                  n_entries, act, stream));
+        mark(engine, 4);
+        MOE_CUDA_TRY(moe_cuda_grouped_gemm_launch(L->w2, act, nullptr, 1, plan, S, tile_rows, false, H, I, n_entries,
+                                                  y, stream));
+    } else {
+        int host_slot_counts[MOE_MAX_SLOTS];
+        MOE_TRY(fetch(engine, host_slot_counts, slot_counts, sizeof(int32_t) * S, msg, msg_size));
+        int n_valid = 0;
+        for (int s = 0; s < S; s++) n_valid += host_slot_counts[s];
+        bf16 *gathered = RESERVE(engine, gathered, bf16, (size_t)n_valid * H);
+        bf16 *h13 = RESERVE(engine, h13, bf16, (size_t)n_valid * 2 * I);
+        bf16 *act = RESERVE(engine, act, bf16, (size_t)n_valid * I);
+        y = RESERVE(engine, y, bf16, (size_t)n_valid * H);
+        if (!gathered || !h13 || !act || !y) return MOE_ERR_NOMEM;
+        MOE_CUDA_TRY(moe_cuda_gather_launch(recv_rows, vals_sorted, n_valid, H, k, gathered, inverse, stream));
+        mark(engine, 3);
+        MOE_TRY(grouped_gemm(engine, 2 * I, H, L->w13, gathered, h13, host_slot_counts, S, 0, msg, msg_size));
+        mark(engine, 4);
+        MOE_CUDA_TRY(moe_cuda_swiglu_bf16_launch(h13, n_valid, I, act, stream));
+        MOE_TRY(grouped_gemm(engine, H, I, L->w2, act, y, host_slot_counts, S, 1, msg, msg_size));
+    }
+    mark(engine, 5);
+    MOE_CUDA_TRY(moe_cuda_reduce_launch(y, recv_meta, inverse, n_recv, H, k, partial, stream));
+    return MOE_OK;
+}
+
 moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf16 *x, int T,
                                   int64_t first_token, const int32_t *routed_ids, const float *routed_weights,
                                   float *out, moe_route_trace_t *trace, char *msg, size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
-    const int R = engine->ep.size, k = m->top_k, H = m->hidden, I = m->moe_intermediate, E = m->experts;
+    const int R = engine->ep.size, k = m->top_k, H = m->hidden, E = m->experts;
     const int S = engine->slots.slots_per_rank, Is = m->shared_intermediate;
     cudaStream_t stream = engine->stream;
 
@@ -247,34 +313,10 @@ moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, co
     }
 
     mark(engine, 2);
-    /* 5. experts: entries grouped by local slot */
-    const int n_entries = n_recv * k;
-    int32_t *keys = RESERVE(engine, keys, int32_t, n_entries), *vals = RESERVE(engine, vals, int32_t, n_entries);
-    int32_t *keys_sorted = RESERVE(engine, keys_sorted, int32_t, n_entries);
-    int32_t *vals_sorted = RESERVE(engine, vals_sorted, int32_t, n_entries);
-    int32_t *slot_counts = RESERVE(engine, slot_counts, int32_t, S);
-    int32_t *inverse = RESERVE(engine, inverse, int32_t, n_entries);
-    if (!keys || !vals || !keys_sorted || !vals_sorted || !slot_counts || !inverse) return MOE_ERR_NOMEM;
-    MOE_CUDA_TRY(moe_cuda_pair_keys_launch(recv_meta, n_entries, S, keys, vals, slot_counts, stream));
-    MOE_TRY(sort_pairs(engine, keys, keys_sorted, vals, vals_sorted, n_entries, S, msg, msg_size));
-    int host_slot_counts[MOE_MAX_SLOTS];
-    MOE_TRY(fetch(engine, host_slot_counts, slot_counts, sizeof(int32_t) * S, msg, msg_size));
-    int n_valid = 0;
-    for (int s = 0; s < S; s++) n_valid += host_slot_counts[s];
-    bf16 *gathered = RESERVE(engine, gathered, bf16, (size_t)n_valid * H);
-    bf16 *h13 = RESERVE(engine, h13, bf16, (size_t)n_valid * 2 * I);
-    bf16 *act = RESERVE(engine, act, bf16, (size_t)n_valid * I);
-    bf16 *y = RESERVE(engine, y, bf16, (size_t)n_valid * H);
-    bf16 *partial = RESERVE(engine, partial, bf16, (size_t)n_recv * H);
-    if (!gathered || !h13 || !act || !y || !partial) return MOE_ERR_NOMEM;
-    MOE_CUDA_TRY(moe_cuda_gather_launch(recv_rows, vals_sorted, n_valid, H, k, gathered, inverse, stream));
-    mark(engine, 3);
-    MOE_TRY(grouped_gemm(engine, 2 * I, H, L->w13, gathered, h13, host_slot_counts, S, 0, msg, msg_size));
-    mark(engine, 4);
-    MOE_CUDA_TRY(moe_cuda_swiglu_bf16_launch(h13, n_valid, I, act, stream));
-    MOE_TRY(grouped_gemm(engine, H, I, L->w2, act, y, host_slot_counts, S, 1, msg, msg_size));
-    mark(engine, 5);
-    MOE_CUDA_TRY(moe_cuda_reduce_launch(y, recv_meta, inverse, n_recv, H, k, partial, stream));
+    /* 5. experts */
+    bf16 *partial = nullptr;
+    MOE_TRY(moe_cuda_experts(engine, L, engine->gemm_table[moe_cuda_bucket(n_recv)], recv_rows, recv_meta, n_recv,
+                             &partial, msg, msg_size));
 
     mark(engine, 6);
     /* 6. combine */

@@ -91,8 +91,16 @@ typedef struct {
         send_meta, recv_rows, recv_meta, keys, vals, keys_sorted, vals_sorted, inverse, slot_counts,
         gathered, h13, act, y, partial, back, out, shared_h13, shared_act, shared_y, gate, cub_temp,
         counts, stat_counts, host_counts, host_x, host_out, host_ids, host_weights, host_stats,
-        gemm_ptrs, host_gemm_ptrs;
+        gemm_ptrs, host_gemm_ptrs, plan;
 } cuda_workspace_t;
+
+/* Expert-GEMM implementations (moe.gemm): cuBLAS (host-side group sizes,
+ * one sync per chunk) or moed's own grouped kernel (cuda_grouped.cu). */
+typedef enum { MOE_IMPL_CUBLAS = 0, MOE_IMPL_GROUPED = 1, MOE_IMPL_COUNT } moe_gemm_impl_t;
+
+/* Token-count buckets of the GEMM table: bucket b holds 2^(b-1) < rows <=
+ * 2^b received rows (bucket 0: one row; rows 0 use bucket 0). */
+#define MOE_GEMM_BUCKETS 25
 
 /* Per-phase CUDA events of one chunk, when MOE_CUDA_PROFILE is set. */
 #define MOE_CUDA_PHASES 8
@@ -125,6 +133,12 @@ struct moe_cuda_engine {
     cuda_layer_t *layers;
     double *d_zipf_cdf;
     bool grouped_gemm;   /* cublasGemmGroupedBatchedEx works here (else one call per slot) */
+    bool own_grouped_ok; /* moed's grouped kernel can run this model here */
+    int cc_major;
+    moe_gemm_impl_t gemm_table[MOE_GEMM_BUCKETS]; /* implementation per bucket (moe.gemm) */
+    double tune_ms[MOE_GEMM_BUCKETS][MOE_IMPL_COUNT]; /* the autotuner's timings; 0 = not timed */
+    bool tuned;              /* gemm_table came from the autotuner (or its cache) */
+    char gemm_text[1024];    /* the table as text, for logs, stats and moe-bench */
     int grouped_min_slots; /* use it only with more local slots than this (16; 0 with MOE_CUDA_FORCE_GROUPED) */
     cuda_profile_t profile;
     cuda_workspace_t ws;
@@ -139,6 +153,32 @@ moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *layer
                                   int n_tokens, int64_t first_token, const int32_t *ids_host_routed,
                                   const float *weights_host_routed, float *out, moe_route_trace_t *trace,
                                   char *msg, size_t msg_size);
+
+/* The expert stage of a chunk: n_recv received rows [n_recv, H] with
+ * their k entries each -> partial [n_recv, H] (Σ over a row's local
+ * entries of weight · expert output), with implementation `impl`. Returns
+ * partial in *partial_out (a workspace buffer). */
+moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *layer, moe_gemm_impl_t impl,
+                           const bf16 *recv_rows, const cuda_meta_t *recv_meta, int n_recv, bf16 **partial_out,
+                           char *msg, size_t msg_size);
+
+/* The bucket of a chunk receiving `rows` rows. */
+int moe_cuda_bucket(int rows);
+
+/* Fills engine->gemm_table from moe.gemm: cublas or grouped everywhere, or
+ * (auto) from the cache file or by timing both on this rank's own experts
+ * (cuda_autotune.cu). Also writes engine->gemm_text. */
+moe_err_t moe_cuda_autotune(moe_cuda_engine_t *engine, char *msg, size_t msg_size);
+
+/* moed's grouped GEMM (cuda_grouped.cu). */
+bool moe_cuda_grouped_supported(int hidden, int inter, int cc_major, char *why, size_t why_size);
+int moe_cuda_grouped_tile_rows(int n_entries, int S);
+cudaError_t moe_cuda_grouped_plan_launch(const int32_t *slot_counts, int S, int tile_rows, int32_t *plan,
+                                         const int32_t *vals_sorted, int n_entries, int32_t *inverse,
+                                         cudaStream_t stream);
+cudaError_t moe_cuda_grouped_gemm_launch(const bf16 *W, const bf16 *A, const int32_t *a_index, int a_index_div,
+                                         const int32_t *plan, int S, int tile_rows, bool swiglu, int n_out, int K,
+                                         int n_entries, bf16 *out, cudaStream_t stream);
 
 /* Launchers (cuda_kernels.cu): each checks its arguments, sizes its grid,
  * launches on `stream` and returns cudaGetLastError(). */

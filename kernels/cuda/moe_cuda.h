@@ -53,6 +53,10 @@ const int *moe_cuda_placement(const moe_cuda_engine_t *engine);
  * collective returns) and returns MOE_ERR_MPI with NCCL's message. */
 moe_err_t moe_cuda_check(moe_cuda_engine_t *engine, char *msg, size_t msg_size);
 
+/* The expert-GEMM implementation per token-count bucket (moe.gemm), as
+ * text: "auto (tuned): 1-64 rows grouped, 65-16384 rows cublas". */
+const char *moe_cuda_gemm_table(const moe_cuda_engine_t *engine);
+
 /* "NVIDIA H200, 132 SMs, 139.8 GiB, cc 9.0" */
 const char *moe_cuda_device_name(const moe_cuda_engine_t *engine);
 

@@ -1,0 +1,230 @@
+/* cuda_autotune: the expert-GEMM table (DESIGN §5, `moe.gemm`).
+ *
+ * `cublas` and `grouped` put one implementation in every token-count
+ * bucket. `auto` times every capable implementation for each bucket (powers
+ * of two up to moe.autotune.max_tokens received rows) on dummy inputs
+ * routed only to this rank's own slots — balanced and random, as a real
+ * expert-parallel step is — and keeps the faster one (sum of both
+ * distributions, median of MOE_TUNE_ITERS runs each). The table is cached
+ * in moe.autotune.cache under a key of (device, shapes, dtype, EP size,
+ * slot count, implementation set, kernel revision), so a restart on the
+ * same machine and model does not tune again. Timing runs on this rank
+ * alone: no collective, so ranks may choose differently. */
+#include <errno.h>
+
+#include "cuda_internal.h"
+
+#define MOE_TUNE_ITERS 5
+/* Bump when a kernel changes enough that cached choices are stale. */
+#define MOE_TUNE_REVISION "grouped-mma-v1"
+
+static const char *const impl_names[MOE_IMPL_COUNT] = {"cublas", "grouped"};
+
+static int max_bucket(const moe_cuda_engine_t *engine) {
+    int b = moe_cuda_bucket(engine->cfg.moe.autotune.max_tokens);
+    return b < MOE_GEMM_BUCKETS ? b : MOE_GEMM_BUCKETS - 1;
+}
+
+/* "auto (tuned): 1-64 rows grouped, 128-16384 cublas" */
+static void describe(moe_cuda_engine_t *engine, const char *how) {
+    char *text = engine->gemm_text;
+    size_t size = sizeof engine->gemm_text;
+    int n = snprintf(text, size, "%s:", how);
+    const int last = max_bucket(engine);
+    for (int b = 0; b <= last && n < (int)size;) {
+        int e = b;
+        while (e < last && engine->gemm_table[e + 1] == engine->gemm_table[b]) e++;
+        n += snprintf(text + n, size - (size_t)n, "%s %d-%d rows %s", b == 0 ? "" : ",", b == 0 ? 1 : (1 << (b - 1)) + 1,
+                      1 << e, impl_names[engine->gemm_table[b]]);
+        b = e + 1;
+    }
+    if (n < (int)size && last < MOE_GEMM_BUCKETS - 1)
+        snprintf(text + n, size - (size_t)n, " (larger: as %d)", 1 << last);
+}
+
+static void key_of(const moe_cuda_engine_t *engine, char *key, size_t size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    snprintf(key, size, "%s | H=%d I=%d E=%d k=%d | bf16 | ep=%d slots/rank=%d | impls=cublas%s | max_rows=%d | %s",
+             engine->device_name, m->hidden, m->moe_intermediate, m->experts, m->top_k, engine->ep.size,
+             engine->slots.slots_per_rank, engine->own_grouped_ok ? ",grouped" : "",
+             engine->cfg.moe.autotune.max_tokens, MOE_TUNE_REVISION);
+}
+
+/* Reads the cache: true when its key matches and every bucket is there. */
+static bool load_cache(moe_cuda_engine_t *engine, const char *path, const char *key) {
+    FILE *f = fopen(path, "r");
+    if (f == nullptr) {
+        if (errno != ENOENT)
+            moe_log(MOE_LOG_WARN, "autotune", "%s: %s; tuning instead", path, strerror(errno));
+        return false;
+    }
+    char line[1024];
+    bool ok = fgets(line, sizeof line, f) != nullptr && strcmp(line, "moed-autotune 1\n") == 0 &&
+              fgets(line, sizeof line, f) != nullptr && strncmp(line, "key: ", 5) == 0;
+    if (ok) {
+        line[strcspn(line, "\n")] = '\0';
+        ok = strcmp(line + 5, key) == 0;
+        if (!ok) moe_log(MOE_LOG_INFO, "autotune", "%s was made for another setup; tuning again", path);
+    }
+    moe_gemm_impl_t table[MOE_GEMM_BUCKETS];
+    double ms[MOE_GEMM_BUCKETS][MOE_IMPL_COUNT] = {};
+    const int last = max_bucket(engine);
+    for (int b = 0; ok && b <= last; b++) {
+        int rows = 0;
+        char name[32];
+        ok = fgets(line, sizeof line, f) != nullptr &&
+             sscanf(line, "%d %31s %lf %lf", &rows, name, &ms[b][0], &ms[b][1]) == 4 && rows == (1 << b);
+        if (ok) {
+            ok = false;
+            for (int i = 0; i < MOE_IMPL_COUNT; i++)
+                if (strcmp(name, impl_names[i]) == 0) table[b] = (moe_gemm_impl_t)i, ok = true;
+            ok = ok && (table[b] != MOE_IMPL_GROUPED || engine->own_grouped_ok);
+        }
+        if (!ok) moe_log(MOE_LOG_WARN, "autotune", "%s: bucket %d unreadable; tuning again", path, 1 << b);
+    }
+    fclose(f);
+    if (!ok) return false;
+    for (int b = 0; b < MOE_GEMM_BUCKETS; b++) engine->gemm_table[b] = table[b <= last ? b : last];
+    memcpy(engine->tune_ms, ms, sizeof ms);
+    return true;
+}
+
+static void save_cache(const moe_cuda_engine_t *engine, const char *path, const char *key) {
+    char tmp[MOE_PATH_MAX + 16];
+    snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, engine->ep.rank);
+    FILE *f = fopen(tmp, "w");
+    if (f == nullptr) {
+        moe_log(MOE_LOG_WARN, "autotune", "cannot write the cache %s: %s", tmp, strerror(errno));
+        return;
+    }
+    fprintf(f, "moed-autotune 1\nkey: %s\n", key);
+    for (int b = 0; b <= max_bucket(engine); b++)
+        fprintf(f, "%d %s %.6f %.6f\n", 1 << b, impl_names[engine->gemm_table[b]], engine->tune_ms[b][0],
+                engine->tune_ms[b][1]);
+    bool ok = fflush(f) == 0 && ferror(f) == 0;
+    ok = fclose(f) == 0 && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        moe_log(MOE_LOG_WARN, "autotune", "cannot write the cache %s: %s", path, strerror(errno));
+        remove(tmp);
+    }
+}
+
+/* Dummy received rows: random values, each row with max(1, k/R) entries
+ * on this rank's slots (balanced: round robin; else pseudo-random). */
+static moe_err_t dummy_step(moe_cuda_engine_t *engine, int rows, bool balanced, bf16 **rows_out,
+                            cuda_meta_t **meta_out, char *msg, size_t msg_size) {
+    const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k, S = engine->slots.slots_per_rank;
+    const int local = k / engine->ep.size > 1 ? k / engine->ep.size : 1;
+    bf16 *x = (bf16 *)moe_cuda_reserve(&engine->ws.recv_rows, sizeof(bf16) * (size_t)rows * H, msg, msg_size);
+    cuda_meta_t *meta =
+        (cuda_meta_t *)moe_cuda_reserve(&engine->ws.recv_meta, sizeof(cuda_meta_t) * (size_t)rows * k, msg, msg_size);
+    if (x == nullptr || meta == nullptr) return MOE_ERR_NOMEM;
+    MOE_CUDA_TRY(moe_cuda_synth_launch(x, nullptr, (size_t)rows * H, 0x7a11e5ull, 0, 99, 0, 1, 0, engine->stream));
+    cuda_meta_t *host = (cuda_meta_t *)malloc(sizeof(cuda_meta_t) * (size_t)rows * k);
+    if (host == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "autotune: out of memory");
+    uint64_t state = 0x9e3779b97f4a7c15ull ^ (uint64_t)rows;
+    for (size_t r = 0; r < (size_t)rows; r++)
+        for (int i = 0; i < k; i++) {
+            state = state * 6364136223846793005ull + 1442695040888963407ull;
+            int slot = balanced ? (int)((r * k + i) % (size_t)S) : (int)((state >> 33) % (uint64_t)S);
+            host[r * k + i] = i < local ? cuda_meta_t{slot, 1.0f / (float)k} : cuda_meta_t{-1, 0.0f};
+        }
+    cudaError_t e = cudaMemcpyAsync(meta, host, sizeof(cuda_meta_t) * (size_t)rows * k, cudaMemcpyHostToDevice,
+                                    engine->stream);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(engine->stream);
+    free(host);
+    MOE_CUDA_TRY(e);
+    *rows_out = x;
+    *meta_out = meta;
+    return MOE_OK;
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Median ms of the expert stage with `impl` on the current dummy step. */
+static moe_err_t time_impl(moe_cuda_engine_t *engine, moe_gemm_impl_t impl, const bf16 *rows,
+                           const cuda_meta_t *meta, int n_rows, cudaEvent_t start, cudaEvent_t stop, double *ms_out,
+                           char *msg, size_t msg_size) {
+    double ms[MOE_TUNE_ITERS];
+    bf16 *partial = nullptr;
+    for (int it = -1; it < MOE_TUNE_ITERS; it++) {
+        MOE_CUDA_TRY(cudaEventRecord(start, engine->stream));
+        MOE_TRY(moe_cuda_experts(engine, &engine->layers[0], impl, rows, meta, n_rows, &partial, msg, msg_size));
+        MOE_CUDA_TRY(cudaEventRecord(stop, engine->stream));
+        MOE_CUDA_TRY(cudaEventSynchronize(stop));
+        float elapsed = 0.0f;
+        MOE_CUDA_TRY(cudaEventElapsedTime(&elapsed, start, stop));
+        if (it >= 0) ms[it] = elapsed;
+    }
+    qsort(ms, MOE_TUNE_ITERS, sizeof ms[0], compare_doubles);
+    *ms_out = ms[MOE_TUNE_ITERS / 2];
+    return MOE_OK;
+}
+
+static moe_err_t tune(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
+    if (engine->n_layers == 0) return MOE_OK;
+    cudaEvent_t start, stop;
+    MOE_CUDA_TRY(cudaEventCreate(&start));
+    cudaError_t e = cudaEventCreate(&stop);
+    if (e != cudaSuccess) {
+        cudaEventDestroy(start);
+        MOE_CUDA_TRY(e);
+    }
+    moe_err_t ret = MOE_OK;
+    const int last = max_bucket(engine);
+    moe_log(MOE_LOG_INFO, "autotune", "rank %d: timing cublas%s on 1..%d received rows (%d buckets)", engine->ep.rank,
+            engine->own_grouped_ok ? " and grouped" : "", 1 << last, last + 1);
+    for (int b = 0; ret == MOE_OK && b <= last; b++) {
+        const int rows = 1 << b;
+        double total[MOE_IMPL_COUNT] = {};
+        for (int dist = 0; ret == MOE_OK && dist < 2; dist++) {
+            bf16 *x = nullptr;
+            cuda_meta_t *meta = nullptr;
+            ret = dummy_step(engine, rows, dist == 0, &x, &meta, msg, msg_size);
+            for (int i = 0; ret == MOE_OK && i < MOE_IMPL_COUNT; i++) {
+                if (i == MOE_IMPL_GROUPED && !engine->own_grouped_ok) continue;
+                double ms = 0;
+                ret = time_impl(engine, (moe_gemm_impl_t)i, x, meta, rows, start, stop, &ms, msg, msg_size);
+                total[i] += ms;
+            }
+        }
+        if (ret != MOE_OK) break;
+        moe_gemm_impl_t best = MOE_IMPL_CUBLAS;
+        if (engine->own_grouped_ok && total[MOE_IMPL_GROUPED] < total[MOE_IMPL_CUBLAS]) best = MOE_IMPL_GROUPED;
+        engine->gemm_table[b] = best;
+        for (int i = 0; i < MOE_IMPL_COUNT; i++) engine->tune_ms[b][i] = total[i] / 2;
+        moe_log(MOE_LOG_INFO, "autotune", "rank %d: %d rows: cublas %.3f ms, grouped %.3f ms -> %s", engine->ep.rank,
+                rows, total[0] / 2, total[1] / 2, impl_names[best]);
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    for (int b = last + 1; ret == MOE_OK && b < MOE_GEMM_BUCKETS; b++) engine->gemm_table[b] = engine->gemm_table[last];
+    return ret;
+}
+
+moe_err_t moe_cuda_autotune(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
+    memset(engine->tune_ms, 0, sizeof engine->tune_ms);
+    const moe_gemm_kind_t kind = engine->cfg.moe.gemm;
+    if (kind != MOE_GEMM_AUTO) {
+        moe_gemm_impl_t impl = kind == MOE_GEMM_GROUPED ? MOE_IMPL_GROUPED : MOE_IMPL_CUBLAS;
+        for (int b = 0; b < MOE_GEMM_BUCKETS; b++) engine->gemm_table[b] = impl;
+        engine->tuned = false;
+        describe(engine, impl_names[impl]);
+        return MOE_OK;
+    }
+    char key[512];
+    key_of(engine, key, sizeof key);
+    const char *cache = engine->cfg.moe.autotune.cache;
+    bool cached = cache[0] != '\0' && load_cache(engine, cache, key);
+    if (!cached) {
+        MOE_TRY(tune(engine, msg, msg_size));
+        if (cache[0] != '\0') save_cache(engine, cache, key);
+    }
+    engine->tuned = true;
+    describe(engine, cached ? "auto (from the cache)" : "auto (tuned)");
+    moe_log(MOE_LOG_INFO, "autotune", "rank %d: expert GEMM %s", engine->ep.rank, engine->gemm_text);
+    return MOE_OK;
+}
