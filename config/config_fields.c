@@ -118,8 +118,9 @@ const moe_config_field_t moe_config_fields[] = {
            "kernel: one launch, no host sync; needs hidden and moe_intermediate multiples of 8); "
            "auto (timed per token-count bucket at startup, see moe.autotune)"),
     F_ENUM("moe.comm", moe.comm, comm_names, "auto", false,
-           "token exchange: alltoall; auto (= alltoall in this version); allgather is "
-           "refused at startup in this version. Not reloadable: buffers are sized for it"),
+           "token exchange: alltoall (counts, then only the rows each rank needs); allgather "
+           "(every rank gets all rows, reduce-scatter returns the sums: for tiny steps); auto "
+           "(allgather up to a token count measured at startup, alltoall above). Not reloadable"),
     F_INT("moe.max_tokens_per_step", moe.max_tokens_per_step, "8192", 1, K * K, true,
           "tokens one step takes off the queue, at most"),
     F_INT("moe.chunking.max_tokens_per_chunk", moe.chunking.max_tokens_per_chunk, "4096", 1,

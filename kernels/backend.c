@@ -92,10 +92,6 @@ moe_err_t moe_backend_create(const moe_config_t *cfg, moe_ep_t ep, moe_backend_t
                              size_t msg_size) {
     out->ops = NULL;
     out->state = NULL;
-    if (cfg->moe.comm == MOE_COMM_ALLGATHER)
-        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
-                           "moe.comm: 'allgather' is not in this version; supported: alltoall, auto "
-                           "(= alltoall)");
     for (size_t i = 0; i < sizeof backends / sizeof backends[0]; i++) {
         if (backends[i].kind != cfg->moe.backend) continue;
         if (cfg->eplb.mode == MOE_EPLB_ONLINE && backends[i].migrate == NULL)

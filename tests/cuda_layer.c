@@ -10,7 +10,8 @@
  *      so the CPU engine's own choice may differ on near-ties);
  *   3. slot statistics: every (token, expert) counted once.
  * Each with every expert-GEMM path: cuBLAS per slot, cuBLAS's grouped call,
- * moed's grouped kernel (moe.gemm: grouped) and the autotuner's mix (auto);
+ * moed's grouped kernel (moe.gemm: grouped) and the autotuner's mix (auto),
+ * and with moe.comm allgather (its kernels; the NCCL calls need 2 ranks);
  * then the autotuner's cache file: written, read back to the same table,
  * and ignored (tuned again) when its key does not match.
  * Runs alone or under mpirun (one rank per GPU). Exit status 0 on success. */
@@ -31,11 +32,13 @@
 #include "support/layer_check.h"
 
 static moe_gemm_kind_t gemm_kind = MOE_GEMM_CUBLAS;
+static moe_comm_kind_t comm_kind = MOE_COMM_AUTO;
 
 static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int n_tokens, double *worst_out) {
     moe_config_t cfg, ref_cfg;
     moe_test_case_config(c, ep.size, &cfg);
     cfg.moe.gemm = gemm_kind;
+    cfg.moe.comm = comm_kind;
     cfg.moe.autotune.max_tokens = 32; /* a quick tune; larger chunks use the 32-row choice */
     const int H = cfg.model.hidden, k = cfg.model.top_k, E = cfg.model.experts;
     char msg[512] = "";
@@ -128,7 +131,8 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
         if (err > *worst_out || isnan(err)) *worst_out = err;
     }
     if (!failed && n_tokens == 300 && ep.rank == 0 && c == &moe_test_cases[0])
-        printf("cuda_layer: moe.gemm %s -> %s\n", moe_gemm_name(gemm_kind), moe_cuda_gemm_table(gpu));
+        printf("cuda_layer: moe.gemm %s, moe.comm %s -> %s\n", moe_gemm_name(gemm_kind), moe_comm_name(comm_kind),
+               moe_cuda_gemm_table(gpu));
 done:
     moe_cuda_destroy(gpu);
     moe_test_ref_destroy(ref);
@@ -193,9 +197,16 @@ int main(int argc, char **argv) {
     const struct {
         moe_gemm_kind_t kind;
         bool force_cublas_grouped;
-    } paths[] = {{MOE_GEMM_CUBLAS, false}, {MOE_GEMM_CUBLAS, true}, {MOE_GEMM_GROUPED, false}, {MOE_GEMM_AUTO, false}};
+        moe_comm_kind_t comm; /* allgather: its kernels run on one rank too */
+    } paths[] = {{MOE_GEMM_CUBLAS, false, MOE_COMM_AUTO},
+                 {MOE_GEMM_CUBLAS, true, MOE_COMM_AUTO},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO},
+                 {MOE_GEMM_AUTO, false, MOE_COMM_AUTO},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_ALLGATHER},
+                 {MOE_GEMM_CUBLAS, false, MOE_COMM_ALLTOALL}};
     for (size_t p = 0; p < sizeof paths / sizeof paths[0]; p++) {
         gemm_kind = paths[p].kind;
+        comm_kind = paths[p].comm;
         if (paths[p].force_cublas_grouped) setenv("MOE_CUDA_FORCE_GROUPED", "1", 1);
         else unsetenv("MOE_CUDA_FORCE_GROUPED");
         for (int i = 0; i < moe_test_case_count; i++)

@@ -1,6 +1,7 @@
 /* The CPU layer on the ranks of a real `mpirun -np N` against the dense
  * reference, every case of layer_check.c; each rank gets a different,
- * random token count (including none) from a fresh seed. Exit status 0 when
+ * random token count (including none) from a fresh seed, with each
+ * moe.comm (round 0 alltoall, 1 allgather, 2 auto). Exit status 0 when
  * every rank matched within 1e-5; run by test_mpi.c. */
 #include <math.h>
 #include <mpi.h>
@@ -76,14 +77,16 @@ int main(int argc, char **argv) {
         moe_config_t cfg;
         moe_test_case_config(c, ep.size, &cfg);
         for (int round = 0; round < 3; round++) {
+            static const moe_comm_kind_t comms[3] = {MOE_COMM_ALLTOALL, MOE_COMM_ALLGATHER, MOE_COMM_AUTO};
+            cfg.moe.comm = comms[round];
             uint64_t s = seed + (uint64_t)(i * 16 + round) * 1000003ull + (uint64_t)ep.rank;
             int n_tokens = round == 0 && ep.rank == 1 ? 0 : (int)(moe_synth_mix(s) % 150);
             char msg[512] = "";
             double err = moe_test_layer_check(&cfg, ep, n_tokens, s, msg, sizeof msg);
             int bad = !(err <= 1e-5);
             if (bad)
-                fprintf(stderr, "FAIL rank %d case %s round %d (%d tokens, seed %llu): error %g %s\n",
-                        ep.rank, c->name, round, n_tokens, seed, err, msg);
+                fprintf(stderr, "FAIL rank %d case %s round %d (comm %s, %d tokens, seed %llu): error %g %s\n",
+                        ep.rank, c->name, round, moe_comm_name(cfg.moe.comm), n_tokens, seed, err, msg);
             failures += bad;
         }
     }

@@ -110,6 +110,13 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* Every rank's vote (collective with more than one rank). */
+static bool all_ranks_ok(moe_ep_t ep, bool ok) {
+    int value = ok ? 1 : 0;
+    if (ep.size > 1 && MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_INT, MPI_MIN, ep.comm) != MPI_SUCCESS) return false;
+    return value == 1;
+}
+
 moe_err_t moe_cpu_create(const moe_config_t *cfg, moe_ep_t ep, moe_cpu_engine_t **out, char *msg,
                          size_t msg_size) {
     moe_err_t ret = MOE_OK;
@@ -117,19 +124,23 @@ moe_err_t moe_cpu_create(const moe_config_t *cfg, moe_ep_t ep, moe_cpu_engine_t 
     int *placements = NULL;
     *out = NULL;
     moe_cpu_engine_t *engine = calloc(1, sizeof *engine);
-    if (engine == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cpu engine: out of memory");
+    if (engine == NULL) {
+        (void)all_ranks_ok(ep, false); /* a rank-local failure: the others are waiting to vote */
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cpu engine: out of memory");
+    }
     engine->cfg = *cfg;
     engine->ep = ep;
     const moe_model_config_t *m = &engine->cfg.model;
+    /* config errors: the same on every rank, so no vote (see fail_voted) */
     if (m->n_layers < 1 || m->hidden < 1 || m->moe_intermediate < 1) {
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "cpu engine: model has no layers or an empty shape");
-        goto fail;
+        goto fail_voted;
     }
     moe_route_params_t params;
     moe_route_params_init(&params, m, NULL, 0, ep.rank, ep.size);
-    MOE_CHECK_GOTO(moe_route_validate(&params, msg, msg_size), ret, fail);
+    MOE_CHECK_GOTO(moe_route_validate(&params, msg, msg_size), ret, fail_voted);
     MOE_CHECK_GOTO(moe_slots_build(&engine->cfg.eplb, m->experts, ep.size, &engine->slots, msg, msg_size),
-                   ret, fail);
+                   ret, fail_voted);
     double bytes = engine_bytes(&engine->cfg, engine->slots.slots_per_rank);
     double physical = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
     if (physical > 0 && bytes > 0.8 * physical) {
@@ -176,9 +187,19 @@ moe_err_t moe_cpu_create(const moe_config_t *cfg, moe_ep_t ep, moe_cpu_engine_t 
             m->n_layers, engine->slots.slots_per_rank, bytes / (1 << 20), now_seconds() - start);
     moe_weights_close(weights);
     free(placements);
+    weights = NULL, placements = NULL;
+    /* moe.comm auto times both exchanges together: only when every rank is
+     * up (a rank that failed above joins this vote, never the timing) */
+    if (!all_ranks_ok(ep, true)) {
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cpu engine: another rank failed to start");
+        goto fail_voted;
+    }
+    MOE_CHECK_GOTO(moe_cpu_tune_comm(engine, msg, msg_size), ret, fail_voted);
     *out = engine;
     return MOE_OK;
-fail:
+fail: /* a failure that may be this rank's alone (memory, files): vote */
+    (void)all_ranks_ok(ep, false);
+fail_voted:
     moe_weights_close(weights);
     free(placements);
     moe_cpu_destroy(engine);

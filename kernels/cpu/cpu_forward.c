@@ -11,13 +11,19 @@
  *      a token's partial sum over this rank's experts is reduced here;
  *   5. combine: partial rows travel back; out = Σ partials (in rank order)
  *      + the shared expert.
+ * moe.comm allgather (small chunks, or all with `allgather`): instead of 3
+ * and 5, every rank gathers every rank's rows and entries (MPI_Allgatherv),
+ * computes its experts' partial sums for all of them, and MPI_Reduce_scatter
+ * sums the partials back to the tokens' own ranks.
  * Every sum runs in a fixed order, so a result does not depend on the
  * thread count. */
 #include <limits.h>
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "../../config/moe_log.h"
 #include "cpu_internal.h"
 
 #define ROWS_PER_TASK 16
@@ -176,9 +182,63 @@ static moe_err_t run_shared(moe_cpu_engine_t *engine, const moe_cpu_layer_t *lay
     return MOE_OK;
 }
 
+/* Steps 3-5 with allgather + reduce-scatter (moe.comm allgather). With
+ * comm_only the experts are skipped (zeros): the startup timing of moe.comm
+ * auto. */
+static moe_err_t forward_chunk_allgather(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer,
+                                         const float *x, const int32_t *slot,
+                                         const float *weights, int n_tokens, float *out,
+                                         bool comm_only, char *msg, size_t msg_size) {
+    const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k;
+    const int n_ranks = engine->ep.size, spr = engine->slots.slots_per_rank;
+    int counts[n_ranks], row_counts[n_ranks], row_displs[n_ranks], meta_counts[n_ranks],
+        meta_displs[n_ranks];
+    MOE_MPI_CHECK(MPI_Allgather(&n_tokens, 1, MPI_INT, counts, 1, MPI_INT, engine->ep.comm),
+                  "allgather counts (MPI_Allgather)");
+    const int meta_bytes = (int)sizeof(moe_cpu_meta_t) * k;
+    int n_all = 0;
+    for (int d = 0; d < n_ranks; d++) {
+        row_counts[d] = counts[d] * H, row_displs[d] = n_all * H;
+        meta_counts[d] = counts[d] * meta_bytes, meta_displs[d] = n_all * meta_bytes;
+        n_all += counts[d];
+    }
+    moe_cpu_meta_t *own = RESERVE(engine, send_meta, moe_cpu_meta_t, (size_t)n_tokens * k);
+    float *rows = RESERVE(engine, recv_rows, float, (size_t)n_all * H);
+    moe_cpu_meta_t *meta = RESERVE(engine, recv_meta, moe_cpu_meta_t, (size_t)n_all * k);
+    float *partial = RESERVE(engine, partial, float, (size_t)n_all * H);
+    if (own == NULL || rows == NULL || meta == NULL || partial == NULL)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "allgather: out of memory");
+    for (size_t p = 0; p < (size_t)n_tokens * k; p++) /* global slots travel */
+        own[p] = (moe_cpu_meta_t){slot[p], weights[p]};
+    MOE_MPI_CHECK(MPI_Allgatherv(x, n_tokens * H, MPI_FLOAT, rows, row_counts, row_displs,
+                                 MPI_FLOAT, engine->ep.comm),
+                  "allgather rows (MPI_Allgatherv)");
+    MOE_MPI_CHECK(MPI_Allgatherv(own, n_tokens * meta_bytes, MPI_BYTE, meta, meta_counts,
+                                 meta_displs, MPI_BYTE, engine->ep.comm),
+                  "allgather entries (MPI_Allgatherv)");
+    for (size_t p = 0; p < (size_t)n_all * k; p++) {
+        int s = meta[p].local_slot;
+        meta[p].local_slot = s / spr == engine->ep.rank ? s % spr : -1;
+    }
+    if (comm_only) memset(partial, 0, sizeof(float) * (size_t)n_all * H);
+    else MOE_CHECK(run_experts(engine, layer, rows, meta, n_all, partial, msg, msg_size));
+    float *mine = RESERVE(engine, back, float, (size_t)n_tokens * H);
+    if (mine == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "combine: out of memory");
+    MOE_MPI_CHECK(MPI_Reduce_scatter(partial, mine, row_counts, MPI_FLOAT, MPI_SUM, engine->ep.comm),
+                  "combine (MPI_Reduce_scatter)");
+    if (n_tokens == 0) return MOE_OK;
+    memcpy(out, mine, sizeof(float) * (size_t)n_tokens * H);
+    if (engine->cfg.model.shared_intermediate > 0 && !comm_only)
+        MOE_CHECK(run_shared(engine, layer, x, n_tokens, out, msg, msg_size));
+    return MOE_OK;
+}
+
+/* chunk_max: the largest token count of this chunk on any rank (the same
+ * on every rank), which picks the exchange. */
 static moe_err_t forward_chunk(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer, const float *x,
                                const int32_t *ids, const float *weights, int n_tokens,
-                               int64_t first_token, float *out, char *msg, size_t msg_size) {
+                               int64_t first_token, int chunk_max, float *out, bool comm_only,
+                               char *msg, size_t msg_size) {
     const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k;
     const int n_ranks = engine->ep.size;
     int send_counts[n_ranks], recv_counts[n_ranks], send_displs[n_ranks], recv_displs[n_ranks];
@@ -189,6 +249,9 @@ static moe_err_t forward_chunk(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer,
         for (int i = 0; i < k; i++)
             slot[(size_t)t * k + i] = moe_slots_pick(layer->slots, ids[(size_t)t * k + i],
                                                      engine->ep.rank, first_token + t);
+    if (n_ranks > 1 && chunk_max <= engine->allgather_max_tokens)
+        return forward_chunk_allgather(engine, layer, x, slot, weights, n_tokens, out, comm_only,
+                                       msg, msg_size);
     int n_send = 0;
     MOE_CHECK(pack_dispatch(engine, x, slot, weights, n_tokens, send_counts, &n_send, msg, msg_size));
     float *recv_rows = engine->ws.send_rows.ptr;
@@ -230,7 +293,8 @@ static moe_err_t forward_chunk(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer,
     }
     float *partial = RESERVE(engine, partial, float, (size_t)n_recv * H);
     if (partial == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "experts: out of memory");
-    MOE_CHECK(run_experts(engine, layer, recv_rows, recv_meta, n_recv, partial, msg, msg_size));
+    if (comm_only) memset(partial, 0, sizeof(float) * (size_t)n_recv * H);
+    else MOE_CHECK(run_experts(engine, layer, recv_rows, recv_meta, n_recv, partial, msg, msg_size));
     float *back = partial;
     if (n_ranks > 1) {
         back = RESERVE(engine, back, float, (size_t)n_send * H);
@@ -247,7 +311,7 @@ static moe_err_t forward_chunk(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer,
         const float *src = back + (size_t)j * H;
         for (int h = 0; h < H; h++) dst[h] += src[h];
     }
-    if (engine->cfg.model.shared_intermediate > 0)
+    if (engine->cfg.model.shared_intermediate > 0 && !comm_only)
         MOE_CHECK(run_shared(engine, layer, x, n_tokens, out, msg, msg_size));
     return MOE_OK;
 }
@@ -329,8 +393,70 @@ moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer_id, const float *x
         int count = n_tokens - begin;
         count = count < 0 ? 0 : count > chunk ? chunk : count;
         size_t row = (size_t)(count > 0 ? begin : 0);
+        int chunk_max = agree[0] - begin < chunk ? agree[0] - begin : chunk;
         MOE_CHECK(forward_chunk(engine, layer, x + row * H, ids + row * k, weights + row * k,
-                                count, begin, out + row * H, msg, msg_size));
+                                count, begin, chunk_max, out + row * H, false, msg, msg_size));
     }
+    return MOE_OK;
+}
+
+/* Median seconds of `reps` comm-only chunks of n tokens per rank with the
+ * exchange forced by threshold; the slowest rank's. */
+static moe_err_t time_exchange(moe_cpu_engine_t *engine, int n, int threshold, double *seconds,
+                               char *msg, size_t msg_size) {
+    const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k, E = engine->cfg.model.experts;
+    float *x = calloc((size_t)n * H + 1, sizeof(float)), *out = calloc((size_t)n * H + 1, sizeof(float));
+    float *w = calloc((size_t)n * k + 1, sizeof(float));
+    int32_t *ids = calloc((size_t)n * k + 1, sizeof(int32_t));
+    moe_err_t ret = MOE_OK;
+    if (x == NULL || out == NULL || w == NULL || ids == NULL)
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "moe.comm auto: out of memory");
+    for (int p = 0; ret == MOE_OK && p < n * k; p++) /* experts spread evenly, distinct per token */
+        ids[p] = (int32_t)((p / k * 7 + p % k + engine->ep.rank * 3) % E), w[p] = 1.0f / k;
+    const int saved = engine->allgather_max_tokens;
+    engine->allgather_max_tokens = threshold;
+    double samples[5];
+    for (int rep = 0; ret == MOE_OK && rep < 5; rep++) {
+        MPI_Barrier(engine->ep.comm);
+        double start = MPI_Wtime();
+        ret = forward_chunk(engine, &engine->layers[0], x, ids, w, n, 0, n, out, true, msg, msg_size);
+        samples[rep] = MPI_Wtime() - start;
+    }
+    engine->allgather_max_tokens = saved;
+    if (ret == MOE_OK) {
+        for (int i = 1; i < 5; i++) /* insertion sort of 5 */
+            for (int j = i; j > 0 && samples[j] < samples[j - 1]; j--) {
+                double tmp = samples[j];
+                samples[j] = samples[j - 1], samples[j - 1] = tmp;
+            }
+        *seconds = samples[2];
+        MPI_Allreduce(MPI_IN_PLACE, seconds, 1, MPI_DOUBLE, MPI_MAX, engine->ep.comm);
+    }
+    free(x), free(out), free(w), free(ids);
+    return ret;
+}
+
+moe_err_t moe_cpu_tune_comm(moe_cpu_engine_t *engine, char *msg, size_t msg_size) {
+    const moe_comm_kind_t comm = engine->cfg.moe.comm;
+    engine->allgather_max_tokens = comm == MOE_COMM_ALLGATHER ? INT_MAX : -1;
+    if (comm != MOE_COMM_AUTO || engine->ep.size == 1 || engine->n_layers == 0) return MOE_OK;
+    /* allgather while it is at least as fast, from 1 token per rank up */
+    int n = 1;
+    for (; n <= MOE_COMM_TUNE_MAX; n *= 2) {
+        double a2a = 0, ag = 0;
+        MOE_CHECK(time_exchange(engine, n, -1, &a2a, msg, msg_size));
+        MOE_CHECK(time_exchange(engine, n, INT_MAX, &ag, msg, msg_size));
+        if (engine->ep.rank == 0)
+            moe_log(MOE_LOG_DEBUG, "comm", "%d tokens/rank: alltoall %.3f ms, allgather %.3f ms", n,
+                    a2a * 1e3, ag * 1e3);
+        if (ag > a2a) break;
+    }
+    engine->allgather_max_tokens = n / 2 >= 1 ? n / 2 : -1; /* n/2: the last size allgather won */
+    if (engine->ep.rank == 0 && engine->allgather_max_tokens > 0)
+        moe_log(MOE_LOG_INFO, "comm", "moe.comm auto: allgather up to %d tokens per rank per chunk, "
+                "alltoall above (measured)", engine->allgather_max_tokens);
+    else if (engine->ep.rank == 0)
+        moe_log(MOE_LOG_INFO, "comm", "moe.comm auto: alltoall for every chunk (allgather measured "
+                "slower already at 1 token per rank)");
     return MOE_OK;
 }

@@ -50,7 +50,17 @@ struct moe_cpu_engine {
     int n_layers;
     moe_cpu_layer_t *layers;
     moe_cpu_workspace_t ws;
+    /* moe.comm: a chunk whose largest per-rank token count is at most this
+     * uses allgather + reduce-scatter, else all-to-all (alltoall: -1,
+     * allgather: INT_MAX, auto: measured at startup, the same on every rank) */
+    int allgather_max_tokens;
 };
+
+/* Sets engine->allgather_max_tokens from moe.comm (auto: times both
+ * exchanges, without expert math, on 1..MOE_COMM_TUNE_MAX tokens per rank;
+ * collective). */
+#define MOE_COMM_TUNE_MAX 1024
+moe_err_t moe_cpu_tune_comm(moe_cpu_engine_t *engine, char *msg, size_t msg_size);
 
 /* Returns buffer->ptr grown to at least size bytes, or NULL. */
 void *moe_cpu_reserve(moe_cpu_buffer_t *buffer, size_t size);

@@ -228,3 +228,85 @@ moe_err_t moe_cuda_autotune(moe_cuda_engine_t *engine, char *msg, size_t msg_siz
     moe_log(MOE_LOG_INFO, "autotune", "rank %d: expert GEMM %s", engine->ep.rank, engine->gemm_text);
     return MOE_OK;
 }
+
+/* ---- moe.comm auto ---------------------------------------------------------
+ * Both exchanges (expert math skipped) on n = 1, 2, 4, ... tokens per rank;
+ * allgather is kept up to the last n where it was at least as fast. The
+ * slowest rank's median decides, so every rank gets the same threshold (the
+ * exchange is a collective: all ranks must pick the same one). */
+
+#define MOE_COMM_TUNE_MAX 1024
+
+static moe_err_t time_exchange(moe_cuda_engine_t *engine, int n, int threshold, const bf16 *x, const int32_t *ids,
+                               const float *weights, float *out, cudaEvent_t start, cudaEvent_t stop,
+                               double *ms_out, char *msg, size_t msg_size) {
+    const int saved = engine->allgather_max_tokens;
+    engine->allgather_max_tokens = threshold;
+    double ms[MOE_TUNE_ITERS];
+    moe_err_t ret = MOE_OK;
+    for (int it = -1; ret == MOE_OK && it < MOE_TUNE_ITERS; it++) {
+        MPI_Barrier(engine->ep.comm);
+        cudaEventRecord(start, engine->stream);
+        ret = moe_cuda_forward_device(engine, &engine->layers[0], x, n, n, 0, ids, weights, out, true, nullptr, msg,
+                                      msg_size);
+        cudaEventRecord(stop, engine->stream);
+        cudaError_t e = cudaEventSynchronize(stop);
+        float elapsed = 0.0f;
+        if (ret == MOE_OK && e == cudaSuccess) e = cudaEventElapsedTime(&elapsed, start, stop);
+        if (ret == MOE_OK && e != cudaSuccess)
+            ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "moe.comm auto: %s", cudaGetErrorString(e));
+        if (it >= 0) ms[it] = elapsed;
+    }
+    engine->allgather_max_tokens = saved;
+    if (ret != MOE_OK) return ret;
+    qsort(ms, MOE_TUNE_ITERS, sizeof ms[0], compare_doubles);
+    *ms_out = ms[MOE_TUNE_ITERS / 2];
+    if (MPI_Allreduce(MPI_IN_PLACE, ms_out, 1, MPI_DOUBLE, MPI_MAX, engine->ep.comm) != MPI_SUCCESS)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "moe.comm auto: MPI_Allreduce failed");
+    return MOE_OK;
+}
+
+moe_err_t moe_cuda_tune_comm(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
+    const moe_comm_kind_t comm = engine->cfg.moe.comm;
+    engine->allgather_max_tokens = comm == MOE_COMM_ALLGATHER ? 0x7fffffff : -1;
+    if (comm != MOE_COMM_AUTO || engine->ep.size == 1 || engine->n_layers == 0) return MOE_OK;
+    const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k, E = engine->cfg.model.experts;
+    const size_t n_max = MOE_COMM_TUNE_MAX;
+    bf16 *x = (bf16 *)moe_cuda_reserve(&engine->ws.x, sizeof(bf16) * n_max * H, msg, msg_size);
+    float *out = (float *)moe_cuda_reserve(&engine->ws.out, sizeof(float) * n_max * H, msg, msg_size);
+    if (x == nullptr || out == nullptr) return MOE_ERR_NOMEM;
+    MOE_CUDA_TRY(moe_cuda_synth_launch(x, nullptr, n_max * H, 0xc0ffeeull + engine->ep.rank, 0, 99, 0, 1, 0,
+                                       engine->stream));
+    /* host routing for client-routed models: distinct experts, spread evenly */
+    int32_t *ids = (int32_t *)malloc(sizeof(int32_t) * n_max * k);
+    float *weights = (float *)malloc(sizeof(float) * n_max * k);
+    cudaEvent_t start = nullptr, stop = nullptr;
+    moe_err_t ret = ids != nullptr && weights != nullptr
+                        ? MOE_OK
+                        : moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "moe.comm auto: out of memory");
+    for (size_t p = 0; ret == MOE_OK && p < n_max * k; p++)
+        ids[p] = (int32_t)((p / k * 7 + p % k) % (size_t)E), weights[p] = 1.0f / (float)k;
+    if (ret == MOE_OK && (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess))
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "moe.comm auto: cudaEventCreate failed");
+    int n = 1;
+    for (; ret == MOE_OK && n <= MOE_COMM_TUNE_MAX; n *= 2) {
+        double a2a = 0, ag = 0;
+        ret = time_exchange(engine, n, -1, x, ids, weights, out, start, stop, &a2a, msg, msg_size);
+        if (ret == MOE_OK) ret = time_exchange(engine, n, 0x7fffffff, x, ids, weights, out, start, stop, &ag, msg, msg_size);
+        if (ret == MOE_OK && engine->ep.rank == 0)
+            moe_log(MOE_LOG_INFO, "comm", "%d tokens/rank: alltoall %.3f ms, allgather %.3f ms", n, a2a, ag);
+        if (ret != MOE_OK || ag > a2a) break;
+    }
+    if (start != nullptr) cudaEventDestroy(start);
+    if (stop != nullptr) cudaEventDestroy(stop);
+    free(ids);
+    free(weights);
+    if (ret != MOE_OK) return ret;
+    engine->allgather_max_tokens = n / 2 >= 1 ? n / 2 : -1;
+    if (engine->ep.rank == 0 && engine->allgather_max_tokens <= 0)
+        moe_log(MOE_LOG_INFO, "comm", "moe.comm auto: alltoall for every chunk (allgather slower already at 1 token)");
+    else if (engine->ep.rank == 0)
+        moe_log(MOE_LOG_INFO, "comm", "moe.comm auto: allgather up to %d tokens per rank per chunk, alltoall above",
+                engine->allgather_max_tokens);
+    return MOE_OK;
+}

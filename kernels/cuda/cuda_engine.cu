@@ -268,6 +268,12 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
     moe_err_t ret = moe_route_validate(&params, msg, msg_size);
     if (ret == MOE_OK) ret = moe_slots_build(&cfg->eplb, cfg->model.experts, ep.size, &engine->slots, msg, msg_size);
     if (ret == MOE_OK) ret = create(engine, msg, msg_size);
+    /* moe.comm auto times collectives: only when every rank is up */
+    int up = ret == MOE_OK;
+    if (ep.size > 1 && MPI_Allreduce(MPI_IN_PLACE, &up, 1, MPI_INT, MPI_MIN, ep.comm) != MPI_SUCCESS) up = 0;
+    if (ret == MOE_OK && !up)
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda engine: another rank failed to start");
+    if (ret == MOE_OK) ret = moe_cuda_tune_comm(engine, msg, msg_size);
     if (ret != MOE_OK) {
         moe_cuda_destroy(engine);
         return ret;

@@ -216,57 +216,17 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
     return MOE_OK;
 }
 
-moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf16 *x, int T,
-                                  int64_t first_token, const int32_t *routed_ids, const float *routed_weights,
-                                  float *out, moe_route_trace_t *trace, char *msg, size_t msg_size) {
-    const moe_model_config_t *m = &engine->cfg.model;
-    const int R = engine->ep.size, k = m->top_k, H = m->hidden, E = m->experts;
-    const int S = engine->slots.slots_per_rank, Is = m->shared_intermediate;
+/* Steps 3-6 with all-to-all (moe.comm alltoall): the rows each rank needs
+ * (a token goes to a rank once) with their entries, counts first; partial
+ * sums come back the same way (*back_out: one row per (rank, token) sent,
+ * grouped by rank as flags/scan say). */
+static moe_err_t exchange_alltoall(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf16 *x, int T,
+                                   const int32_t *entry_slot, const float *weights, const int32_t *flags,
+                                   const int32_t *scan, int32_t *counts, bool comm_only, bf16 **back_out, char *msg,
+                                   size_t msg_size) {
+    const int R = engine->ep.size, k = engine->cfg.model.top_k, H = engine->cfg.model.hidden;
+    const int S = engine->slots.slots_per_rank;
     cudaStream_t stream = engine->stream;
-
-    mark(engine, 0);
-    /* 1. route */
-    int32_t *ids = RESERVE(engine, ids, int32_t, (size_t)T * k);
-    float *weights = RESERVE(engine, weights, float, (size_t)T * k);
-    if (ids == nullptr || weights == nullptr) return MOE_ERR_NOMEM;
-    if (m->routing.method == MOE_ROUTE_CLIENT) {
-        int32_t *h_ids = RESERVE(engine, host_ids, int32_t, (size_t)T * k);
-        float *h_w = RESERVE(engine, host_weights, float, (size_t)T * k);
-        if (h_ids == nullptr || h_w == nullptr) return MOE_ERR_NOMEM;
-        MOE_CUDA_TRY(cudaStreamSynchronize(stream)); /* the staging buffers are free */
-        memcpy(h_ids, routed_ids, sizeof(int32_t) * (size_t)T * k);
-        memcpy(h_w, routed_weights, sizeof(float) * (size_t)T * k);
-        MOE_CUDA_TRY(cudaMemcpyAsync(ids, h_ids, sizeof(int32_t) * (size_t)T * k, cudaMemcpyHostToDevice, stream));
-        MOE_CUDA_TRY(cudaMemcpyAsync(weights, h_w, sizeof(float) * (size_t)T * k, cudaMemcpyHostToDevice, stream));
-    } else {
-        float *logits = nullptr;
-        if (moe_route_needs_logits(m->routing.method)) {
-            logits = RESERVE(engine, logits, float, (size_t)T * E);
-            if (logits == nullptr) return MOE_ERR_NOMEM;
-            MOE_TRY(gemm(engine, E, T, H, L->router, x, logits, msg, msg_size));
-            if (trace != nullptr && trace->logits != nullptr && T > 0)
-                MOE_TRY(fetch(engine, trace->logits + first_token * E, logits, sizeof(float) * (size_t)T * E, msg,
-                              msg_size));
-        }
-        moe_route_params_t params;
-        moe_route_params_init(&params, m, nullptr, L->layer, engine->ep.rank, R);
-        moe_route_token_params_t tp = moe_route_token_params(&params);
-        MOE_CUDA_TRY(moe_cuda_route_launch(&tp, logits, L->bias, engine->d_zipf_cdf, L->step, first_token, T, ids,
-                                           weights, stream));
-    }
-
-    mark(engine, 1);
-    /* 2. slots and destinations */
-    int32_t *entry_slot = RESERVE(engine, entry_slot, int32_t, (size_t)T * k);
-    int32_t *flags = RESERVE(engine, flags, int32_t, (size_t)R * T);
-    int32_t *scan = RESERVE(engine, scan, int32_t, (size_t)R * T);
-    int32_t *counts = RESERVE(engine, counts, int32_t, 2 * (size_t)R);
-    if (!entry_slot || !flags || !scan || !counts) return MOE_ERR_NOMEM;
-    MOE_CUDA_TRY(moe_cuda_mark_launch(engine->d_slots, ids, T, k, engine->ep.rank, R, first_token, entry_slot, flags,
-                                      stream));
-    MOE_TRY(exclusive_scan(engine, flags, scan, R * T, msg, msg_size));
-    MOE_CUDA_TRY(moe_cuda_counts_launch(flags, scan, T, R, counts, stream));
-
     /* 3. pack what each rank needs (a token goes to a rank once) */
     size_t max_send = (size_t)T * (size_t)(R < k ? R : k);
     int32_t *send_token = RESERVE(engine, send_token, int32_t, max_send);
@@ -315,8 +275,14 @@ moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, co
     mark(engine, 2);
     /* 5. experts */
     bf16 *partial = nullptr;
-    MOE_TRY(moe_cuda_experts(engine, L, engine->gemm_table[moe_cuda_bucket(n_recv)], recv_rows, recv_meta, n_recv,
-                             &partial, msg, msg_size));
+    if (comm_only) { /* moe.comm auto's timing: the exchanges alone */
+        partial = RESERVE(engine, partial, bf16, (size_t)n_recv * H);
+        if (partial == nullptr) return MOE_ERR_NOMEM;
+        MOE_CUDA_TRY(cudaMemsetAsync(partial, 0, sizeof(bf16) * (size_t)n_recv * H, stream));
+    } else {
+        MOE_TRY(moe_cuda_experts(engine, L, engine->gemm_table[moe_cuda_bucket(n_recv)], recv_rows, recv_meta,
+                                 n_recv, &partial, msg, msg_size));
+    }
 
     mark(engine, 6);
     /* 6. combine */
@@ -328,9 +294,127 @@ moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, co
                          sizeof(bf16), msg, msg_size));
     }
 
+    *back_out = back;
+    return MOE_OK;
+}
+
+/* Steps 3-6 with allgather + reduce-scatter (moe.comm allgather): every
+ * rank's rows (padded to chunk_max, the same everywhere, as NCCL's
+ * all-gather wants equal parts) and entries (global slots) go to every
+ * rank; each computes its experts' partial sums for all rows; a
+ * reduce-scatter sums them back to the tokens' ranks. On one rank (only
+ * with moe.comm: allgather) the same kernels run without the NCCL calls. */
+static moe_err_t exchange_allgather(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf16 *x, int T, int chunk_max,
+                                    const int32_t *entry_slot, const float *weights, bool comm_only, bf16 **back_out,
+                                    char *msg, size_t msg_size) {
+    const int R = engine->ep.size, k = engine->cfg.model.top_k, H = engine->cfg.model.hidden;
+    const int S = engine->slots.slots_per_rank;
+    cudaStream_t stream = engine->stream;
+    const int Ta = chunk_max > T ? chunk_max : T, n_all = R * Ta;
+    bf16 *own_rows = RESERVE(engine, send_rows, bf16, (size_t)Ta * H);
+    cuda_meta_t *own_meta = RESERVE(engine, send_meta, cuda_meta_t, (size_t)Ta * k);
+    if (!own_rows || !own_meta) return MOE_ERR_NOMEM;
+    if (T > 0) MOE_CUDA_TRY(cudaMemcpyAsync(own_rows, x, sizeof(bf16) * (size_t)T * H, cudaMemcpyDeviceToDevice, stream));
+    if (Ta > T) /* padding rows: defined values, and no entries */
+        MOE_CUDA_TRY(cudaMemsetAsync(own_rows + (size_t)T * H, 0, sizeof(bf16) * (size_t)(Ta - T) * H, stream));
+    MOE_CUDA_TRY(moe_cuda_allgather_meta_launch(entry_slot, weights, T, Ta, k, own_meta, stream));
+    bf16 *all_rows = own_rows;
+    cuda_meta_t *all_meta = own_meta;
+    if (R > 1) {
+        all_rows = RESERVE(engine, recv_rows, bf16, (size_t)n_all * H);
+        all_meta = RESERVE(engine, recv_meta, cuda_meta_t, (size_t)n_all * k);
+        if (!all_rows || !all_meta) return MOE_ERR_NOMEM;
+        MOE_NCCL_TRY(ncclGroupStart());
+        MOE_NCCL_TRY(ncclAllGather(own_rows, all_rows, (size_t)Ta * H, ncclBfloat16, engine->comm, stream));
+        MOE_NCCL_TRY(ncclAllGather(own_meta, all_meta, (size_t)Ta * k * sizeof(cuda_meta_t), ncclChar, engine->comm,
+                                   stream));
+        MOE_NCCL_TRY(ncclGroupEnd());
+    }
+    MOE_CUDA_TRY(moe_cuda_localize_meta_launch(all_meta, (size_t)n_all * k, engine->ep.rank, S, stream));
+    mark(engine, 2);
+    bf16 *partial = nullptr;
+    if (comm_only) {
+        partial = RESERVE(engine, partial, bf16, (size_t)n_all * H);
+        if (partial == nullptr) return MOE_ERR_NOMEM;
+        MOE_CUDA_TRY(cudaMemsetAsync(partial, 0, sizeof(bf16) * (size_t)n_all * H, stream));
+    } else {
+        MOE_TRY(moe_cuda_experts(engine, L, engine->gemm_table[moe_cuda_bucket(n_all)], all_rows, all_meta, n_all,
+                                 &partial, msg, msg_size));
+    }
+    mark(engine, 6);
+    bf16 *back = partial;
+    if (R > 1) {
+        back = RESERVE(engine, back, bf16, (size_t)Ta * H);
+        if (back == nullptr) return MOE_ERR_NOMEM;
+        MOE_NCCL_TRY(ncclReduceScatter(partial, back, (size_t)Ta * H, ncclBfloat16, ncclSum, engine->comm, stream));
+    }
+    *back_out = back;
+    return MOE_OK;
+}
+
+moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf16 *x, int T, int chunk_max,
+                                  int64_t first_token, const int32_t *routed_ids, const float *routed_weights,
+                                  float *out, bool comm_only, moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    const int R = engine->ep.size, k = m->top_k, H = m->hidden, E = m->experts;
+    const int Is = m->shared_intermediate;
+    cudaStream_t stream = engine->stream;
+
+    mark(engine, 0);
+    /* 1. route */
+    int32_t *ids = RESERVE(engine, ids, int32_t, (size_t)T * k);
+    float *weights = RESERVE(engine, weights, float, (size_t)T * k);
+    if (ids == nullptr || weights == nullptr) return MOE_ERR_NOMEM;
+    if (m->routing.method == MOE_ROUTE_CLIENT) {
+        int32_t *h_ids = RESERVE(engine, host_ids, int32_t, (size_t)T * k);
+        float *h_w = RESERVE(engine, host_weights, float, (size_t)T * k);
+        if (h_ids == nullptr || h_w == nullptr) return MOE_ERR_NOMEM;
+        MOE_CUDA_TRY(cudaStreamSynchronize(stream)); /* the staging buffers are free */
+        memcpy(h_ids, routed_ids, sizeof(int32_t) * (size_t)T * k);
+        memcpy(h_w, routed_weights, sizeof(float) * (size_t)T * k);
+        MOE_CUDA_TRY(cudaMemcpyAsync(ids, h_ids, sizeof(int32_t) * (size_t)T * k, cudaMemcpyHostToDevice, stream));
+        MOE_CUDA_TRY(cudaMemcpyAsync(weights, h_w, sizeof(float) * (size_t)T * k, cudaMemcpyHostToDevice, stream));
+    } else {
+        float *logits = nullptr;
+        if (moe_route_needs_logits(m->routing.method)) {
+            logits = RESERVE(engine, logits, float, (size_t)T * E);
+            if (logits == nullptr) return MOE_ERR_NOMEM;
+            MOE_TRY(gemm(engine, E, T, H, L->router, x, logits, msg, msg_size));
+            if (trace != nullptr && trace->logits != nullptr && T > 0)
+                MOE_TRY(fetch(engine, trace->logits + first_token * E, logits, sizeof(float) * (size_t)T * E, msg,
+                              msg_size));
+        }
+        moe_route_params_t params;
+        moe_route_params_init(&params, m, nullptr, L->layer, engine->ep.rank, R);
+        moe_route_token_params_t tp = moe_route_token_params(&params);
+        MOE_CUDA_TRY(moe_cuda_route_launch(&tp, logits, L->bias, engine->d_zipf_cdf, L->step, first_token, T, ids,
+                                           weights, stream));
+    }
+
+    mark(engine, 1);
+    /* 2. slots and destinations */
+    int32_t *entry_slot = RESERVE(engine, entry_slot, int32_t, (size_t)T * k);
+    int32_t *flags = RESERVE(engine, flags, int32_t, (size_t)R * T);
+    int32_t *scan = RESERVE(engine, scan, int32_t, (size_t)R * T);
+    int32_t *counts = RESERVE(engine, counts, int32_t, 2 * (size_t)R);
+    if (!entry_slot || !flags || !scan || !counts) return MOE_ERR_NOMEM;
+    MOE_CUDA_TRY(moe_cuda_mark_launch(engine->d_slots, ids, T, k, engine->ep.rank, R, first_token, entry_slot, flags,
+                                      stream));
+    MOE_TRY(exclusive_scan(engine, flags, scan, R * T, msg, msg_size));
+    MOE_CUDA_TRY(moe_cuda_counts_launch(flags, scan, T, R, counts, stream));
+
+    const bool allgather = chunk_max <= engine->allgather_max_tokens;
+    bf16 *back = nullptr;
+    if (allgather) {
+        MOE_TRY(exchange_allgather(engine, L, x, T, chunk_max, entry_slot, weights, comm_only, &back, msg, msg_size));
+    } else {
+        MOE_TRY(exchange_alltoall(engine, L, x, T, entry_slot, weights, flags, scan, counts, comm_only, &back, msg,
+                                  msg_size));
+    }
+
     /* 7. shared expert and finalize */
     float *shared_y = nullptr, *gate = nullptr;
-    if (Is > 0 && T > 0) {
+    if (Is > 0 && T > 0 && !comm_only) {
         float *shared_h13 = RESERVE(engine, shared_h13, float, (size_t)T * 2 * Is);
         bf16 *shared_act = RESERVE(engine, shared_act, bf16, (size_t)T * Is);
         shared_y = RESERVE(engine, shared_y, float, (size_t)T * H);
@@ -345,7 +429,7 @@ moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *L, co
         }
     }
     mark(engine, 7);
-    MOE_CUDA_TRY(moe_cuda_finalize_launch(back, flags, scan, T, H, R, shared_y, gate, out, stream));
+    MOE_CUDA_TRY(moe_cuda_finalize_launch(back, allgather ? nullptr : flags, scan, T, H, R, shared_y, gate, out, stream));
     mark(engine, 8);
     if (engine->profile.on) {
         cudaEventSynchronize(engine->profile.marks[8]);
@@ -409,10 +493,11 @@ static moe_err_t run_chunks(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf
         int count = n_tokens - begin;
         count = count < 0 ? 0 : count > chunk ? chunk : count;
         size_t row = (size_t)(count > 0 ? begin : 0);
-        MOE_TRY(moe_cuda_forward_device(engine, L, x + row * H, count, begin,
+        int chunk_max = max_tokens - begin < chunk ? max_tokens - begin : chunk;
+        MOE_TRY(moe_cuda_forward_device(engine, L, x + row * H, count, chunk_max, begin,
                                         routed_ids != nullptr ? routed_ids + row * k : nullptr,
                                         routed_weights != nullptr ? routed_weights + row * k : nullptr,
-                                        out + row * H, trace, msg, msg_size));
+                                        out + row * H, false, trace, msg, msg_size));
     }
     L->step++;
     return MOE_OK;

@@ -138,6 +138,7 @@ struct moe_cuda_engine {
     moe_gemm_impl_t gemm_table[MOE_GEMM_BUCKETS]; /* implementation per bucket (moe.gemm) */
     double tune_ms[MOE_GEMM_BUCKETS][MOE_IMPL_COUNT]; /* the autotuner's timings; 0 = not timed */
     bool tuned;              /* gemm_table came from the autotuner (or its cache) */
+    int allgather_max_tokens; /* moe.comm: chunks with at most this many tokens on every rank use allgather */
     char gemm_text[1024];    /* the table as text, for logs, stats and moe-bench */
     int grouped_min_slots; /* use it only with more local slots than this (16; 0 with MOE_CUDA_FORCE_GROUPED) */
     cuda_profile_t profile;
@@ -148,11 +149,19 @@ struct moe_cuda_engine {
  * with msg set. */
 void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t msg_size);
 
-/* One chunk of the forward on device-resident bf16 input (cuda_forward.cu). */
-moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *layer, const bf16 *x,
-                                  int n_tokens, int64_t first_token, const int32_t *ids_host_routed,
-                                  const float *weights_host_routed, float *out, moe_route_trace_t *trace,
-                                  char *msg, size_t msg_size);
+/* One chunk of the forward on device-resident bf16 input (cuda_forward.cu):
+ * T tokens here, chunk_max the most any rank has in this chunk (the same on
+ * every rank: it picks the exchange, moe.comm). comm_only skips the expert
+ * math (zeros): moe.comm auto's timing. */
+moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *layer, const bf16 *x, int T,
+                                  int chunk_max, int64_t first_token, const int32_t *ids_host_routed,
+                                  const float *weights_host_routed, float *out, bool comm_only,
+                                  moe_route_trace_t *trace, char *msg, size_t msg_size);
+
+/* Sets engine->allgather_max_tokens from moe.comm (auto, with more than
+ * one rank: times both exchanges without expert math on 1..1024 tokens per
+ * rank; collective; every rank gets the same threshold). */
+moe_err_t moe_cuda_tune_comm(moe_cuda_engine_t *engine, char *msg, size_t msg_size);
 
 /* The expert stage of a chunk: n_recv received rows [n_recv, H] with
  * their k entries each -> partial [n_recv, H] (Σ over a row's local
@@ -210,6 +219,13 @@ cudaError_t moe_cuda_gate_launch(const bf16 *x, const float *gate, int n_tokens,
 cudaError_t moe_cuda_finalize_launch(const bf16 *back, const int32_t *flags, const int32_t *scan, int n_tokens,
                                      int hidden, int n_ranks, const float *shared_y, const float *gate,
                                      float *out, cudaStream_t stream);
+/* own_meta[t, i] = (global slot, weight) for t < T; (-1, 0) for the
+ * padding rows T..Ta (moe.comm allgather). */
+cudaError_t moe_cuda_allgather_meta_launch(const int32_t *entry_slot, const float *weights, int T, int Ta, int top_k,
+                                           cuda_meta_t *own_meta, cudaStream_t stream);
+/* Global slots -> this rank's local slot, or -1 (weight 0) elsewhere. */
+cudaError_t moe_cuda_localize_meta_launch(cuda_meta_t *meta, size_t n, int rank, int slots_per_rank,
+                                          cudaStream_t stream);
 cudaError_t moe_cuda_slot_stats_launch(const int32_t *entry_slot, int n_entries, unsigned long long *counts,
                                        cudaStream_t stream);
 

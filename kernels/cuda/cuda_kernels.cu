@@ -364,14 +364,17 @@ cudaError_t moe_cuda_gate_launch(const bf16 *x, const float *gate, int n_tokens,
     return cudaGetLastError();
 }
 
-/* out[t] = Σ_d (ascending) of the partial rank d returned for t,
+/* out[t] = Σ_d (ascending) of the partial rank d returned for t (flags
+ * NULL: back[t], the reduce-scatter's sum),
  * + gate[t] · shared_y[t]. Every element written (also without experts). */
 __global__ void finalize_kernel(const bf16 *back, const int32_t *flags, const int32_t *scan, int n_tokens,
                                 int hidden, int n_ranks, const float *shared_y, const float *gate, float *out) {
     int t = blockIdx.x;
     for (int h = threadIdx.x; h < hidden; h += blockDim.x) {
         float acc = 0.0f;
-        for (int d = 0; d < n_ranks; d++) {
+        if (flags == nullptr) /* allgather: back is summed already, row t */
+            acc = __bfloat162float(back[(size_t)t * hidden + h]);
+        for (int d = 0; flags != nullptr && d < n_ranks; d++) {
             size_t cell = (size_t)d * n_tokens + t;
             if (flags[cell]) acc += __bfloat162float(back[(size_t)scan[cell] * hidden + h]);
         }
@@ -385,6 +388,37 @@ cudaError_t moe_cuda_finalize_launch(const bf16 *back, const int32_t *flags, con
                                      float *out, cudaStream_t stream) {
     if (n_tokens <= 0) return cudaSuccess;
     finalize_kernel<<<n_tokens, 256, 0, stream>>>(back, flags, scan, n_tokens, hidden, n_ranks, shared_y, gate, out);
+    return cudaGetLastError();
+}
+
+__global__ void allgather_meta_kernel(const int32_t *entry_slot, const float *weights, int T, int Ta, int top_k,
+                                     cuda_meta_t *own_meta) {
+    for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < (size_t)Ta * top_k;
+         p += (size_t)gridDim.x * blockDim.x)
+        own_meta[p] = p < (size_t)T * top_k ? cuda_meta_t{entry_slot[p], weights[p]} : cuda_meta_t{-1, 0.0f};
+}
+
+cudaError_t moe_cuda_allgather_meta_launch(const int32_t *entry_slot, const float *weights, int T, int Ta, int top_k,
+                                           cuda_meta_t *own_meta, cudaStream_t stream) {
+    size_t n = (size_t)Ta * top_k;
+    if (n == 0) return cudaSuccess;
+    if (T > Ta) return cudaErrorInvalidValue;
+    allgather_meta_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(entry_slot, weights, T, Ta, top_k, own_meta);
+    return cudaGetLastError();
+}
+
+__global__ void localize_meta_kernel(cuda_meta_t *meta, size_t n, int rank, int slots_per_rank) {
+    for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < n; p += (size_t)gridDim.x * blockDim.x) {
+        int s = meta[p].local_slot;
+        bool here = s >= 0 && s / slots_per_rank == rank;
+        meta[p] = here ? cuda_meta_t{s % slots_per_rank, meta[p].weight} : cuda_meta_t{-1, 0.0f};
+    }
+}
+
+cudaError_t moe_cuda_localize_meta_launch(cuda_meta_t *meta, size_t n, int rank, int slots_per_rank,
+                                          cudaStream_t stream) {
+    if (n == 0) return cudaSuccess;
+    localize_meta_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(meta, n, rank, slots_per_rank);
     return cudaGetLastError();
 }
 
