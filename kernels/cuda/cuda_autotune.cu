@@ -115,9 +115,9 @@ static moe_err_t dummy_step(moe_cuda_engine_t *engine, int rows, bool balanced, 
                             cuda_meta_t **meta_out, char *msg, size_t msg_size) {
     const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k, S = engine->slots.slots_per_rank;
     const int local = k / engine->ep.size > 1 ? k / engine->ep.size : 1;
-    bf16 *x = (bf16 *)moe_cuda_reserve(&engine->ws.recv_rows, sizeof(bf16) * (size_t)rows * H, msg, msg_size);
-    cuda_meta_t *meta =
-        (cuda_meta_t *)moe_cuda_reserve(&engine->ws.recv_meta, sizeof(cuda_meta_t) * (size_t)rows * k, msg, msg_size);
+    bf16 *x = (bf16 *)moe_cuda_reserve(&engine->ws.chunk[0].recv_rows, sizeof(bf16) * (size_t)rows * H, msg, msg_size);
+    cuda_meta_t *meta = (cuda_meta_t *)moe_cuda_reserve(&engine->ws.chunk[0].recv_meta,
+                                                         sizeof(cuda_meta_t) * (size_t)rows * k, msg, msg_size);
     if (x == nullptr || meta == nullptr) return MOE_ERR_NOMEM;
     MOE_CUDA_TRY(moe_cuda_synth_launch(x, nullptr, (size_t)rows * H, 0x7a11e5ull, 0, 99, 0, 1, 0, engine->stream));
     cuda_meta_t *host = (cuda_meta_t *)malloc(sizeof(cuda_meta_t) * (size_t)rows * k);
@@ -149,10 +149,12 @@ static moe_err_t time_impl(moe_cuda_engine_t *engine, moe_gemm_impl_t impl, cons
                            const cuda_meta_t *meta, int n_rows, cudaEvent_t start, cudaEvent_t stop, double *ms_out,
                            char *msg, size_t msg_size) {
     double ms[MOE_TUNE_ITERS];
-    bf16 *partial = nullptr;
+    bf16 *partial = (bf16 *)moe_cuda_reserve(&engine->ws.chunk[0].partial,
+                                             sizeof(bf16) * (size_t)n_rows * engine->cfg.model.hidden, msg, msg_size);
+    if (partial == nullptr) return MOE_ERR_NOMEM;
     for (int it = -1; it < MOE_TUNE_ITERS; it++) {
         MOE_CUDA_TRY(cudaEventRecord(start, engine->stream));
-        MOE_TRY(moe_cuda_experts(engine, &engine->layers[0], impl, rows, meta, n_rows, &partial, msg, msg_size));
+        MOE_TRY(moe_cuda_experts(engine, &engine->layers[0], impl, rows, meta, n_rows, partial, msg, msg_size));
         MOE_CUDA_TRY(cudaEventRecord(stop, engine->stream));
         MOE_CUDA_TRY(cudaEventSynchronize(stop));
         float elapsed = 0.0f;
@@ -247,8 +249,7 @@ static moe_err_t time_exchange(moe_cuda_engine_t *engine, int n, int threshold, 
     for (int it = -1; ret == MOE_OK && it < MOE_TUNE_ITERS; it++) {
         MPI_Barrier(engine->ep.comm);
         cudaEventRecord(start, engine->stream);
-        ret = moe_cuda_forward_device(engine, &engine->layers[0], x, n, n, 0, ids, weights, out, true, nullptr, msg,
-                                      msg_size);
+        ret = moe_cuda_forward_chunk(engine, &engine->layers[0], x, n, n, ids, weights, out, true, msg, msg_size);
         cudaEventRecord(stop, engine->stream);
         cudaError_t e = cudaEventSynchronize(stop);
         float elapsed = 0.0f;

@@ -199,6 +199,12 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     if (engine->cfg.moe.gemm == MOE_GEMM_GROUPED && !engine->own_grouped_ok)
         return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED, "moe.gemm: 'grouped' %s; use cublas or auto", why);
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->stream, cudaStreamNonBlocking));
+    MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->aux, cudaStreamNonBlocking));
+    MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev_begin, cudaEventDisableTiming));
+    for (int set = 0; set < 2; set++)
+        for (int e = 0; e < 4; e++) MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev[set][e], cudaEventDisableTiming));
+    engine->rank_counts = (int *)calloc((size_t)8 * engine->ep.size, sizeof(int));
+    if (engine->rank_counts == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: out of memory");
     engine->grouped_gemm = getenv("MOE_CUDA_NO_GROUPED") == nullptr;
     engine->grouped_min_slots = getenv("MOE_CUDA_FORCE_GROUPED") != nullptr ? 0 : 16;
     engine->profile.on = getenv("MOE_CUDA_PROFILE") != nullptr;
@@ -206,6 +212,8 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
         MOE_CUDA_TRY(cudaEventCreate(&engine->profile.marks[p]));
     MOE_CUBLAS_TRY(cublasCreate(&engine->cublas));
     MOE_CUBLAS_TRY(cublasSetStream(engine->cublas, engine->stream));
+    MOE_CUBLAS_TRY(cublasCreate(&engine->cublas_aux));
+    MOE_CUBLAS_TRY(cublasSetStream(engine->cublas_aux, engine->aux));
     MOE_TRY(init_nccl(engine, msg, msg_size));
     MOE_TRY(device_alloc((void **)&engine->d_slots, sizeof(moe_slot_table_t), "the slot table", msg, msg_size));
     MOE_CUDA_TRY(cudaMemcpy(engine->d_slots, &engine->slots, sizeof(moe_slot_table_t), cudaMemcpyHostToDevice));
@@ -261,8 +269,8 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
     cuda_buffer_t *buffers = (cuda_buffer_t *)&engine->ws;
     for (size_t i = 0; i < sizeof engine->ws / sizeof(cuda_buffer_t); i++) buffers[i].host = false;
     engine->ws.host_counts.host = engine->ws.host_x.host = engine->ws.host_out.host = true;
-    engine->ws.host_ids.host = engine->ws.host_weights.host = engine->ws.host_stats.host = true;
-    engine->ws.host_gemm_ptrs.host = true;
+    engine->ws.host_stats.host = engine->ws.host_gemm_ptrs.host = true;
+    for (int set = 0; set < 2; set++) engine->ws.chunk[set].host_ids.host = engine->ws.chunk[set].host_weights.host = true;
     moe_route_params_t params;
     moe_route_params_init(&params, &cfg->model, nullptr, 0, ep.rank, ep.size);
     moe_err_t ret = moe_route_validate(&params, msg, msg_size);
@@ -308,7 +316,15 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
     for (int p = 0; engine->profile.on && p <= MOE_CUDA_PHASES; p++)
         if (engine->profile.marks[p] != nullptr) cudaEventDestroy(engine->profile.marks[p]);
     if (engine->cublas != nullptr) cublasDestroy(engine->cublas);
+    if (engine->cublas_aux != nullptr) cublasDestroy(engine->cublas_aux);
+    if (engine->aux != nullptr) cudaStreamSynchronize(engine->aux);
+    if (engine->ev_begin != nullptr) cudaEventDestroy(engine->ev_begin);
+    for (int set = 0; set < 2; set++)
+        for (int e = 0; e < 4; e++)
+            if (engine->ev[set][e] != nullptr) cudaEventDestroy(engine->ev[set][e]);
+    free(engine->rank_counts);
     if (engine->stream != nullptr) cudaStreamDestroy(engine->stream);
+    if (engine->aux != nullptr) cudaStreamDestroy(engine->aux);
     (void)cudaGetLastError();
     free(engine);
 }

@@ -86,11 +86,18 @@ typedef struct {
     uint64_t step;
 } cuda_layer_t;
 
+/* The buffers of one chunk in flight. Two sets: with moe.chunking.overlap
+ * chunk i+1's routing and dispatch (aux stream) fill one set while chunk
+ * i's experts (main stream) read the other. */
 typedef struct {
-    cuda_buffer_t x, x_f32, logits, ids, weights, entry_slot, flags, scan, send_token, send_rows,
-        send_meta, recv_rows, recv_meta, keys, vals, keys_sorted, vals_sorted, inverse, slot_counts,
-        gathered, h13, act, y, partial, back, out, shared_h13, shared_act, shared_y, gate, cub_temp,
-        counts, stat_counts, host_counts, host_x, host_out, host_ids, host_weights, host_stats,
+    cuda_buffer_t ids, weights, logits, entry_slot, flags, scan, counts, send_token, send_rows, send_meta, recv_rows,
+        recv_meta, partial, back, cub_temp, host_ids, host_weights;
+} cuda_chunk_ws_t;
+
+typedef struct {
+    cuda_chunk_ws_t chunk[2];
+    cuda_buffer_t x, x_f32, keys, vals, keys_sorted, vals_sorted, inverse, slot_counts, gathered, h13, act, y, out,
+        shared_h13, shared_act, shared_y, gate, cub_temp, stat_counts, host_counts, host_x, host_out, host_stats,
         gemm_ptrs, host_gemm_ptrs, plan;
 } cuda_workspace_t;
 
@@ -124,8 +131,12 @@ struct moe_cuda_engine {
     moe_slot_table_t *d_slots;
     int device;
     char device_name[160];
-    cudaStream_t stream;
-    cublasHandle_t cublas;
+    cudaStream_t stream;      /* main: experts, shared expert, finalize */
+    cudaStream_t aux;         /* aux_chunk: routing, dispatch and combine of chunks (every NCCL call of a step) */
+    cublasHandle_t cublas;    /* on stream */
+    cublasHandle_t cublas_aux; /* on aux (the router GEMM) */
+    cudaEvent_t ev_begin, ev[2][4]; /* per buffer set: front, experts, combine, finish done */
+    int *rank_counts;          /* [2][4·R]: send/recv counts and offsets per buffer set */
     ncclComm_t comm;          /* token traffic */
     ncclComm_t comm_balancer; /* EPLB statistics (its own, so collectives never interleave) */
     bool have_comm;
@@ -149,27 +160,39 @@ struct moe_cuda_engine {
  * with msg set. */
 void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t msg_size);
 
-/* One chunk of the forward on device-resident bf16 input (cuda_forward.cu):
- * T tokens here, chunk_max the most any rank has in this chunk (the same on
- * every rank: it picks the exchange, moe.comm). comm_only skips the expert
- * math (zeros): moe.comm auto's timing. */
-moe_err_t moe_cuda_forward_device(moe_cuda_engine_t *engine, cuda_layer_t *layer, const bf16 *x, int T,
-                                  int chunk_max, int64_t first_token, const int32_t *ids_host_routed,
-                                  const float *weights_host_routed, float *out, bool comm_only,
-                                  moe_route_trace_t *trace, char *msg, size_t msg_size);
+/* One chunk of the forward on device-resident bf16 input, on the main
+ * stream only (cuda_forward.cu): T tokens here, chunk_max the most any rank
+ * has in this chunk (the same on every rank: it picks the exchange,
+ * moe.comm). comm_only skips the expert math (zeros): moe.comm auto's
+ * timing. */
+moe_err_t moe_cuda_forward_chunk(moe_cuda_engine_t *engine, cuda_layer_t *layer, const bf16 *x, int T, int chunk_max,
+                                 const int32_t *ids_host_routed, const float *weights_host_routed, float *out,
+                                 bool comm_only, char *msg, size_t msg_size);
 
 /* Sets engine->allgather_max_tokens from moe.comm (auto, with more than
  * one rank: times both exchanges without expert math on 1..1024 tokens per
  * rank; collective; every rank gets the same threshold). */
 moe_err_t moe_cuda_tune_comm(moe_cuda_engine_t *engine, char *msg, size_t msg_size);
 
-/* The expert stage of a chunk: n_recv received rows [n_recv, H] with
- * their k entries each -> partial [n_recv, H] (Σ over a row's local
- * entries of weight · expert output), with implementation `impl`. Returns
- * partial in *partial_out (a workspace buffer). */
+/* The expert stage of a chunk on the main stream (cuda_experts.cu): n_recv
+ * received rows [n_recv, H] with their k entries each -> partial [n_recv,
+ * H] (Σ over a row's local entries of weight · expert output), with
+ * implementation `impl`. */
 moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *layer, moe_gemm_impl_t impl,
-                           const bf16 *recv_rows, const cuda_meta_t *recv_meta, int n_recv, bf16 **partial_out,
+                           const bf16 *recv_rows, const cuda_meta_t *recv_meta, int n_recv, bf16 *partial,
                            char *msg, size_t msg_size);
+
+/* y[n, N] = x[n, K] · W[N, K]ᵀ with cuBLAS (bf16 operands, f32
+ * accumulation; y f32 or bf16 by y_type) on the handle's stream. */
+moe_err_t moe_cuda_gemm(cublasHandle_t handle, int N, int n, int K, const bf16 *W, const bf16 *x, void *y,
+                        cudaDataType_t y_type, char *msg, size_t msg_size);
+
+/* Device -> pinned staging -> dst, waiting for `stream` (small counts). */
+moe_err_t moe_cuda_fetch(moe_cuda_engine_t *engine, cudaStream_t stream, void *dst, const void *src, size_t bytes,
+                         char *msg, size_t msg_size);
+
+/* Records the end of profile phase `phase` on the main stream (MOE_CUDA_PROFILE). */
+void moe_cuda_mark(moe_cuda_engine_t *engine, int phase);
 
 /* The bucket of a chunk receiving `rows` rows. */
 int moe_cuda_bucket(int rows);
