@@ -319,7 +319,7 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
         at += (size_t)r->n_tokens;
     }
     char msg[512] = "";
-    moe_route_trace_t trace = {NULL, NULL, s->slot_loads, NULL};
+    moe_route_trace_t trace = {NULL, NULL, s->slot_loads, NULL, false};
     double start = moe_now();
     /* with peers, a step that never ends is a peer gone: the watchdog's to see */
     if (daemon->ep.size > 1) daemon->collective_since = start;
@@ -361,8 +361,12 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
     if (daemon->ep.size > 1) {
         MPI_Request request;
         /* every rank keeps the same window, so that EPLB computes the same
-         * placement everywhere without a broadcast (DESIGN §6) */
-        MOE_CHECK(collective(daemon, MPI_Iallreduce(s->slot_loads, s->slot_loads_sum, n_slots, MPI_INT64_T, MPI_SUM,
+         * placement everywhere without a broadcast (DESIGN §6). Counts the
+         * backend summed already (CUDA: on its balancer communicator) are
+         * the same on every rank: MAX keeps them (and a rank whose step
+         * failed, with zeros, takes the others'). */
+        MPI_Op op = trace.slot_counts_global ? MPI_MAX : MPI_SUM;
+        MOE_CHECK(collective(daemon, MPI_Iallreduce(s->slot_loads, s->slot_loads_sum, n_slots, MPI_INT64_T, op,
                                                     daemon->ep.comm, &request),
                              &request, "slot loads (MPI_Iallreduce)"));
     } else {

@@ -61,9 +61,10 @@ static moe_err_t cuda_bench(void *state, int layer, int n_tokens, int warmup, in
 
 static void cuda_reconfigure(void *state, const moe_config_t *cfg) { moe_cuda_reconfigure(state, cfg); }
 static int cuda_slot_count(const void *state) { return moe_cuda_slot_count(state); }
-static const int *cuda_placement(const void *state, int layer) {
-    (void)layer; /* one placement for every layer until the CUDA backend migrates */
-    return moe_cuda_placement(state);
+static const int *cuda_placement(const void *state, int layer) { return moe_cuda_placement(state, layer); }
+static moe_err_t cuda_migrate(void *state, int layer, const int *slot_expert, int64_t *bytes_loaded, char *msg,
+                              size_t msg_size) {
+    return moe_cuda_migrate(state, layer, slot_expert, bytes_loaded, msg, msg_size);
 }
 static const char *cuda_device(const void *state) { return moe_cuda_device_name(state); }
 static const char *cuda_gemm(const void *state) { return moe_cuda_gemm_table(state); }
@@ -76,7 +77,7 @@ static const moe_backend_ops_t backends[] = {
      cpu_placement, cpu_migrate, NULL, NULL, cpu_device, NULL, cpu_destroy},
 #ifdef MOE_WITH_CUDA
     {"cuda", MOE_BACKEND_CUDA, cuda_create, cuda_forward, cuda_reconfigure, cuda_slot_count,
-     cuda_placement, NULL, cuda_bench, cuda_check, cuda_device, cuda_gemm, cuda_destroy},
+     cuda_placement, cuda_migrate, cuda_bench, cuda_check, cuda_device, cuda_gemm, cuda_destroy},
 #endif
 };
 

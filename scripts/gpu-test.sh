@@ -13,6 +13,9 @@
 #           moectl forward (64 tokens, seed 5) on both; outputs must agree
 #           (max|a-b|/max|b| <= 2e-2, no NaN); shutdown, every rank exits 0.
 #           Without --quick also a Qwen3-shaped 1-layer model with 1 rank.
+#           With 2 GPUs also eplb online (12 slots, zipf router): 6
+#           forwards, `moectl rebalance`, the compared forward; the stats
+#           must show the rebalance (migration on the backend under test).
 #   bench   moe-bench, backend cuda, synthetic 1-layer Qwen3-30B-A3B shape
 #           (H2048 I768 E128 k8) and Mixtral shape (H4096 I14336 E8 k2)
 #           with moe.gemm auto (the autotuner; its table in the JSON), then
@@ -174,8 +177,10 @@ make_config() {
 
 # daemon_run TAG NP CONFIG SOCKDIR HIDDEN OUT.npy: mpirun -np NP moed, wait for
 # health, one forward, shutdown; 0 when all of it worked and every rank exited 0.
+# WARM (optional): that many forwards first, then `moectl rebalance`, and
+# after the compared forward the stats must show a rebalance of layer 0.
 daemon_run() {
-    local tag=$1 np=$2 cfg=$3 sock=$4 hidden=$5 out=$6 log=$D/$1.log pid rc
+    local tag=$1 np=$2 cfg=$3 sock=$4 hidden=$5 out=$6 warm=${7:-0} log=$D/$1.log pid rc
     local ctl=("$BIN/moectl" --control "unix:$sock/control.sock" --data "unix:$sock/data-%r.sock")
     local threads=$((NCPU / np > 0 ? NCPU / np : 1))
     echo "== mpirun -np $np moed --config $cfg" > "$log"
@@ -196,9 +201,25 @@ daemon_run() {
         return 1
     fi
     echo "== healthy after ${waited}s; forward" >> "$log"
-    timeout 300 "${ctl[@]}" forward --layer 0 --tokens 64 --seed 5 --hidden "$hidden" --output "$out" >> "$log" 2>&1
-    local frc=$?
-    { "${ctl[@]}" stats; echo "== shutdown"; "${ctl[@]}" shutdown; } >> "$log" 2>&1
+    local frc=0 s
+    for s in $(seq 1 "$warm"); do
+        timeout 300 "${ctl[@]}" forward --layer 0 --tokens 64 --seed "$((100 + s))" --hidden "$hidden" \
+            --output "$TMP/$tag-warm.npy" >> "$log" 2>&1 || frc=1
+    done
+    if [ "$warm" -gt 0 ]; then
+        { echo "== rebalance"; "${ctl[@]}" rebalance; } >> "$log" 2>&1 || frc=1
+    fi
+    timeout 300 "${ctl[@]}" forward --layer 0 --tokens 64 --seed 5 --hidden "$hidden" --output "$out" >> "$log" 2>&1 ||
+        frc=1
+    "${ctl[@]}" stats --json > "$TMP/$tag-stats.json" 2>> "$log"
+    cat "$TMP/$tag-stats.json" >> "$log"
+    if [ "$warm" -gt 0 ] && ! "$PYTHON" -c 'import json,sys; d=json.load(open(sys.argv[1])); d=d.get("result", d)
+l=[x for x in d["layers"] if x["layer"] == 0][0]; sys.exit(0 if l["rebalances"] >= 1 else "no rebalance of layer 0")' \
+        "$TMP/$tag-stats.json" >> "$log" 2>&1; then
+        echo "== the stats show no rebalance" >> "$log"
+        frc=1
+    fi
+    { echo "== shutdown"; "${ctl[@]}" shutdown; } >> "$log" 2>&1
     local left=120
     while kill -0 "$pid" 2>/dev/null && [ $left -gt 0 ]; do sleep 0.5; left=$((left - 1)); done
     if kill -0 "$pid" 2>/dev/null; then
@@ -248,8 +269,10 @@ EOF
 # config's softmax_topk) sets model.routing.method: at large shapes a router
 # GEMM in bf16 and one in f32 break near-ties differently, so those compare
 # the expert math under a router that reads no logits (perfect).
+# EPLB=1 (env): eplb online with 12 slots and a zipf router, 6 forwards and
+# a `moectl rebalance` before the compared one (migration on both backends).
 daemon_compare() {
-    local name=$1 np=$2 h=$3 i=$4 e=$5 k=$6 layers=$7 method=${8:-} b role ok=1
+    local name=$1 np=$2 h=$3 i=$4 e=$5 k=$6 layers=$7 method=${8:-} b role ok=1 warm=0
     for role in test ref; do
         # test: the backend under test ($BACKEND); ref: the cpu reference
         b=cpu
@@ -259,9 +282,16 @@ daemon_compare() {
             fail "$tag: config rejected (log: detail/$tag.log)"; tail_log "$D/$tag.log"; ok=0; continue
         fi
         [ -n "$method" ] && sed -i "s|method: softmax_topk|method: $method|" "$TMP/$tag.yaml"
+        if [ "${EPLB:-0}" = 1 ]; then
+            warm=6
+            sed -i -e "s|^  mode: off|  mode: online\n  num_slots: 12\n  window_steps: 8\n  rebalance_every_steps: 100000\n  min_improvement: 0.0|" \
+                "$TMP/$tag.yaml"
+            "$BIN/moed" --check-config "$TMP/$tag.yaml" > /dev/null 2>> "$D/$tag.log" ||
+                { fail "$tag: eplb config rejected"; tail_log "$D/$tag.log"; ok=0; continue; }
+        fi
         local start took
         start=$(date +%s)
-        if daemon_run "$tag" "$np" "$TMP/$tag.yaml" "$sock" "$h" "$TMP/$tag.npy"; then
+        if daemon_run "$tag" "$np" "$TMP/$tag.yaml" "$sock" "$h" "$TMP/$tag.npy" "$warm"; then
             took=$(($(date +%s) - start))
             pass "$tag (backend $b): start, health, forward, shutdown, every rank exit 0 (${took}s)"
             cp "$TMP/$tag.npy" "$D/"
@@ -435,6 +465,10 @@ main() {
         echo "== daemons ($BACKEND vs cpu)"
         daemon_compare tiny 1 64 32 8 2 2
         if [ $NP2 = 1 ]; then daemon_compare tiny 2 64 32 8 2 2; else skip "daemon-tiny-np2: fewer than 2 GPUs"; fi
+        # one rank is always balanced (no placement would be adopted): the
+        # migration itself is covered by cuda_layer on one GPU
+        if [ $NP2 = 1 ]; then EPLB=1 daemon_compare tiny-eplb 2 64 32 8 2 2 zipf
+        else skip "daemon-tiny-eplb-np2: fewer than 2 GPUs (cuda_layer covers migration on one)"; fi
         if [ $QUICK = 0 ]; then daemon_compare qwen3-1layer 1 2048 768 128 8 1 perfect; fi
     fi
 

@@ -73,18 +73,20 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
         int client = cfg.model.routing.method == MOE_ROUTE_CLIENT;
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) out[i] = NAN; /* poison */
         memset(slot_counts, 0, sizeof slot_counts);
-        moe_route_trace_t trace = {ids, w, slot_counts, logits};
+        moe_route_trace_t trace = {ids, w, slot_counts, logits, false};
         if (moe_cuda_forward(gpu, layer, x, n_tokens, client ? client_ids : NULL, client ? client_w : NULL, out,
                              &trace, msg, sizeof msg) != MOE_OK) {
             fprintf(stderr, "FAIL %s layer %d: forward: %s\n", c->name, layer, msg);
             failed = 1;
             break;
         }
-        int64_t counted = 0;
+        int64_t counted = 0, want_counted = (int64_t)n_tokens * k;
         for (int s = 0; s < moe_cuda_slot_count(gpu); s++) counted += slot_counts[s];
-        if (counted != (int64_t)n_tokens * k) {
+        if (trace.slot_counts_global) /* summed over the ranks on the balancer communicator */
+            MPI_Allreduce(MPI_IN_PLACE, &want_counted, 1, MPI_INT64_T, MPI_SUM, ep.comm);
+        if (counted != want_counted) {
             fprintf(stderr, "FAIL %s layer %d: slot statistics count %lld entries, want %lld\n", c->name, layer,
-                    (long long)counted, (long long)n_tokens * k);
+                    (long long)counted, (long long)want_counted);
             failed = 1;
         }
         /* the routing decision: the host routing code on the GPU's own logits
@@ -138,6 +140,67 @@ done:
     moe_test_ref_destroy(ref);
     free(x), free(out), free(w), free(cpu_w), free(client_w), free(ids), free(cpu_ids);
     free(client_ids), free(want), free(logits);
+    return failed;
+}
+
+/* EPLB migration: a forward, a new placement (slots permuted, and the extra
+ * slots now replicate the highest experts instead of the lowest: copied on
+ * the device, and with more ranks regenerated), the same forward again: on
+ * one rank with moe.gemm grouped bit-identical to the first, and on any
+ * rank count within the bound of the reference. */
+static int check_migration(moe_ep_t ep, uint64_t seed) {
+    moe_config_t cfg;
+    moe_test_case_config(&moe_test_cases[2], ep.size, &cfg); /* softmax_topk with replicas */
+    cfg.moe.gemm = MOE_GEMM_GROUPED;
+    const int H = cfg.model.hidden, E = cfg.model.experts, T = 77 + 5 * ep.rank, layer = cfg.model.layer_ids[0];
+    char msg[512] = "";
+    int failed = 0;
+    moe_cuda_engine_t *gpu = NULL;
+    moe_test_ref_t *ref = moe_test_ref_create(&cfg, msg, sizeof msg);
+    float *x = malloc(sizeof(float) * (size_t)T * H), *before = malloc(sizeof(float) * (size_t)T * H);
+    float *after = malloc(sizeof(float) * (size_t)T * H);
+    double *want = malloc(sizeof(double) * (size_t)T * H);
+    if (ref == NULL || !x || !before || !after || !want || moe_cuda_create(&cfg, ep, &gpu, msg, sizeof msg) != MOE_OK) {
+        fprintf(stderr, "FAIL migration setup: %s\n", msg);
+        failed = 1;
+        goto done;
+    }
+    const int n_slots = moe_cuda_slot_count(gpu);
+    int next[MOE_MAX_SLOTS];
+    for (int s = 0; s < n_slots; s++) next[s] = s < E ? (s * 3 + 1) % E : E - 1 - (s - E) % E;
+    moe_test_fill_random(x, (size_t)T * H, seed);
+    int64_t bytes = 0;
+    if (moe_cuda_forward(gpu, layer, x, T, NULL, NULL, before, NULL, msg, sizeof msg) != MOE_OK ||
+        moe_cuda_migrate(gpu, layer, next, &bytes, msg, sizeof msg) != MOE_OK ||
+        moe_cuda_forward(gpu, layer, x, T, NULL, NULL, after, NULL, msg, sizeof msg) != MOE_OK) {
+        fprintf(stderr, "FAIL migration: %s\n", msg);
+        failed = 1;
+        goto done;
+    }
+    /* one rank holds every expert already: all copied on the device, none
+     * loaded; with more ranks experts arrive that a rank did not hold */
+    if (memcmp(moe_cuda_placement(gpu, layer), next, sizeof(int) * n_slots) != 0 ||
+        (ep.size == 1 ? bytes != 0 : bytes <= 0)) {
+        fprintf(stderr, "FAIL migration: placement not adopted, or %lld bytes loaded\n", (long long)bytes);
+        failed = 1;
+    }
+    moe_test_ref_forward(ref, layer, x, T, ep.rank, ep.size, NULL, NULL, want, NULL);
+    double err = moe_test_rel_error(after, want, (size_t)T * H);
+    if (!(err <= 2e-2)) {
+        fprintf(stderr, "FAIL migration: after it, relative error %g against the reference\n", err);
+        failed = 1;
+    }
+    if (ep.size == 1 && memcmp(before, after, sizeof(float) * (size_t)T * H) != 0) {
+        fprintf(stderr, "FAIL migration: outputs before and after the swap differ on one rank\n");
+        failed = 1;
+    }
+    if (!failed && ep.rank == 0)
+        printf("cuda_layer: migration: %lld bytes regenerated on rank 0, error %.3g, outputs before/after %s\n",
+               (long long)bytes, err, ep.size == 1 ? "bit-identical" : "within the bound");
+done:
+    moe_cuda_destroy(gpu);
+    moe_test_ref_destroy(ref);
+    free(x), free(before), free(after), free(want);
     return failed;
 }
 
@@ -219,6 +282,7 @@ int main(int argc, char **argv) {
     }
     unsetenv("MOE_CUDA_FORCE_GROUPED");
     failures += check_cache(ep);
+    failures += check_migration(ep, seed + 4242);
     int total = failures;
     if (under_mpi) {
         MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);

@@ -9,6 +9,7 @@
 #ifndef MOE_CPU_H
 #define MOE_CPU_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -21,12 +22,16 @@ typedef struct moe_cpu_engine moe_cpu_engine_t;
  * ids[t*k+i], weights[t*k+i]; and, when slot_counts is non-NULL, the number
  * of this rank's (token, expert) entries sent to each physical slot
  * (n_slots entries; EPLB statistics); and, from the CUDA backend, the
- * router logits routing saw. Each member may be NULL. */
+ * router logits routing saw. Each member may be NULL. slot_counts_global:
+ * set by a backend that returns the counts already summed over every rank
+ * (CUDA: all-reduced on its balancer communicator), so the caller must not
+ * sum them again. */
 typedef struct {
     int32_t *ids;
     float *weights;
     int64_t *slot_counts;
     float *logits; /* [n_tokens, E] router logits (CUDA backend; methods that use them) */
+    bool slot_counts_global;
 } moe_route_trace_t;
 
 /* Builds the engine: the slot table, then loads the router (and bias, shared

@@ -11,6 +11,7 @@
 extern "C" {
 #include "../moe_weights.h"
 }
+#include "../moe_eplb.h"
 
 void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t msg_size) {
     if (bytes == 0) bytes = 16;
@@ -79,7 +80,7 @@ static moe_err_t load_layer_synthetic(moe_cuda_engine_t *engine, cuda_layer_t *L
     MOE_TRY(synth(engine, L->router, nullptr, E * H, L->layer, MOE_SYNTH_ROUTER, -1, (int)H, msg, msg_size));
     if (L->bias != nullptr) MOE_TRY(synth(engine, nullptr, L->bias, E, L->layer, MOE_SYNTH_BIAS, -1, 1, msg, msg_size));
     for (int s = 0; s < spr; s++) {
-        int e = engine->slots.slot_expert[first + s];
+        int e = L->slots->slot_expert[first + s];
         bf16 *w13 = L->w13 + (size_t)s * 2 * I * H;
         MOE_TRY(synth(engine, w13, nullptr, I * H, L->layer, MOE_SYNTH_W1, e, (int)H, msg, msg_size));
         MOE_TRY(synth(engine, w13 + I * H, nullptr, I * H, L->layer, MOE_SYNTH_W3, e, (int)H, msg, msg_size));
@@ -117,7 +118,7 @@ static moe_err_t load_layer_file(moe_cuda_engine_t *engine, moe_weights_t *weigh
     }
     for (int s = 0; ret == MOE_OK && s < spr; s++) {
         /* w1 and w3 land next to each other: the fused [gate; up] layout */
-        ret = moe_weights_expert(weights, L->layer, engine->slots.slot_expert[first + s], host, host + I * H,
+        ret = moe_weights_expert(weights, L->layer, L->slots->slot_expert[first + s], host, host + I * H,
                                  host + 2 * I * H, msg, msg_size);
         if (ret == MOE_OK) ret = upload_bf16(engine, L->w13 + (size_t)s * 2 * I * H, host, 2 * I * H, msg, msg_size);
         if (ret == MOE_OK) ret = upload_bf16(engine, L->w2 + (size_t)s * H * I, host + 2 * I * H, H * I, msg, msg_size);
@@ -189,10 +190,6 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
         return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
                            "moe.backend: cuda needs bf16 tensor cores (compute capability >= 8.0); %s has %d.%d",
                            prop.name, prop.major, prop.minor);
-    if (engine->cfg.eplb.placement_file[0] != '\0')
-        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
-                           "eplb.placement_file: per-layer placements are CPU-only in this version; give the "
-                           "placement in eplb.placement (one for every layer)");
     engine->cc_major = prop.major;
     char why[160];
     engine->own_grouped_ok = moe_cuda_grouped_supported(m->hidden, m->moe_intermediate, prop.major, why, sizeof why);
@@ -200,9 +197,10 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
         return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED, "moe.gemm: 'grouped' %s; use cublas or auto", why);
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->stream, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->aux, cudaStreamNonBlocking));
+    MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->balancer, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev_begin, cudaEventDisableTiming));
     for (int set = 0; set < 2; set++)
-        for (int e = 0; e < 4; e++) MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev[set][e], cudaEventDisableTiming));
+        for (int e = 0; e < 5; e++) MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev[set][e], cudaEventDisableTiming));
     engine->rank_counts = (int *)calloc((size_t)8 * engine->ep.size, sizeof(int));
     if (engine->rank_counts == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: out of memory");
     engine->grouped_gemm = getenv("MOE_CUDA_NO_GROUPED") == nullptr;
@@ -215,8 +213,9 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     MOE_CUBLAS_TRY(cublasCreate(&engine->cublas_aux));
     MOE_CUBLAS_TRY(cublasSetStream(engine->cublas_aux, engine->aux));
     MOE_TRY(init_nccl(engine, msg, msg_size));
-    MOE_TRY(device_alloc((void **)&engine->d_slots, sizeof(moe_slot_table_t), "the slot table", msg, msg_size));
-    MOE_CUDA_TRY(cudaMemcpy(engine->d_slots, &engine->slots, sizeof(moe_slot_table_t), cudaMemcpyHostToDevice));
+    MOE_TRY(device_alloc((void **)&engine->d_step_counts, sizeof(unsigned long long) * engine->slots.n_slots,
+                         "the slot counters", msg, msg_size));
+    MOE_CUDA_TRY(cudaMemset(engine->d_step_counts, 0, sizeof(unsigned long long) * engine->slots.n_slots));
     if (m->routing.method == MOE_ROUTE_ZIPF) {
         double cdf[MOE_MAX_EXPERTS];
         moe_route_zipf_cdf(m->experts, m->routing.zipf_s, cdf);
@@ -226,9 +225,29 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     engine->n_layers = m->n_layers;
     engine->layers = (cuda_layer_t *)calloc((size_t)m->n_layers, sizeof(cuda_layer_t));
     if (engine->layers == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: out of memory");
+    /* per-layer placements: eplb.placement_file, else the configured one */
+    int *placements = nullptr;
+    if (engine->cfg.eplb.placement_file[0] != '\0') {
+        placements = (int *)malloc(sizeof(int) * (size_t)m->n_layers * engine->slots.n_slots);
+        if (placements == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: out of memory");
+        moe_err_t loaded = moe_eplb_load_placement_file(engine->cfg.eplb.placement_file, m->experts,
+                                                        engine->slots.n_slots, m->n_layers, m->layer_ids, placements,
+                                                        msg, msg_size);
+        if (loaded != MOE_OK) {
+            free(placements);
+            return loaded;
+        }
+    }
+    moe_err_t ret = MOE_OK;
+    for (int l = 0; ret == MOE_OK && l < m->n_layers; l++)
+        engine->layers[l].layer = m->layer_ids[l],
+        ret = moe_cuda_layer_slots(engine, &engine->layers[l],
+                                   placements != nullptr ? placements + (size_t)l * engine->slots.n_slots : nullptr,
+                                   msg, msg_size);
+    free(placements);
+    if (ret != MOE_OK) return ret;
     moe_weights_t *weights = nullptr;
     if (m->weights.format == MOE_WEIGHTS_SAFETENSORS) MOE_TRY(moe_weights_open(m, &weights, msg, msg_size));
-    moe_err_t ret = MOE_OK;
     struct timespec start, now;
     clock_gettime(CLOCK_MONOTONIC, &start);
     double last_report = 0;
@@ -299,6 +318,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
         cuda_layer_t *L = &engine->layers[l];
         cudaFree(L->router), cudaFree(L->bias), cudaFree(L->w13), cudaFree(L->w2);
         cudaFree(L->shared_w13), cudaFree(L->shared_w2), cudaFree(L->shared_gate);
+        cudaFree(L->d_slots), free(L->slots);
     }
     free(engine->layers);
     cuda_buffer_t *buffers = (cuda_buffer_t *)&engine->ws;
@@ -307,7 +327,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
         if (buffers[i].host) cudaFreeHost(buffers[i].ptr);
         else cudaFree(buffers[i].ptr);
     }
-    cudaFree(engine->d_slots);
+    cudaFree(engine->d_step_counts);
     cudaFree(engine->d_zipf_cdf);
     if (engine->have_comm) {
         ncclCommDestroy(engine->comm);
@@ -318,13 +338,15 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
     if (engine->cublas != nullptr) cublasDestroy(engine->cublas);
     if (engine->cublas_aux != nullptr) cublasDestroy(engine->cublas_aux);
     if (engine->aux != nullptr) cudaStreamSynchronize(engine->aux);
+    if (engine->balancer != nullptr) cudaStreamSynchronize(engine->balancer);
     if (engine->ev_begin != nullptr) cudaEventDestroy(engine->ev_begin);
     for (int set = 0; set < 2; set++)
-        for (int e = 0; e < 4; e++)
+        for (int e = 0; e < 5; e++)
             if (engine->ev[set][e] != nullptr) cudaEventDestroy(engine->ev[set][e]);
     free(engine->rank_counts);
     if (engine->stream != nullptr) cudaStreamDestroy(engine->stream);
     if (engine->aux != nullptr) cudaStreamDestroy(engine->aux);
+    if (engine->balancer != nullptr) cudaStreamDestroy(engine->balancer);
     (void)cudaGetLastError();
     free(engine);
 }
@@ -353,7 +375,11 @@ extern "C" void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config
 extern "C" const char *moe_cuda_gemm_table(const moe_cuda_engine_t *engine) { return engine->gemm_text; }
 
 extern "C" int moe_cuda_slot_count(const moe_cuda_engine_t *engine) { return engine->slots.n_slots; }
-extern "C" const int *moe_cuda_placement(const moe_cuda_engine_t *engine) { return engine->slots.slot_expert; }
+extern "C" const int *moe_cuda_placement(const moe_cuda_engine_t *engine, int layer) {
+    for (int i = 0; i < engine->n_layers; i++)
+        if (engine->layers[i].layer == layer) return engine->layers[i].slots->slot_expert;
+    return nullptr;
+}
 extern "C" const char *moe_cuda_device_name(const moe_cuda_engine_t *engine) { return engine->device_name; }
 
 extern "C" moe_err_t moe_cuda_check(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {

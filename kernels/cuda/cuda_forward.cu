@@ -26,7 +26,7 @@
 #define RESERVE(engine, name, type, n) \
     ((type *)moe_cuda_reserve(&(engine)->ws.name, sizeof(type) * (size_t)(n), msg, msg_size))
 
-enum { EV_FRONT = 0, EV_EXPERTS, EV_COMBINE, EV_FINISH };
+enum { EV_FRONT = 0, EV_EXPERTS, EV_COMBINE, EV_FINISH, EV_COUNTED };
 
 /* One chunk in flight: what its phases hand to each other. */
 typedef struct {
@@ -207,8 +207,10 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
                        const int32_t *routed_ids, const float *routed_weights, char *msg, size_t msg_size) {
     const int R = engine->ep.size, k = engine->cfg.model.top_k, T = c->T;
     cuda_chunk_ws_t *ws = &engine->ws.chunk[c->set];
-    /* the set's buffers are free once the chunk that used them last is finished */
+    /* the set's buffers are free once the chunk that used them last is
+     * finished and counted */
     MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_FINISH], 0));
+    MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_COUNTED], 0));
     moe_cuda_mark(engine, 0);
     MOE_TRY(route(engine, L, c, st, routed_ids, routed_weights, msg, msg_size));
     moe_cuda_mark(engine, 1);
@@ -217,7 +219,7 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     c->scan = (int32_t *)moe_cuda_reserve(&ws->scan, sizeof(int32_t) * (size_t)R * T, msg, msg_size);
     int32_t *counts = (int32_t *)moe_cuda_reserve(&ws->counts, sizeof(int32_t) * 2 * (size_t)R, msg, msg_size);
     if (!c->entry_slot || !c->flags || !c->scan || !counts) return MOE_ERR_NOMEM;
-    MOE_CUDA_TRY(moe_cuda_mark_launch(engine->d_slots, c->ids, T, k, engine->ep.rank, R, c->first_token, c->entry_slot,
+    MOE_CUDA_TRY(moe_cuda_mark_launch(L->d_slots, c->ids, T, k, engine->ep.rank, R, c->first_token, c->entry_slot,
                                       c->flags, st.front));
     MOE_TRY(exclusive_scan(st.front, &ws->cub_temp, c->flags, c->scan, R * T, msg, msg_size));
     MOE_CUDA_TRY(moe_cuda_counts_launch(c->flags, c->scan, T, R, counts, st.front));
@@ -225,6 +227,12 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     if (c->allgather) MOE_TRY(dispatch_allgather(engine, c, st.front, msg, msg_size));
     else MOE_TRY(dispatch_alltoall(engine, c, st.front, counts, msg, msg_size));
     MOE_CUDA_TRY(cudaEventRecord(engine->ev[c->set][EV_FRONT], st.front));
+    if (engine->counting && T > 0) {
+        /* EPLB statistics on aux_balancer: the forward never waits for them */
+        MOE_CUDA_TRY(cudaStreamWaitEvent(engine->balancer, engine->ev[c->set][EV_FRONT], 0));
+        MOE_CUDA_TRY(moe_cuda_slot_stats_launch(c->entry_slot, T * k, engine->d_step_counts, engine->balancer));
+        MOE_CUDA_TRY(cudaEventRecord(engine->ev[c->set][EV_COUNTED], engine->balancer));
+    }
     return MOE_OK;
 }
 
@@ -313,17 +321,6 @@ static moe_err_t finish(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t
             MOE_TRY(moe_cuda_fetch(engine, stream, trace->logits + first * m->experts,
                                    engine->ws.chunk[c->set].logits.ptr, sizeof(float) * (size_t)T * m->experts, msg,
                                    msg_size));
-        if (trace->slot_counts != nullptr) {
-            const int n_slots = engine->slots.n_slots;
-            unsigned long long *d_stats = RESERVE(engine, stat_counts, unsigned long long, n_slots);
-            unsigned long long host_stats[MOE_MAX_SLOTS];
-            if (d_stats == nullptr) return MOE_ERR_NOMEM;
-            MOE_CUDA_TRY(cudaMemsetAsync(d_stats, 0, sizeof(unsigned long long) * n_slots, stream));
-            MOE_CUDA_TRY(moe_cuda_slot_stats_launch(c->entry_slot, T * k, d_stats, stream));
-            MOE_TRY(moe_cuda_fetch(engine, stream, host_stats, d_stats, sizeof(unsigned long long) * n_slots, msg,
-                                   msg_size));
-            for (int s = 0; s < n_slots; s++) trace->slot_counts[s] += (int64_t)host_stats[s];
-        }
     }
     MOE_CUDA_TRY(cudaEventRecord(engine->ev[c->set][EV_FINISH], stream));
     return MOE_OK;
@@ -411,6 +408,26 @@ static moe_err_t run_chunks(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf
     return MOE_OK;
 }
 
+/* The step's slot counts (EPLB statistics), counted on aux_balancer:
+ * all-reduced on the balancer communicator with more than one rank (so
+ * trace->slot_counts_global), then read back; the counters start from zero
+ * again. Collective when the forward is. */
+static moe_err_t step_counts(moe_cuda_engine_t *engine, moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    const int n_slots = engine->slots.n_slots;
+    const size_t bytes = sizeof(unsigned long long) * (size_t)n_slots;
+    unsigned long long *host = (unsigned long long *)moe_cuda_reserve(&engine->ws.host_stats, bytes, msg, msg_size);
+    if (host == nullptr) return MOE_ERR_NOMEM;
+    if (engine->ep.size > 1)
+        MOE_NCCL_TRY(ncclAllReduce(engine->d_step_counts, engine->d_step_counts, (size_t)n_slots, ncclUint64, ncclSum,
+                                   engine->comm_balancer, engine->balancer));
+    MOE_CUDA_TRY(cudaMemcpyAsync(host, engine->d_step_counts, bytes, cudaMemcpyDeviceToHost, engine->balancer));
+    MOE_CUDA_TRY(cudaMemsetAsync(engine->d_step_counts, 0, bytes, engine->balancer));
+    MOE_CUDA_TRY(cudaStreamSynchronize(engine->balancer));
+    for (int s = 0; s < n_slots; s++) trace->slot_counts[s] = (int64_t)host[s];
+    trace->slot_counts_global = engine->ep.size > 1;
+    return MOE_OK;
+}
+
 extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, const float *x, int n_tokens,
                                       const int32_t *routed_ids, const float *routed_weights, float *out,
                                       moe_route_trace_t *trace, char *msg, size_t msg_size) {
@@ -448,10 +465,14 @@ extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, cons
     if (values > 0) memcpy(staging, x, sizeof(float) * values);
     MOE_CUDA_TRY(cudaMemcpyAsync(x_f32, staging, sizeof(float) * values, cudaMemcpyHostToDevice, stream));
     MOE_CUDA_TRY(moe_cuda_f32_to_bf16_launch(x_f32, x_bf16, values, stream));
-    if (trace != nullptr && trace->slot_counts != nullptr)
-        memset(trace->slot_counts, 0, sizeof(int64_t) * (size_t)engine->slots.n_slots);
-    MOE_TRY(run_chunks(engine, L, x_bf16, n_tokens, max_tokens, routed_ids, routed_weights, d_out, trace, msg,
-                       msg_size));
+    engine->counting = trace != nullptr && trace->slot_counts != nullptr;
+    moe_err_t ret = run_chunks(engine, L, x_bf16, n_tokens, max_tokens, routed_ids, routed_weights, d_out, trace, msg,
+                               msg_size);
+    if (ret == MOE_OK && engine->counting) ret = step_counts(engine, trace, msg, msg_size);
+    if (ret != MOE_OK && engine->counting) /* a failed step's partial counts must not reach the next one */
+        cudaMemsetAsync(engine->d_step_counts, 0, sizeof(unsigned long long) * engine->slots.n_slots, engine->balancer);
+    engine->counting = false;
+    if (ret != MOE_OK) return ret;
     MOE_CUDA_TRY(cudaMemcpyAsync(h_out, d_out, sizeof(float) * values, cudaMemcpyDeviceToHost, stream));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
     if (values > 0) memcpy(out, h_out, sizeof(float) * values);

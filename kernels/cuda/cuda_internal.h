@@ -76,6 +76,8 @@ typedef struct {
 
 typedef struct {
     int layer;
+    moe_slot_table_t *slots;   /* this layer's placement (host), changed by migration */
+    moe_slot_table_t *d_slots; /* the same on the device */
     bf16 *router;      /* [E, H] */
     float *bias;       /* [E] (sigmoid_group_topk) or NULL */
     bf16 *w13;         /* [slots_per_rank, 2I, H]: gate rows, then up rows */
@@ -127,15 +129,17 @@ typedef struct {
 struct moe_cuda_engine {
     moe_config_t cfg;
     moe_ep_t ep;
-    moe_slot_table_t slots;
-    moe_slot_table_t *d_slots;
+    moe_slot_table_t slots; /* the configured placement (sizes; layers start from it or the placement file) */
     int device;
     char device_name[160];
     cudaStream_t stream;      /* main: experts, shared expert, finalize */
     cudaStream_t aux;         /* aux_chunk: routing, dispatch and combine of chunks (every NCCL call of a step) */
     cublasHandle_t cublas;    /* on stream */
     cublasHandle_t cublas_aux; /* on aux (the router GEMM) */
-    cudaEvent_t ev_begin, ev[2][4]; /* per buffer set: front, experts, combine, finish done */
+    cudaStream_t balancer;    /* aux_balancer: EPLB counting and weight migration */
+    cudaEvent_t ev_begin, ev[2][5]; /* per buffer set: front, experts, combine, finish, counted done */
+    unsigned long long *d_step_counts; /* [n_slots] (token, expert) entries per slot this step, on balancer */
+    bool counting;                     /* this step counts (a trace asked for slot counts) */
     int *rank_counts;          /* [2][4·R]: send/recv counts and offsets per buffer set */
     ncclComm_t comm;          /* token traffic */
     ncclComm_t comm_balancer; /* EPLB statistics (its own, so collectives never interleave) */
@@ -168,6 +172,12 @@ void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t ms
 moe_err_t moe_cuda_forward_chunk(moe_cuda_engine_t *engine, cuda_layer_t *layer, const bf16 *x, int T, int chunk_max,
                                  const int32_t *ids_host_routed, const float *weights_host_routed, float *out,
                                  bool comm_only, char *msg, size_t msg_size);
+
+/* EPLB (cuda_eplb.cu): the per-layer slot tables at startup (the
+ * configured placement, or eplb.placement_file), and a layer's migration
+ * to a new placement. */
+moe_err_t moe_cuda_layer_slots(moe_cuda_engine_t *engine, cuda_layer_t *layer, const int *placement, char *msg,
+                               size_t msg_size);
 
 /* Sets engine->allgather_max_tokens from moe.comm (auto, with more than
  * one rank: times both exchanges without expert math on 1..1024 tokens per

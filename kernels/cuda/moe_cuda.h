@@ -46,7 +46,18 @@ moe_err_t moe_cuda_bench(moe_cuda_engine_t *engine, int layer, int n_tokens, int
 
 void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config_t *cfg);
 int moe_cuda_slot_count(const moe_cuda_engine_t *engine);
-const int *moe_cuda_placement(const moe_cuda_engine_t *engine);
+/* Slot s -> expert of model layer `layer` (n_slots entries), or NULL for a
+ * layer not served. */
+const int *moe_cuda_placement(const moe_cuda_engine_t *engine, int layer);
+
+/* EPLB: moves layer `layer` to the placement slot_expert (n_slots entries;
+ * the same on every rank): this rank's new slots are filled into shadow
+ * buffers on the aux_balancer stream (from slots it holds, or from the
+ * model: regenerated on the device when synthetic, read from the mmap'd
+ * safetensors otherwise), then swapped in. *bytes_loaded: bytes read from
+ * the model. Call between forwards. On error the old placement stays. */
+moe_err_t moe_cuda_migrate(moe_cuda_engine_t *engine, int layer, const int *slot_expert, int64_t *bytes_loaded,
+                           char *msg, size_t msg_size);
 
 /* Polls the NCCL communicators for an asynchronous error (safe from another
  * thread: the watchdog's); on one, aborts them (so a rank stuck in a

@@ -102,7 +102,7 @@ double moe_test_layer_check(const moe_config_t *cfg, moe_ep_t ep, int n_tokens, 
         moe_test_fill_random(x, (size_t)n_tokens * H, seed + (uint64_t)l);
         moe_test_client_routing(seed, n_tokens, k, E, client_ids, client_w);
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) out[i] = NAN; /* poison */
-        moe_route_trace_t trace = {ids, weights, NULL, NULL};
+        moe_route_trace_t trace = {ids, weights, NULL, NULL, false};
         bool client = cfg->model.routing.method == MOE_ROUTE_CLIENT;
         if (moe_cpu_forward(engine, layer, x, n_tokens, client ? client_ids : NULL,
                             client ? client_w : NULL, out, &trace, msg, msg_size) != MOE_OK) {
