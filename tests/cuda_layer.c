@@ -156,11 +156,17 @@ static int check_migration(moe_ep_t ep, uint64_t seed) {
     char msg[512] = "";
     int failed = 0;
     moe_cuda_engine_t *gpu = NULL;
-    moe_test_ref_t *ref = moe_test_ref_create(&cfg, msg, sizeof msg);
+    moe_config_t ref_cfg = cfg;
+    ref_cfg.model.routing.method = MOE_ROUTE_CLIENT; /* the reference takes the GPU's decision (bf16 logits) */
+    moe_test_ref_t *ref = moe_test_ref_create(&ref_cfg, msg, sizeof msg);
+    const int k = cfg.model.top_k;
     float *x = malloc(sizeof(float) * (size_t)T * H), *before = malloc(sizeof(float) * (size_t)T * H);
-    float *after = malloc(sizeof(float) * (size_t)T * H);
+    float *after = malloc(sizeof(float) * (size_t)T * H), *w = malloc(sizeof(float) * (size_t)T * k);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)T * k);
     double *want = malloc(sizeof(double) * (size_t)T * H);
-    if (ref == NULL || !x || !before || !after || !want || moe_cuda_create(&cfg, ep, &gpu, msg, sizeof msg) != MOE_OK) {
+    moe_route_trace_t trace = {ids, w, NULL, NULL, false};
+    if (ref == NULL || !x || !before || !after || !want || !w || !ids ||
+        moe_cuda_create(&cfg, ep, &gpu, msg, sizeof msg) != MOE_OK) {
         fprintf(stderr, "FAIL migration setup: %s\n", msg);
         failed = 1;
         goto done;
@@ -172,7 +178,7 @@ static int check_migration(moe_ep_t ep, uint64_t seed) {
     int64_t bytes = 0;
     if (moe_cuda_forward(gpu, layer, x, T, NULL, NULL, before, NULL, msg, sizeof msg) != MOE_OK ||
         moe_cuda_migrate(gpu, layer, next, &bytes, msg, sizeof msg) != MOE_OK ||
-        moe_cuda_forward(gpu, layer, x, T, NULL, NULL, after, NULL, msg, sizeof msg) != MOE_OK) {
+        moe_cuda_forward(gpu, layer, x, T, NULL, NULL, after, &trace, msg, sizeof msg) != MOE_OK) {
         fprintf(stderr, "FAIL migration: %s\n", msg);
         failed = 1;
         goto done;
@@ -184,10 +190,11 @@ static int check_migration(moe_ep_t ep, uint64_t seed) {
         fprintf(stderr, "FAIL migration: placement not adopted, or %lld bytes loaded\n", (long long)bytes);
         failed = 1;
     }
-    moe_test_ref_forward(ref, layer, x, T, ep.rank, ep.size, NULL, NULL, want, NULL);
+    moe_test_ref_forward(ref, layer, x, T, ep.rank, ep.size, ids, w, want, NULL);
     double err = moe_test_rel_error(after, want, (size_t)T * H);
     if (!(err <= 2e-2)) {
-        fprintf(stderr, "FAIL migration: after it, relative error %g against the reference\n", err);
+        fprintf(stderr, "FAIL migration (seed %llu): after it, relative error %g against the reference\n",
+                (unsigned long long)seed, err);
         failed = 1;
     }
     if (ep.size == 1 && memcmp(before, after, sizeof(float) * (size_t)T * H) != 0) {
@@ -200,7 +207,7 @@ static int check_migration(moe_ep_t ep, uint64_t seed) {
 done:
     moe_cuda_destroy(gpu);
     moe_test_ref_destroy(ref);
-    free(x), free(before), free(after), free(want);
+    free(x), free(before), free(after), free(want), free(w), free(ids);
     return failed;
 }
 
@@ -225,6 +232,17 @@ static int check_cache(moe_ep_t ep) {
             break;
         }
         snprintf(pass == 0 ? first : pass == 1 ? second : third, sizeof first, "%s", moe_cuda_gemm_table(gpu));
+        if (pass == 1) { /* a reload of moe.gemm: grouped everywhere, then auto again (from the cache) */
+            moe_config_t next = cfg;
+            next.moe.gemm = MOE_GEMM_GROUPED;
+            moe_cuda_reconfigure(gpu, &next);
+            bool grouped = strncmp(moe_cuda_gemm_table(gpu), "grouped:", 8) == 0;
+            moe_cuda_reconfigure(gpu, &cfg);
+            if (!grouped || strcmp(moe_cuda_gemm_table(gpu), second) != 0) {
+                fprintf(stderr, "FAIL moe.gemm reload: '%s' after auto -> grouped -> auto\n", moe_cuda_gemm_table(gpu));
+                failed = 1;
+            }
+        }
         moe_cuda_destroy(gpu);
     }
     const char *tuned = "auto (tuned):", *cached = "auto (from the cache):";
