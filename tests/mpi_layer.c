@@ -7,6 +7,7 @@
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../kernels/cpu/moe_cpu.h"
 #include "../kernels/moe_synth.h"
@@ -14,18 +15,22 @@
 #include "support/layer_check.h"
 
 /* EPLB migration on every rank at once: the layer against the reference
- * before and after a placement that moves experts across ranks. */
-static int check_migration(moe_ep_t ep, uint64_t seed) {
+ * before and after a placement that moves experts across ranks, and the
+ * outputs before and after bit-identical (each (token, expert) result is
+ * summed on the token's rank in entry order, wherever it was computed). */
+static int check_migration(moe_ep_t ep, uint64_t seed, moe_comm_kind_t comm) {
     moe_config_t cfg;
     moe_test_case_config(&moe_test_cases[2], ep.size, &cfg); /* softmax_topk, 12 slots */
+    cfg.moe.comm = comm;
     const int H = cfg.model.hidden, T = 40 + ep.rank * 17;
     char msg[512] = "";
     int failures = 0;
     moe_cpu_engine_t *engine = NULL;
     moe_test_ref_t *ref = moe_test_ref_create(&cfg, msg, sizeof msg);
     float *x = malloc(sizeof(float) * (size_t)T * H), *out = malloc(sizeof(float) * (size_t)T * H);
+    float *first = malloc(sizeof(float) * (size_t)T * H);
     double *want = malloc(sizeof(double) * (size_t)T * H);
-    if (ref == NULL || !x || !out || !want || moe_cpu_create(&cfg, ep, &engine, msg, sizeof msg) != MOE_OK) {
+    if (ref == NULL || !x || !out || !first || !want || moe_cpu_create(&cfg, ep, &engine, msg, sizeof msg) != MOE_OK) {
         fprintf(stderr, "FAIL rank %d migration setup: %s\n", ep.rank, msg);
         failures = 1;
         goto done;
@@ -52,15 +57,23 @@ static int check_migration(moe_ep_t ep, uint64_t seed) {
         moe_test_ref_forward(ref, layer, x, T, ep.rank, ep.size, NULL, NULL, want, NULL);
         double err = moe_test_rel_error(out, want, (size_t)T * H);
         if (!(err <= 1e-5)) {
-            fprintf(stderr, "FAIL rank %d migration round %d (seed %llu): error %g\n", ep.rank, round,
-                    (unsigned long long)seed, err);
+            fprintf(stderr, "FAIL rank %d migration round %d (comm %s, seed %llu): error %g\n", ep.rank, round,
+                    moe_comm_name(comm), (unsigned long long)seed, err);
+            failures = 1;
+        }
+        if (round == 0) memcpy(first, out, sizeof(float) * (size_t)T * H);
+        if (round == 1 && memcmp(first, out, sizeof(float) * (size_t)T * H) != 0) {
+            int differing = 0;
+            for (int i = 0; i < T * H; i++) differing += memcmp(&first[i], &out[i], sizeof(float)) != 0;
+            fprintf(stderr, "FAIL rank %d migration (comm %s, seed %llu): %d of %d outputs differ after the swap\n",
+                    ep.rank, moe_comm_name(comm), (unsigned long long)seed, differing, T * H);
             failures = 1;
         }
     }
 done:
     moe_cpu_destroy(engine);
     moe_test_ref_destroy(ref);
-    free(x), free(out), free(want);
+    free(x), free(out), free(first), free(want);
     return failures;
 }
 
@@ -90,7 +103,10 @@ int main(int argc, char **argv) {
             failures += bad;
         }
     }
-    if (ep.size == 2) failures += check_migration(ep, seed + 99);
+    if (ep.size == 2) {
+        failures += check_migration(ep, seed + 99, MOE_COMM_ALLTOALL);
+        failures += check_migration(ep, seed + 98, MOE_COMM_ALLGATHER);
+    }
     int total = 0;
     MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     if (ep.rank == 0)

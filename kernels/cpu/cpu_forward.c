@@ -9,12 +9,16 @@
  *      entry per chosen expert; counts, then rows, with MPI_Alltoallv;
  *   4. experts: (row, entry) pairs grouped by local slot, SwiGLU, weighted;
  *      a token's partial sum over this rank's experts is reduced here;
- *   5. combine: partial rows travel back; out = Σ partials (in rank order)
- *      + the shared expert.
+ *   5. combine: each (token, expert) result travels back on its own and
+ *      the token's rank adds a token's k results in entry order (+ the
+ *      shared expert): the same bits whatever rank computed each entry, so
+ *      an EPLB placement change, the rank count or moe.comm never changes
+ *      the output (DESIGN §6).
  * moe.comm allgather (small chunks, or all with `allgather`): instead of 3
  * and 5, every rank gathers every rank's rows and entries (MPI_Allgatherv),
- * computes its experts' partial sums for all of them, and MPI_Reduce_scatter
- * sums the partials back to the tokens' own ranks.
+ * computes its experts' results for all of them, and MPI_Reduce_scatter
+ * returns every (token, expert) result to the token's rank (the other
+ * ranks add exact zeros).
  * Every sum runs in a fixed order, so a result does not depend on the
  * thread count. */
 #include <limits.h>
@@ -92,10 +96,11 @@ static moe_err_t pack_dispatch(moe_cpu_engine_t *engine, const float *x, const i
     return MOE_OK;
 }
 
-/* Step 4: partial[r] = Σ_i w_ri · expert_{slot_ri}(row r) over this rank's
- * entries of each received row. */
+/* Step 4: pair_out[r·k + i] = w_ri · expert_{slot_ri}(row r) for this
+ * rank's entries (local_slot >= 0) of each received row; the other pairs
+ * are left as they are. *pair_out_ptr: the workspace buffer. */
 static moe_err_t run_experts(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer, const float *rows,
-                             const moe_cpu_meta_t *meta, int n_rows, float *partial, char *msg,
+                             const moe_cpu_meta_t *meta, int n_rows, float **pair_out_ptr, char *msg,
                              size_t msg_size) {
     const int H = engine->cfg.model.hidden, I = engine->cfg.model.moe_intermediate;
     const int k = engine->cfg.model.top_k, spr = engine->slots.slots_per_rank;
@@ -109,6 +114,7 @@ static moe_err_t run_experts(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer, c
     float *scratch = RESERVE(engine, scratch, float, per_thread * n_threads);
     if (slot_start == NULL || order == NULL || pair_out == NULL || tasks == NULL || scratch == NULL)
         return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "experts: out of memory");
+    *pair_out_ptr = pair_out;
     /* counting sort of the (row, entry) pairs by local slot */
     memset(slot_start, 0, sizeof(int) * (size_t)(spr + 1));
     for (size_t p = 0; p < n_entries; p++)
@@ -147,17 +153,22 @@ static moe_err_t run_experts(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer, c
             for (int h = 0; h < H; h++) dst[h] = w * y[(size_t)j * H + h];
         }
     }
+    return MOE_OK;
+}
+
+/* out[t] = Σ_i per_entry[t·k + i] in entry order: the same sum whatever
+ * rank computed each entry, so a placement change (or the rank count, or
+ * moe.comm) does not change a bit of the result. */
+static void sum_entries(const float *per_entry, int n_tokens, int k, int H, float *out) {
 #pragma omp parallel for schedule(static)
-    for (int r = 0; r < n_rows; r++) {
-        float *acc = partial + (size_t)r * H;
-        memset(acc, 0, sizeof(float) * H);
+    for (int t = 0; t < n_tokens; t++) {
+        float *dst = out + (size_t)t * H;
+        memset(dst, 0, sizeof(float) * H);
         for (int i = 0; i < k; i++) {
-            size_t pair = (size_t)r * k + i;
-            if (meta[pair].local_slot < 0) continue;
-            for (int h = 0; h < H; h++) acc[h] += pair_out[pair * H + h];
+            const float *src = per_entry + ((size_t)t * k + i) * H;
+            for (int h = 0; h < H; h++) dst[h] += src[h];
         }
     }
-    return MOE_OK;
 }
 
 /* out[t] += sigmoid(g·x) · shared_expert(x) (gate only for qwen_moe). */
@@ -205,8 +216,7 @@ static moe_err_t forward_chunk_allgather(moe_cpu_engine_t *engine, moe_cpu_layer
     moe_cpu_meta_t *own = RESERVE(engine, send_meta, moe_cpu_meta_t, (size_t)n_tokens * k);
     float *rows = RESERVE(engine, recv_rows, float, (size_t)n_all * H);
     moe_cpu_meta_t *meta = RESERVE(engine, recv_meta, moe_cpu_meta_t, (size_t)n_all * k);
-    float *partial = RESERVE(engine, partial, float, (size_t)n_all * H);
-    if (own == NULL || rows == NULL || meta == NULL || partial == NULL)
+    if (own == NULL || rows == NULL || meta == NULL)
         return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "allgather: out of memory");
     for (size_t p = 0; p < (size_t)n_tokens * k; p++) /* global slots travel */
         own[p] = (moe_cpu_meta_t){slot[p], weights[p]};
@@ -220,14 +230,25 @@ static moe_err_t forward_chunk_allgather(moe_cpu_engine_t *engine, moe_cpu_layer
         int s = meta[p].local_slot;
         meta[p].local_slot = s / spr == engine->ep.rank ? s % spr : -1;
     }
-    if (comm_only) memset(partial, 0, sizeof(float) * (size_t)n_all * H);
-    else MOE_CHECK(run_experts(engine, layer, rows, meta, n_all, partial, msg, msg_size));
-    float *mine = RESERVE(engine, back, float, (size_t)n_tokens * H);
+    /* every (token, entry) result, zeros where another rank computes it:
+     * the reduce-scatter adds exact zeros, so each arrives unrounded */
+    const size_t pairs = (size_t)n_all * k;
+    float *pair_out = NULL, *entries = RESERVE(engine, partial, float, pairs * H);
+    if (entries == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "experts: out of memory");
+    if (!comm_only) MOE_CHECK(run_experts(engine, layer, rows, meta, n_all, &pair_out, msg, msg_size));
+    for (size_t p = 0; p < pairs; p++) {
+        float *dst = entries + p * H;
+        if (comm_only || meta[p].local_slot < 0) memset(dst, 0, sizeof(float) * H);
+        else memcpy(dst, pair_out + p * H, sizeof(float) * H);
+    }
+    float *mine = RESERVE(engine, back, float, (size_t)n_tokens * k * H);
     if (mine == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "combine: out of memory");
-    MOE_MPI_CHECK(MPI_Reduce_scatter(partial, mine, row_counts, MPI_FLOAT, MPI_SUM, engine->ep.comm),
+    int entry_counts[n_ranks];
+    for (int d = 0; d < n_ranks; d++) entry_counts[d] = counts[d] * k * H;
+    MOE_MPI_CHECK(MPI_Reduce_scatter(entries, mine, entry_counts, MPI_FLOAT, MPI_SUM, engine->ep.comm),
                   "combine (MPI_Reduce_scatter)");
     if (n_tokens == 0) return MOE_OK;
-    memcpy(out, mine, sizeof(float) * (size_t)n_tokens * H);
+    sum_entries(mine, n_tokens, k, H, out);
     if (engine->cfg.model.shared_intermediate > 0 && !comm_only)
         MOE_CHECK(run_shared(engine, layer, x, n_tokens, out, msg, msg_size));
     return MOE_OK;
@@ -291,26 +312,68 @@ static moe_err_t forward_chunk(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer,
                                     recv_meta, meta_recv, meta_rdispl, MPI_BYTE, engine->ep.comm),
                       "dispatch entries (MPI_Alltoallv)");
     }
-    float *partial = RESERVE(engine, partial, float, (size_t)n_recv * H);
-    if (partial == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "experts: out of memory");
-    if (comm_only) memset(partial, 0, sizeof(float) * (size_t)n_recv * H);
-    else MOE_CHECK(run_experts(engine, layer, recv_rows, recv_meta, n_recv, partial, msg, msg_size));
-    float *back = partial;
+    /* Step 5: each (token, entry) result travels back on its own (not a
+     * per-rank partial sum), in (row, entry) order, and the token's rank
+     * adds a token's k results in entry order: the same bits whatever the
+     * placement. */
+    const size_t pairs = (size_t)n_recv * k;
+    float *pair_out = NULL;
+    if (!comm_only) MOE_CHECK(run_experts(engine, layer, recv_rows, recv_meta, n_recv, &pair_out, msg, msg_size));
+    if (n_ranks == 1 && !comm_only) {
+        /* one rank: row j is token j and all its entries are here; the same
+         * sums, without the packing */
+        if (n_tokens > 0) sum_entries(pair_out, n_tokens, k, H, out);
+        if (engine->cfg.model.shared_intermediate > 0 && n_tokens > 0)
+            MOE_CHECK(run_shared(engine, layer, x, n_tokens, out, msg, msg_size));
+        return MOE_OK;
+    }
+    int local_recv = 0, local_send = 0;
+    for (size_t p = 0; p < pairs; p++) local_recv += recv_meta[p].local_slot >= 0;
+    const moe_cpu_meta_t *sent_meta = engine->ws.send_meta.ptr;
+    for (size_t p = 0; p < (size_t)n_send * k; p++) local_send += sent_meta[p].local_slot >= 0;
+    float *packed = RESERVE(engine, partial, float, (size_t)local_recv * H);
+    if (packed == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "combine: out of memory");
+    for (size_t p = 0, j = 0; p < pairs; p++) {
+        if (recv_meta[p].local_slot < 0) continue;
+        if (comm_only) memset(packed + j * H, 0, sizeof(float) * H);
+        else memcpy(packed + j * H, pair_out + p * H, sizeof(float) * H);
+        j++;
+    }
+    float *back = packed;
     if (n_ranks > 1) {
-        back = RESERVE(engine, back, float, (size_t)n_send * H);
+        /* entries per peer: what it sent us / what we sent it, counted from the entries */
+        int back_send[n_ranks], back_sdispl[n_ranks], back_recv[n_ranks], back_rdispl[n_ranks];
+        for (int d = 0, row = 0, sent_row = 0, at = 0, got = 0; d < n_ranks; d++) {
+            int mine = 0, theirs = 0;
+            for (int r = 0; r < recv_counts[d]; r++, row++)
+                for (int i = 0; i < k; i++) mine += recv_meta[(size_t)row * k + i].local_slot >= 0;
+            for (int r = 0; r < send_counts[d]; r++, sent_row++)
+                for (int i = 0; i < k; i++) theirs += sent_meta[(size_t)sent_row * k + i].local_slot >= 0;
+            if ((int64_t)(at + mine) * H > INT_MAX || (int64_t)(got + theirs) * H > INT_MAX)
+                return moe_err_fmt(msg, msg_size, MOE_ERR_RANGE,
+                                   "combine: %d entries of %d exceed MPI's int counts; lower "
+                                   "moe.chunking.max_tokens_per_chunk", local_recv, H);
+            back_send[d] = mine * H, back_sdispl[d] = at * H;
+            back_recv[d] = theirs * H, back_rdispl[d] = got * H;
+            at += mine, got += theirs;
+        }
+        back = RESERVE(engine, back, float, (size_t)local_send * H);
         if (back == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "combine: out of memory");
-        MOE_MPI_CHECK(MPI_Alltoallv(partial, row_recv, row_rdispl, MPI_FLOAT, back, row_send,
-                                    row_sdispl, MPI_FLOAT, engine->ep.comm),
-                      "combine rows (MPI_Alltoallv)");
+        MOE_MPI_CHECK(MPI_Alltoallv(packed, back_send, back_sdispl, MPI_FLOAT, back, back_recv,
+                                    back_rdispl, MPI_FLOAT, engine->ep.comm),
+                      "combine entries (MPI_Alltoallv)");
     }
     const int32_t *send_token = engine->ws.send_token.ptr;
     if (n_tokens == 0) return MOE_OK; /* this rank only served others' tokens */
-    memset(out, 0, sizeof(float) * (size_t)n_tokens * H);
-    for (int j = 0; j < n_send; j++) {
-        float *dst = out + (size_t)send_token[j] * H;
-        const float *src = back + (size_t)j * H;
-        for (int h = 0; h < H; h++) dst[h] += src[h];
-    }
+    float *per_entry = RESERVE(engine, per_entry, float, (size_t)n_tokens * k * H);
+    if (per_entry == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "combine: out of memory");
+    memset(per_entry, 0, sizeof(float) * (size_t)n_tokens * k * H);
+    for (int j = 0, next = 0; j < n_send; j++)
+        for (int i = 0; i < k; i++)
+            if (sent_meta[(size_t)j * k + i].local_slot >= 0)
+                memcpy(per_entry + ((size_t)send_token[j] * k + i) * H, back + (size_t)next++ * H,
+                       sizeof(float) * H);
+    sum_entries(per_entry, n_tokens, k, H, out);
     if (engine->cfg.model.shared_intermediate > 0 && !comm_only)
         MOE_CHECK(run_shared(engine, layer, x, n_tokens, out, msg, msg_size));
     return MOE_OK;
@@ -386,7 +449,7 @@ moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer_id, const float *x
                     : agree[0] + 1;
     /* MPI counts are ints: a chunk's rows (or entry bytes) from every rank
      * must fit, whatever the config says; the same bound on every rank */
-    const int64_t row_width = H > 8 * k ? H : 8 * k;
+    const int64_t row_width = (int64_t)k * (H > 8 ? H : 8); /* a token's k entry results */
     const int64_t safe = INT_MAX / ((int64_t)engine->ep.size * row_width);
     if (chunk > safe) chunk = (int)(safe > 0 ? safe : 1);
     for (int begin = 0; begin < agree[0]; begin += chunk) {
