@@ -126,8 +126,8 @@ const moe_config_field_t moe_config_fields[] = {
     F_INT("moe.chunking.max_tokens_per_chunk", moe.chunking.max_tokens_per_chunk, "4096", 1,
           K * K, true, "a larger step runs as chunks of at most this many tokens"),
     F_BOOL("moe.chunking.overlap", moe.chunking.overlap, "true", true,
-           "overlap chunk i+1's dispatch with chunk i's experts (accepted; chunks run one "
-           "after another in this version)"),
+           "cuda: run chunk i+1's routing and dispatch beside chunk i's experts (a second "
+           "stream); the cpu backend runs chunks one after another either way"),
     F_INT("moe.autotune.max_tokens", moe.autotune.max_tokens, "16384", 1, 65536, false,
           "largest token-count bucket (received rows per chunk, powers of two) the moe.gemm: "
           "auto tuner times; larger chunks use its choice"),

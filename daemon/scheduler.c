@@ -364,8 +364,9 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
          * placement everywhere without a broadcast (DESIGN §6). Counts the
          * backend summed already (CUDA: on its balancer communicator) are
          * the same on every rank: MAX keeps them (and a rank whose step
-         * failed, with zeros, takes the others'). */
-        MPI_Op op = trace.slot_counts_global ? MPI_MAX : MPI_SUM;
+         * failed, with zeros, takes the others'). The op comes from the
+         * backend, not the step, so every rank passes the same one. */
+        MPI_Op op = daemon->backend.ops->counts_summed ? MPI_MAX : MPI_SUM;
         MOE_CHECK(collective(daemon, MPI_Iallreduce(s->slot_loads, s->slot_loads_sum, n_slots, MPI_INT64_T, op,
                                                     daemon->ep.comm, &request),
                              &request, "slot loads (MPI_Iallreduce)"));

@@ -74,10 +74,10 @@ static void cuda_destroy(void *state) { moe_cuda_destroy(state); }
 
 static const moe_backend_ops_t backends[] = {
     {"cpu", MOE_BACKEND_CPU, cpu_create, cpu_forward, cpu_reconfigure, cpu_slot_count,
-     cpu_placement, cpu_migrate, NULL, NULL, cpu_device, NULL, cpu_destroy},
+     cpu_placement, cpu_migrate, NULL, NULL, cpu_device, false, NULL, cpu_destroy},
 #ifdef MOE_WITH_CUDA
     {"cuda", MOE_BACKEND_CUDA, cuda_create, cuda_forward, cuda_reconfigure, cuda_slot_count,
-     cuda_placement, cuda_migrate, cuda_bench, cuda_check, cuda_device, cuda_gemm, cuda_destroy},
+     cuda_placement, cuda_migrate, cuda_bench, cuda_check, cuda_device, true, cuda_gemm, cuda_destroy},
 #endif
 };
 

@@ -36,6 +36,9 @@ typedef struct {
     moe_err_t (*check)(void *state, char *msg, size_t msg_size);
     /* What runs it ("cpu, 2 threads", "NVIDIA H200, 132 SMs, ..."). */
     const char *(*device)(const void *state);
+    /* true: the slot counts a forward returns are summed over every rank
+     * already (the same on every rank); false: this rank's own. */
+    bool counts_summed;
     /* The expert-GEMM choice per token-count bucket (moe.gemm), as text;
      * NULL: the backend has one implementation (cpu). */
     const char *(*gemm)(const void *state);

@@ -27,18 +27,27 @@
 #include "../kernels/cpu/moe_cpu.h"
 #include "../kernels/cuda/moe_cuda.h"
 #include "../kernels/moe_routing.h"
+#include "../kernels/moe_slots.h"
 #include "../kernels/moe_synth.h"
 #include "support/dense_ref.h"
 #include "support/layer_check.h"
 
 static moe_gemm_kind_t gemm_kind = MOE_GEMM_CUBLAS;
 static moe_comm_kind_t comm_kind = MOE_COMM_AUTO;
+/* a shape other than layer_check.c's (0: keep), for the wide checks */
+static struct {
+    int hidden, inter, experts, top_k;
+} shape;
 
 static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int n_tokens, double *worst_out) {
     moe_config_t cfg, ref_cfg;
     moe_test_case_config(c, ep.size, &cfg);
     cfg.moe.gemm = gemm_kind;
     cfg.moe.comm = comm_kind;
+    if (shape.hidden > 0) {
+        cfg.model.hidden = shape.hidden, cfg.model.moe_intermediate = shape.inter;
+        cfg.model.experts = shape.experts, cfg.model.top_k = shape.top_k;
+    }
     cfg.moe.autotune.max_tokens = 32; /* a quick tune; larger chunks use the 32-row choice */
     const int H = cfg.model.hidden, k = cfg.model.top_k, E = cfg.model.experts;
     char msg[512] = "";
@@ -88,6 +97,23 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
             fprintf(stderr, "FAIL %s layer %d: slot statistics count %lld entries, want %lld\n", c->name, layer,
                     (long long)counted, (long long)want_counted);
             failed = 1;
+        }
+        if (!trace.slot_counts_global && !failed) { /* slot by slot, from the traced experts */
+            static moe_slot_table_t table;
+            static int64_t want_slot[MOE_MAX_SLOTS];
+            if (moe_slots_build(&cfg.eplb, E, ep.size, &table, msg, sizeof msg) != MOE_OK) {
+                fprintf(stderr, "FAIL %s: slot table: %s\n", c->name, msg);
+                failed = 1;
+            }
+            memset(want_slot, 0, sizeof want_slot);
+            for (int t = 0; t < n_tokens && !failed; t++)
+                for (int i = 0; i < k; i++) want_slot[moe_slots_pick(&table, ids[t * k + i], ep.rank, t)]++;
+            for (int s = 0; s < moe_cuda_slot_count(gpu) && !failed; s++)
+                if (slot_counts[s] != want_slot[s]) {
+                    fprintf(stderr, "FAIL %s layer %d: slot %d counted %lld entries, want %lld\n", c->name, layer, s,
+                            (long long)slot_counts[s], (long long)want_slot[s]);
+                    failed = 1;
+                }
         }
         /* the routing decision: the host routing code on the GPU's own logits
          * (methods without logits: on nothing) must make the GPU's choice */
@@ -299,6 +325,23 @@ int main(int argc, char **argv) {
             }
     }
     unsetenv("MOE_CUDA_FORCE_GROUPED");
+    /* wider shapes for moed's grouped kernel: K = 264 (several pipeline
+     * stages and a tail), I = 136 and H = 264 (several column blocks and a
+     * partial one), 320 slots (the plan kernel's runs of slots), and 16
+     * experts with 600 tokens (32- and 64-row tiles) */
+    const struct {
+        int hidden, inter, experts, top_k, tokens[3];
+    } wide[] = {{264, 136, 320, 4, {1, 37, 300}}, {264, 136, 16, 2, {120, 600, 0}}};
+    gemm_kind = MOE_GEMM_GROUPED, comm_kind = MOE_COMM_AUTO;
+    for (size_t w = 0; w < sizeof wide / sizeof wide[0]; w++) {
+        shape.hidden = wide[w].hidden, shape.inter = wide[w].inter;
+        shape.experts = wide[w].experts, shape.top_k = wide[w].top_k;
+        for (int s = 0; s < 3; s++) {
+            failures += check_case(&moe_test_cases[0], ep, seed + 7777 + w * 31 + s, wide[w].tokens[s], &worst);
+            runs++;
+        }
+    }
+    memset(&shape, 0, sizeof shape);
     failures += check_cache(ep);
     failures += check_migration(ep, seed + 4242);
     int total = failures;

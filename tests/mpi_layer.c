@@ -1,7 +1,9 @@
 /* The CPU layer on the ranks of a real `mpirun -np N` against the dense
  * reference, every case of layer_check.c; each rank gets a different,
- * random token count (including none) from a fresh seed, with each
- * moe.comm (round 0 alltoall, 1 allgather, 2 auto). Exit status 0 when
+ * random token count from a fresh seed, with each moe.comm (round 0
+ * alltoall and 1 allgather, each with one rank holding no tokens; 2 auto
+ * with the allgather threshold fixed at 5 tokens, so that the chunked
+ * case mixes both exchanges in one step). Exit status 0 when
  * every rank matched within 1e-5; run by test_mpi.c. */
 #include <math.h>
 #include <mpi.h>
@@ -83,6 +85,7 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &ep.rank);
     MPI_Comm_size(MPI_COMM_WORLD, &ep.size);
     unsigned long long seed = argc > 1 ? strtoull(argv[1], NULL, 10) : moe_test_fresh_seed();
+    setenv("MOE_COMM_ALLGATHER_MAX_TOKENS", "5", 1); /* moe.comm auto: a fixed, mixing threshold */
     MPI_Bcast(&seed, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
     int failures = 0;
     for (int i = 0; i < moe_test_case_count; i++) {
@@ -93,7 +96,7 @@ int main(int argc, char **argv) {
             static const moe_comm_kind_t comms[3] = {MOE_COMM_ALLTOALL, MOE_COMM_ALLGATHER, MOE_COMM_AUTO};
             cfg.moe.comm = comms[round];
             uint64_t s = seed + (uint64_t)(i * 16 + round) * 1000003ull + (uint64_t)ep.rank;
-            int n_tokens = round == 0 && ep.rank == 1 ? 0 : (int)(moe_synth_mix(s) % 150);
+            int n_tokens = round < 2 && ep.rank == (round + 1) % ep.size ? 0 : (int)(moe_synth_mix(s) % 150);
             char msg[512] = "";
             double err = moe_test_layer_check(&cfg, ep, n_tokens, s, msg, sizeof msg);
             int bad = !(err <= 1e-5);

@@ -476,6 +476,11 @@ static moe_err_t time_exchange(moe_cpu_engine_t *engine, int n, int threshold, d
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "moe.comm auto: out of memory");
     for (int p = 0; ret == MOE_OK && p < n * k; p++) /* experts spread evenly, distinct per token */
         ids[p] = (int32_t)((p / k * 7 + p % k + engine->ep.rank * 3) % E), w[p] = 1.0f / k;
+    /* the timing is collective: every rank's buffers must be there */
+    int ready = ret == MOE_OK;
+    if (MPI_Allreduce(MPI_IN_PLACE, &ready, 1, MPI_INT, MPI_MIN, engine->ep.comm) != MPI_SUCCESS) ready = 0;
+    if (ret == MOE_OK && !ready)
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "moe.comm auto: another rank could not set up the timing");
     const int saved = engine->allgather_max_tokens;
     engine->allgather_max_tokens = threshold;
     double samples[5];
@@ -503,6 +508,11 @@ moe_err_t moe_cpu_tune_comm(moe_cpu_engine_t *engine, char *msg, size_t msg_size
     const moe_comm_kind_t comm = engine->cfg.moe.comm;
     engine->allgather_max_tokens = comm == MOE_COMM_ALLGATHER ? INT_MAX : -1;
     if (comm != MOE_COMM_AUTO || engine->ep.size == 1 || engine->n_layers == 0) return MOE_OK;
+    const char *forced = getenv("MOE_COMM_ALLGATHER_MAX_TOKENS"); /* tests: a fixed threshold, no timing */
+    if (forced != NULL) {
+        engine->allgather_max_tokens = atoi(forced);
+        return MOE_OK;
+    }
     /* allgather while it is at least as fast, from 1 token per rank up */
     int n = 1;
     for (; n <= MOE_COMM_TUNE_MAX; n *= 2) {

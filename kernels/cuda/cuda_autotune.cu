@@ -44,9 +44,14 @@ static void describe(moe_cuda_engine_t *engine, const char *how) {
 
 static void key_of(const moe_cuda_engine_t *engine, char *key, size_t size) {
     const moe_model_config_t *m = &engine->cfg.model;
-    snprintf(key, size, "%s | H=%d I=%d E=%d k=%d | bf16 | ep=%d slots/rank=%d | impls=cublas%s | max_rows=%d | %s",
+    int cublas_version = 0;
+    cublasGetVersion(engine->cublas, &cublas_version);
+    snprintf(key, size,
+             "%s | H=%d I=%d E=%d k=%d | bf16 | ep=%d slots/rank=%d | impls=cublas%s%s%s | cublas %d | max_rows=%d | %s",
              engine->device_name, m->hidden, m->moe_intermediate, m->experts, m->top_k, engine->ep.size,
              engine->slots.slots_per_rank, engine->own_grouped_ok ? ",grouped" : "",
+             getenv("MOE_CUDA_NO_GROUPED") != nullptr ? " no-cublas-grouped" : "",
+             getenv("MOE_CUDA_FORCE_GROUPED") != nullptr ? " force-cublas-grouped" : "", cublas_version,
              engine->cfg.moe.autotune.max_tokens, MOE_TUNE_REVISION);
 }
 
@@ -190,6 +195,13 @@ static moe_err_t tune(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
                 if (i == MOE_IMPL_GROUPED && !engine->own_grouped_ok) continue;
                 double ms = 0;
                 ret = time_impl(engine, (moe_gemm_impl_t)i, x, meta, rows, start, stop, &ms, msg, msg_size);
+                if (ret != MOE_OK && i == MOE_IMPL_GROUPED) { /* cannot run here after all: leave it out */
+                    moe_log(MOE_LOG_WARN, "autotune", "rank %d: grouped failed on %d rows (%s); cublas only",
+                            engine->ep.rank, rows, msg);
+                    (void)cudaGetLastError();
+                    engine->own_grouped_ok = false;
+                    ret = MOE_OK;
+                }
                 total[i] += ms;
             }
         }
@@ -289,6 +301,11 @@ moe_err_t moe_cuda_tune_comm(moe_cuda_engine_t *engine, char *msg, size_t msg_si
         ids[p] = (int32_t)((p / k * 7 + p % k) % (size_t)E), weights[p] = 1.0f / (float)k;
     if (ret == MOE_OK && (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess))
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "moe.comm auto: cudaEventCreate failed");
+    /* the timing is collective: every rank's setup must have worked */
+    int ready = ret == MOE_OK;
+    if (MPI_Allreduce(MPI_IN_PLACE, &ready, 1, MPI_INT, MPI_MIN, engine->ep.comm) != MPI_SUCCESS) ready = 0;
+    if (ret == MOE_OK && !ready)
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "moe.comm auto: another rank could not set up the timing");
     int n = 1;
     for (; ret == MOE_OK && n <= MOE_COMM_TUNE_MAX; n *= 2) {
         double a2a = 0, ag = 0;

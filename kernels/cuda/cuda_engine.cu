@@ -169,7 +169,16 @@ static moe_err_t init_nccl(moe_cuda_engine_t *engine, char *msg, size_t msg_size
     return MOE_OK;
 }
 
-static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
+/* Every rank's vote (collective with more than one rank). */
+static bool all_ranks_ok(const moe_cuda_engine_t *engine, bool ok) {
+    int value = ok ? 1 : 0;
+    if (engine->ep.size > 1 && MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_INT, MPI_MIN, engine->ep.comm) != MPI_SUCCESS)
+        return false;
+    return value == 1;
+}
+
+/* This rank's own setup: device, streams, handles. No collective. */
+static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
@@ -192,7 +201,11 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
                            prop.name, prop.major, prop.minor);
     engine->cc_major = prop.major;
     char why[160];
-    engine->own_grouped_ok = moe_cuda_grouped_supported(m->hidden, m->moe_intermediate, prop.major, why, sizeof why);
+    int smem_optin = 0;
+    MOE_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, engine->device));
+    engine->max_smem = (size_t)smem_optin;
+    engine->own_grouped_ok =
+        moe_cuda_grouped_supported(m->hidden, m->moe_intermediate, prop.major, engine->max_smem, why, sizeof why);
     if (engine->cfg.moe.gemm == MOE_GEMM_GROUPED && !engine->own_grouped_ok)
         return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED, "moe.gemm: 'grouped' %s; use cublas or auto", why);
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->stream, cudaStreamNonBlocking));
@@ -212,6 +225,17 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     MOE_CUBLAS_TRY(cublasSetStream(engine->cublas, engine->stream));
     MOE_CUBLAS_TRY(cublasCreate(&engine->cublas_aux));
     MOE_CUBLAS_TRY(cublasSetStream(engine->cublas_aux, engine->aux));
+    return MOE_OK;
+}
+
+static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    moe_err_t prepared = prepare(engine, msg, msg_size);
+    /* the NCCL bootstrap is collective: only when every rank got this far
+     * (a rank without a GPU must not leave the others in MPI_Bcast) */
+    if (!all_ranks_ok(engine, prepared == MOE_OK))
+        return prepared != MOE_OK ? prepared
+                                  : moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda: another rank failed to start");
     MOE_TRY(init_nccl(engine, msg, msg_size));
     MOE_TRY(device_alloc((void **)&engine->d_step_counts, sizeof(unsigned long long) * engine->slots.n_slots,
                          "the slot counters", msg, msg_size));
@@ -296,8 +320,7 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
     if (ret == MOE_OK) ret = moe_slots_build(&cfg->eplb, cfg->model.experts, ep.size, &engine->slots, msg, msg_size);
     if (ret == MOE_OK) ret = create(engine, msg, msg_size);
     /* moe.comm auto times collectives: only when every rank is up */
-    int up = ret == MOE_OK;
-    if (ep.size > 1 && MPI_Allreduce(MPI_IN_PLACE, &up, 1, MPI_INT, MPI_MIN, ep.comm) != MPI_SUCCESS) up = 0;
+    bool up = all_ranks_ok(engine, ret == MOE_OK);
     if (ret == MOE_OK && !up)
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda engine: another rank failed to start");
     if (ret == MOE_OK) ret = moe_cuda_tune_comm(engine, msg, msg_size);

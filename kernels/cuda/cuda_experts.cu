@@ -47,8 +47,8 @@ static moe_err_t grouped_gemm(moe_cuda_engine_t *engine, int N, int K, const bf1
     /* Measured on an H200 (README): one grouped call wins with many small
      * experts per rank (Qwen3: 128 slots, 1.75 against 2.47 ms at 4096
      * tokens); cuBLAS's plain GEMMs win with few large ones (Mixtral: 8
-     * slots, 5.05 against 11.4 ms). Until the autotuner times both per
-     * token-count bucket, the slot count decides. */
+     * slots, 5.05 against 11.4 ms). Within moe.gemm cublas the slot count
+     * decides; the autotuner chooses between cublas and grouped. */
     if (!engine->grouped_gemm || S <= engine->grouped_min_slots) {
         for (int s = 0, off = 0; s < S; off += rows[s], s++)
             MOE_TRY(moe_cuda_gemm(engine->cublas, N, rows[s], K, W + (size_t)s * N * K, x + (size_t)off * K, y + (size_t)off * N,
@@ -143,7 +143,7 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         bf16 *act = RESERVE(engine, act, bf16, (size_t)n_entries * I);
         y = RESERVE(engine, y, bf16, (size_t)n_entries * H);
         if (!plan || !act || !y) return MOE_ERR_NOMEM;
-        const int tile_rows = moe_cuda_grouped_tile_rows(n_entries, S);
+        const int tile_rows = moe_cuda_grouped_tile_rows(n_entries, S, engine->max_smem);
         MOE_CUDA_TRY(moe_cuda_grouped_plan_launch(slot_counts, S, tile_rows, plan, vals_sorted, n_entries, inverse,
                                                   stream));
         moe_cuda_mark(engine, 3);

@@ -86,11 +86,12 @@ static moe_err_t route(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     c->weights = (float *)moe_cuda_reserve(&ws->weights, sizeof(float) * (size_t)T * k, msg, msg_size);
     if (c->ids == nullptr || c->weights == nullptr) return MOE_ERR_NOMEM;
     if (m->routing.method == MOE_ROUTE_CLIENT) {
+        /* the staging buffers are free (to reuse or to grow) once this
+         * set's previous front is done */
+        MOE_CUDA_TRY(cudaEventSynchronize(engine->ev[c->set][EV_FRONT]));
         int32_t *h_ids = (int32_t *)moe_cuda_reserve(&ws->host_ids, sizeof(int32_t) * (size_t)T * k, msg, msg_size);
         float *h_w = (float *)moe_cuda_reserve(&ws->host_weights, sizeof(float) * (size_t)T * k, msg, msg_size);
         if (h_ids == nullptr || h_w == nullptr) return MOE_ERR_NOMEM;
-        /* the staging buffers are free once this set's previous front is done */
-        MOE_CUDA_TRY(cudaEventSynchronize(engine->ev[c->set][EV_FRONT]));
         memcpy(h_ids, routed_ids, sizeof(int32_t) * (size_t)T * k);
         memcpy(h_w, routed_weights, sizeof(float) * (size_t)T * k);
         MOE_CUDA_TRY(cudaMemcpyAsync(c->ids, h_ids, sizeof(int32_t) * (size_t)T * k, cudaMemcpyHostToDevice, st.front));
@@ -396,11 +397,12 @@ static moe_err_t run_chunks(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf
         return front(engine, L, c, st, routed_ids != nullptr ? routed_ids + row * k : nullptr,
                      routed_weights != nullptr ? routed_weights + row * k : nullptr, msg, msg_size);
     };
-    if (n_chunks > 0) MOE_TRY(start(0));
+    if (overlap && n_chunks > 0) MOE_TRY(start(0));
     for (int i = 0; i < n_chunks; i++) {
         cuda_chunk_t *c = &chunks[i % 2];
+        if (!overlap) MOE_TRY(start(i)); /* one phase after another (also what profiling needs) */
         MOE_TRY(experts(engine, L, c, msg, msg_size));
-        if (i + 1 < n_chunks) MOE_TRY(start(i + 1)); /* beside chunk i's experts */
+        if (overlap && i + 1 < n_chunks) MOE_TRY(start(i + 1)); /* beside chunk i's experts */
         MOE_TRY(combine(engine, c, st, msg, msg_size));
         MOE_TRY(finish(engine, L, c, trace, msg, msg_size));
     }
@@ -417,6 +419,9 @@ static moe_err_t step_counts(moe_cuda_engine_t *engine, moe_route_trace_t *trace
     const size_t bytes = sizeof(unsigned long long) * (size_t)n_slots;
     unsigned long long *host = (unsigned long long *)moe_cuda_reserve(&engine->ws.host_stats, bytes, msg, msg_size);
     if (host == nullptr) return MOE_ERR_NOMEM;
+    /* after the step's last combine: two communicators never run at once */
+    MOE_CUDA_TRY(cudaEventRecord(engine->ev_begin, engine->stream));
+    MOE_CUDA_TRY(cudaStreamWaitEvent(engine->balancer, engine->ev_begin, 0));
     if (engine->ep.size > 1)
         MOE_NCCL_TRY(ncclAllReduce(engine->d_step_counts, engine->d_step_counts, (size_t)n_slots, ncclUint64, ncclSum,
                                    engine->comm_balancer, engine->balancer));

@@ -247,9 +247,20 @@ __global__ void __launch_bounds__(WARPS * 32)
         }
 }
 
-bool moe_cuda_grouped_supported(int hidden, int inter, int cc_major, char *why, size_t why_size) {
+/* Dynamic shared memory of a CTA with tiles of 16·mt rows. */
+static size_t smem_bytes(int mt) {
+    const int nb = 4;
+    return sizeof(uint4) * WARPS * STAGES * KSUB * (nb + (A_SMEM(mt) ? 2 * mt : 0)) * 32;
+}
+
+bool moe_cuda_grouped_supported(int hidden, int inter, int cc_major, size_t max_smem, char *why, size_t why_size) {
     if (cc_major < 8) {
         snprintf(why, why_size, "needs bf16 mma.sync (compute capability >= 8.0)");
+        return false;
+    }
+    if (max_smem < smem_bytes(1)) {
+        snprintf(why, why_size, "needs %zu bytes of shared memory per block; this GPU allows %zu", smem_bytes(1),
+                 max_smem);
         return false;
     }
     if (hidden % 8 != 0 || inter % 8 != 0) {
@@ -260,10 +271,14 @@ bool moe_cuda_grouped_supported(int hidden, int inter, int cc_major, char *why, 
     return true;
 }
 
-int moe_cuda_grouped_tile_rows(int n_entries, int S) {
-    /* rows per slot on average decide the tile height */
+int moe_cuda_grouped_tile_rows(int n_entries, int S, size_t max_smem) {
+    /* rows per slot on average decide the tile height, as far as the GPU's
+     * shared memory allows (64-row tiles need 144 KiB: sm_80/sm_90 yes,
+     * sm_86/89/120 with 99 KiB stop at 32) */
     int per_slot = S > 0 ? (n_entries + S - 1) / S : n_entries;
-    return per_slot <= 16 ? 16 : per_slot <= 32 ? 32 : 64;
+    int rows = per_slot <= 16 ? 16 : per_slot <= 32 ? 32 : 64;
+    while (rows > 16 && smem_bytes(rows / 16) > max_smem) rows /= 2;
+    return rows;
 }
 
 cudaError_t moe_cuda_grouped_plan_launch(const int32_t *slot_counts, int S, int tile_rows, int32_t *plan,
@@ -289,7 +304,7 @@ static cudaError_t launch(const bf16 *W, const bf16 *A, const int32_t *a_index, 
     long col_blocks = ((long)n_out + WARPS * COLS - 1) / (WARPS * COLS);
     if (tiles <= 0) return cudaSuccess;
     if (tiles > 0x7fffffffL || col_blocks > 65535) return cudaErrorInvalidValue;
-    const size_t smem = sizeof(uint4) * WARPS * STAGES * KSUB * (NB + (A_SMEM(MT) ? 2 * MT : 0)) * 32;
+    const size_t smem = smem_bytes(MT);
     static bool attribute_set = false; /* per instantiation; launches come from one thread */
     if (!attribute_set) {
         cudaError_t e = cudaFuncSetAttribute(grouped_kernel<MT, NB, SWIGLU>,

@@ -1,6 +1,9 @@
 /* cuda_internal: the CUDA engine's state and kernel launchers, shared by
  * its own files only (cuda_engine.cu: build, weights, NCCL; cuda_forward.cu:
- * the forward; cuda_kernels.cu: every kernel and its launcher). */
+ * the chunk pipeline; cuda_experts.cu: the expert stage; cuda_grouped.cu:
+ * moed's grouped GEMM; cuda_autotune.cu: moe.gemm and moe.comm tuning;
+ * cuda_eplb.cu: slot tables and migration; cuda_kernels.cu: the other
+ * kernels and their launchers). */
 #ifndef MOE_CUDA_INTERNAL_H
 #define MOE_CUDA_INTERNAL_H
 
@@ -150,6 +153,7 @@ struct moe_cuda_engine {
     bool grouped_gemm;   /* cublasGemmGroupedBatchedEx works here (else one call per slot) */
     bool own_grouped_ok; /* moed's grouped kernel can run this model here */
     int cc_major;
+    size_t max_smem;     /* opt-in shared memory per block */
     moe_gemm_impl_t gemm_table[MOE_GEMM_BUCKETS]; /* implementation per bucket (moe.gemm) */
     double tune_ms[MOE_GEMM_BUCKETS][MOE_IMPL_COUNT]; /* the autotuner's timings; 0 = not timed */
     bool tuned;              /* gemm_table came from the autotuner (or its cache) */
@@ -213,8 +217,8 @@ int moe_cuda_bucket(int rows);
 moe_err_t moe_cuda_autotune(moe_cuda_engine_t *engine, char *msg, size_t msg_size);
 
 /* moed's grouped GEMM (cuda_grouped.cu). */
-bool moe_cuda_grouped_supported(int hidden, int inter, int cc_major, char *why, size_t why_size);
-int moe_cuda_grouped_tile_rows(int n_entries, int S);
+bool moe_cuda_grouped_supported(int hidden, int inter, int cc_major, size_t max_smem, char *why, size_t why_size);
+int moe_cuda_grouped_tile_rows(int n_entries, int S, size_t max_smem);
 cudaError_t moe_cuda_grouped_plan_launch(const int32_t *slot_counts, int S, int tile_rows, int32_t *plan,
                                          const int32_t *vals_sorted, int n_entries, int32_t *inverse,
                                          cudaStream_t stream);
