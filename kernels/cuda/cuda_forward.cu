@@ -36,6 +36,7 @@ typedef struct {
     const bf16 *x;
     float *out;
     bool allgather, comm_only;
+    bool rows_are_tokens; /* back holds one summed row per token, in order (allgather, or one rank) */
     int *send_count, *recv_count, *send_off, *recv_off;
     int32_t *ids, *entry_slot, *flags, *scan;
     float *weights;
@@ -222,11 +223,24 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     if (!c->entry_slot || !c->flags || !c->scan || !counts) return MOE_ERR_NOMEM;
     MOE_CUDA_TRY(moe_cuda_mark_launch(L->d_slots, c->ids, T, k, engine->ep.rank, R, c->first_token, c->entry_slot,
                                       c->flags, st.front));
-    MOE_TRY(exclusive_scan(st.front, &ws->cub_temp, c->flags, c->scan, R * T, msg, msg_size));
-    MOE_CUDA_TRY(moe_cuda_counts_launch(c->flags, c->scan, T, R, counts, st.front));
     c->allgather = c->chunk_max <= engine->allgather_max_tokens;
-    if (c->allgather) MOE_TRY(dispatch_allgather(engine, c, st.front, msg, msg_size));
-    else MOE_TRY(dispatch_alltoall(engine, c, st.front, counts, msg, msg_size));
+    if (R == 1 && !c->allgather) {
+        /* one rank: every token is a row of its own, in order, with all its
+         * entries here (global slot = local slot), so no scan, no packed
+         * copy of the rows and no exchange */
+        cuda_meta_t *meta =
+            (cuda_meta_t *)moe_cuda_reserve(&ws->send_meta, sizeof(cuda_meta_t) * (size_t)T * k, msg, msg_size);
+        if (meta == nullptr) return MOE_ERR_NOMEM;
+        MOE_CUDA_TRY(moe_cuda_allgather_meta_launch(c->entry_slot, c->weights, T, T, k, meta, st.front));
+        c->recv_rows = const_cast<bf16 *>(c->x), c->recv_meta = meta, c->n_rows = c->n_send = T;
+        c->rows_are_tokens = true;
+    } else {
+        MOE_TRY(exclusive_scan(st.front, &ws->cub_temp, c->flags, c->scan, R * T, msg, msg_size));
+        MOE_CUDA_TRY(moe_cuda_counts_launch(c->flags, c->scan, T, R, counts, st.front));
+        if (c->allgather) MOE_TRY(dispatch_allgather(engine, c, st.front, msg, msg_size));
+        else MOE_TRY(dispatch_alltoall(engine, c, st.front, counts, msg, msg_size));
+        c->rows_are_tokens = c->allgather;
+    }
     MOE_CUDA_TRY(cudaEventRecord(engine->ev[c->set][EV_FRONT], st.front));
     if (engine->counting && T > 0) {
         /* EPLB statistics on aux_balancer: the forward never waits for them */
@@ -297,7 +311,7 @@ static moe_err_t finish(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t
     }
     MOE_CUDA_TRY(cudaStreamWaitEvent(stream, engine->ev[c->set][EV_COMBINE], 0));
     moe_cuda_mark(engine, 7);
-    MOE_CUDA_TRY(moe_cuda_finalize_launch(c->back, c->allgather ? nullptr : c->flags, c->scan, T, H, R, shared_y, gate,
+    MOE_CUDA_TRY(moe_cuda_finalize_launch(c->back, c->rows_are_tokens ? nullptr : c->flags, c->scan, T, H, R, shared_y, gate,
                                           c->out, stream));
     moe_cuda_mark(engine, 8);
     if (engine->profile.on) {
