@@ -37,9 +37,20 @@ typedef struct {
     int32_t *step_ids;
     float *step_weights;
     int64_t *slot_loads, *slot_loads_sum;
+    struct { /* an EPLB migration loading in the background (DESIGN §6) */
+        bool active;
+        int layer;
+        double before, after, start;
+        int placement[MOE_MAX_SLOTS];
+        int resume;       /* layer position to look at next once it is in (-1: none) */
+        bool forced;      /* ... for a `rebalance` command */
+        long long forced_layer;
+    } migration;
 } scheduler_t;
 
-enum { REC_EPOCH = 0, REC_DRAIN, REC_SHUTDOWN, REC_CLOSED, REC_REBALANCE, REC_COUNTERS, REC_FIXED = REC_COUNTERS + MOE_COUNTERS };
+/* REC_MIGRATION: this rank's migration, 0 none or loading, 1 loaded, 2 failed */
+enum { REC_EPOCH = 0, REC_DRAIN, REC_SHUTDOWN, REC_CLOSED, REC_REBALANCE, REC_MIGRATION, REC_COUNTERS,
+       REC_FIXED = REC_COUNTERS + MOE_COUNTERS };
 
 static void sleep_us(long us) {
     struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
@@ -150,6 +161,11 @@ static moe_err_t agree(scheduler_t *s, double now) {
     rec[REC_SHUTDOWN] = atomic_load(&daemon->shutdown);
     rec[REC_CLOSED] = s->closed;
     rec[REC_REBALANCE] = daemon->ep.rank == 0 ? atomic_exchange(&daemon->rebalance_requested, 0) : 0;
+    rec[REC_MIGRATION] = 0;
+    if (s->migration.active) {
+        int state = daemon->backend.ops->migrate_poll(daemon->backend.state);
+        rec[REC_MIGRATION] = state == MOE_TASK_DONE ? 1 : state == MOE_TASK_FAILED ? 2 : 0;
+    }
     moe_stats_local_counters(&daemon->stats, moe_now(), atomic_load(&daemon->queued_requests), rec + REC_COUNTERS);
     for (int l = 0; l < s->n_layers; l++) {
         rec[REC_FIXED + l] = s->fifos[l].tokens;
@@ -223,20 +239,21 @@ static moe_err_t apply_reload(scheduler_t *s, int epoch) {
 /* EPLB online (DESIGN §6): a placement from the window's expert loads,
  * computed identically on every rank, adopted when it cuts the predicted
  * imbalance by eplb.min_improvement (or when `rebalance` forced it and it
- * is better at all), migrated at this step boundary by every rank. A
- * migration that fails on any rank ends the job: ranks serving with
- * different placements would compute wrong results. */
-static moe_err_t rebalance_layer(scheduler_t *s, int layer, bool forced) {
+ * is better at all). Adopting starts the weight loads in the background on
+ * every rank (*started); serving goes on with the current placement until
+ * every rank reports its loads done (finish_migration). */
+static moe_err_t rebalance_layer(scheduler_t *s, int layer, bool forced, bool *started) {
     moe_daemon_t *daemon = s->daemon;
     const moe_config_t *cfg = &daemon->cfg;
     const int E = cfg->model.experts, R = daemon->ep.size;
     const int n_slots = daemon->backend.ops->slot_count(daemon->backend.state);
     double loads[MOE_MAX_EXPERTS], total = 0;
+    *started = false;
     moe_stats_window_expert_loads(&daemon->stats, layer, atomic_load(&daemon->step), loads);
     for (int e = 0; e < E; e++) total += loads[e];
     if (total <= 0) return MOE_OK;
     const int *current = daemon->backend.ops->placement(daemon->backend.state, layer);
-    static int next[MOE_MAX_SLOTS];
+    int *next = s->migration.placement;
     char msg[512] = "";
     if (moe_eplb_place(loads, E, n_slots, R, cfg->eplb.ranks_per_node, next, NULL, msg, sizeof msg) != MOE_OK) {
         moe_log(MOE_LOG_WARN, "eplb", "layer %d: no placement: %s", layer, msg);
@@ -246,26 +263,74 @@ static moe_err_t rebalance_layer(scheduler_t *s, int layer, bool forced) {
     double after = moe_eplb_imbalance(loads, E, next, n_slots, R, NULL);
     bool adopt = forced ? after < before : moe_eplb_should_adopt(before, after, cfg->eplb.min_improvement);
     if (!adopt || memcmp(current, next, sizeof(int) * (size_t)n_slots) == 0) return MOE_OK;
-    double start = moe_now();
+    moe_err_t err = daemon->backend.ops->migrate_begin(daemon->backend.state, layer, next, msg, sizeof msg);
+    if (err != MOE_OK) /* reported as failed at the next agreement: every rank drops it there */
+        moe_log(MOE_LOG_ERROR, "eplb", "layer %d: rank %d cannot start the migration: %s", layer, daemon->ep.rank, msg);
+    s->migration.active = true;
+    s->migration.layer = layer;
+    s->migration.before = before, s->migration.after = after;
+    s->migration.start = moe_now();
+    *started = true;
+    if (daemon->ep.rank == 0)
+        moe_log(MOE_LOG_INFO, "eplb", "layer %d: new placement (predicted imbalance %.3f -> %.3f); loading weights "
+                "while serving", layer, before, after);
+    return MOE_OK;
+}
+
+/* The layers of a rebalance from position `from`: stops at the first one
+ * that starts a migration (one at a time) and remembers where to go on. */
+static moe_err_t rebalance_from(scheduler_t *s, int from, long long forced) {
+    moe_daemon_t *daemon = s->daemon;
+    s->migration.resume = -1;
+    for (int l = from; l < s->n_layers; l++) {
+        int layer = daemon->cfg.model.layer_ids[l];
+        if (forced > 0 && forced - 1 != layer) continue;
+        bool started = false;
+        MOE_CHECK(rebalance_layer(s, layer, forced != 0, &started));
+        if (started) {
+            s->migration.resume = l + 1 < s->n_layers ? l + 1 : -1;
+            s->migration.forced_layer = forced;
+            return MOE_OK;
+        }
+    }
+    return MOE_OK;
+}
+
+/* Every rank reported its loads (all done, or one failed): all swap in at
+ * this boundary, or all drop the new placement and serve on with the old
+ * one. A swap that fails on any rank ends the job: ranks serving with
+ * different placements would compute wrong results. */
+static moe_err_t finish_migration(scheduler_t *s, bool commit) {
+    moe_daemon_t *daemon = s->daemon;
+    const int layer = s->migration.layer;
+    char msg[512] = "";
     int64_t bytes = 0;
-    moe_err_t err = daemon->backend.ops->migrate(daemon->backend.state, layer, next, &bytes, msg, sizeof msg);
-    long long result[2] = {err != MOE_OK, bytes};
-    if (R > 1) {
+    moe_err_t err = daemon->backend.ops->migrate_end(daemon->backend.state, commit, &bytes, msg, sizeof msg);
+    s->migration.active = false;
+    long long result[2] = {commit && err != MOE_OK, bytes};
+    if (daemon->ep.size > 1) {
         MPI_Request request;
         MOE_CHECK(collective(daemon, MPI_Iallreduce(MPI_IN_PLACE, result, 2, MPI_LONG_LONG, MPI_SUM, daemon->ep.comm,
                                                     &request),
                              &request, "migration outcome (MPI_Iallreduce)"));
     }
+    if (!commit) {
+        moe_log(MOE_LOG_ERROR, "eplb", "layer %d: loading the new placement failed%s%s; every rank keeps the "
+                "current one", layer, err != MOE_OK ? " here: " : " on another rank", err != MOE_OK ? msg : "");
+        return MOE_OK;
+    }
     if (result[0] != 0) {
-        moe_log(MOE_LOG_ERROR, "eplb", "layer %d: migration failed on %lld rank(s)%s%s; ending the job", layer,
-                result[0], err != MOE_OK ? ": " : "", err != MOE_OK ? msg : "");
+        moe_log(MOE_LOG_ERROR, "eplb", "layer %d: the swap failed on %lld rank(s)%s%s; ending the job", layer, result[0],
+                err != MOE_OK ? ": " : "", err != MOE_OK ? msg : "");
         return MOE_ERR_INTERNAL;
     }
-    double ms = (moe_now() - start) * 1e3;
-    moe_stats_rebalanced(&daemon->stats, layer, next, before, after, result[1], ms);
+    double ms = (moe_now() - s->migration.start) * 1e3;
+    moe_stats_rebalanced(&daemon->stats, layer, s->migration.placement, s->migration.before, s->migration.after,
+                         result[1], ms);
     if (daemon->ep.rank == 0)
-        moe_log(MOE_LOG_INFO, "eplb", "layer %d: new placement, predicted imbalance %.3f -> %.3f; %lld bytes of "
-                "weights loaded in %.1f ms", layer, before, after, result[1], ms);
+        moe_log(MOE_LOG_INFO, "eplb", "layer %d: new placement in at step %lld, predicted imbalance %.3f -> %.3f; "
+                "%lld bytes of weights loaded, %.1f ms from decision to swap", layer,
+                (long long)atomic_load(&daemon->step), s->migration.before, s->migration.after, result[1], ms);
     return MOE_OK;
 }
 
@@ -446,20 +511,34 @@ moe_err_t moe_scheduler_run(moe_daemon_t *daemon) {
         /* step boundary: what every rank agreed on */
         if (s.records[REC_EPOCH] > daemon->epoch && (ret = apply_reload(&s, (int)s.records[REC_EPOCH])) != MOE_OK)
             break;
-        /* EPLB at the boundary: every rebalance_every_steps steps, or when
-         * rank 0 was asked (record of rank 0: -1 every layer, else layer+1) */
+        /* EPLB at the boundary: a migration every rank has loaded (or one
+         * that failed somewhere) is finished first; then, every
+         * rebalance_every_steps steps or when rank 0 was asked (record of
+         * rank 0: -1 every layer, else layer+1), a new one may start */
+        if (s.migration.active) {
+            bool all_loaded = true, failed = false;
+            for (int r = 0; r < daemon->ep.size; r++) {
+                long long state = s.records[(size_t)r * count + REC_MIGRATION];
+                all_loaded &= state == 1;
+                failed |= state == 2;
+            }
+            if (failed || all_loaded) {
+                if ((ret = finish_migration(&s, !failed)) != MOE_OK) break;
+                if (s.migration.resume >= 0 && (ret = rebalance_from(&s, s.migration.resume,
+                                                                     s.migration.forced_layer)) != MOE_OK)
+                    break;
+            }
+        }
         long long forced = s.records[REC_REBALANCE];
         long long steps_done = atomic_load(&daemon->step);
-        if (daemon->cfg.eplb.mode == MOE_EPLB_ONLINE &&
+        if (daemon->cfg.eplb.mode == MOE_EPLB_ONLINE && !s.migration.active &&
             (forced != 0 || (steps_done > 0 && steps_done != s.last_rebalance_check &&
                              steps_done % daemon->cfg.eplb.rebalance_every_steps == 0))) {
             s.last_rebalance_check = steps_done;
-            for (int l = 0; l < s.n_layers && ret == MOE_OK; l++) {
-                int layer = daemon->cfg.model.layer_ids[l];
-                if (forced > 0 && forced - 1 != layer) continue;
-                ret = rebalance_layer(&s, layer, forced != 0);
-            }
-            if (ret != MOE_OK) break;
+            if ((ret = rebalance_from(&s, 0, forced)) != MOE_OK) break;
+        } else if (forced != 0 && s.migration.active && daemon->ep.rank == 0) {
+            moe_log(MOE_LOG_INFO, "eplb", "rebalance: ignored, layer %d is still loading its new placement; ask "
+                    "again once it is in", s.migration.layer);
         }
         bool drain = false, shutdown = false, all_closed = true;
         for (int r = 0; r < daemon->ep.size; r++) {

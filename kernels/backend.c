@@ -26,9 +26,12 @@ static moe_err_t cpu_forward(void *state, int layer, const float *x, int n_token
 static void cpu_reconfigure(void *state, const moe_config_t *cfg) { moe_cpu_reconfigure(state, cfg); }
 static int cpu_slot_count(const void *state) { return moe_cpu_slot_count(state); }
 static const int *cpu_placement(const void *state, int layer) { return moe_cpu_placement(state, layer); }
-static moe_err_t cpu_migrate(void *state, int layer, const int *slot_expert, int64_t *bytes_loaded, char *msg,
-                             size_t msg_size) {
-    return moe_cpu_migrate(state, layer, slot_expert, bytes_loaded, msg, msg_size);
+static moe_err_t cpu_migrate_begin(void *state, int layer, const int *slot_expert, char *msg, size_t msg_size) {
+    return moe_cpu_migrate_begin(state, layer, slot_expert, msg, msg_size);
+}
+static int cpu_migrate_poll(void *state) { return moe_cpu_migrate_poll(state); }
+static moe_err_t cpu_migrate_end(void *state, bool commit, int64_t *bytes_loaded, char *msg, size_t msg_size) {
+    return moe_cpu_migrate_end(state, commit, bytes_loaded, msg, msg_size);
 }
 static void cpu_destroy(void *state) { moe_cpu_destroy(state); }
 static const char *cpu_device(const void *state) {
@@ -62,9 +65,12 @@ static moe_err_t cuda_bench(void *state, int layer, int n_tokens, int warmup, in
 static void cuda_reconfigure(void *state, const moe_config_t *cfg) { moe_cuda_reconfigure(state, cfg); }
 static int cuda_slot_count(const void *state) { return moe_cuda_slot_count(state); }
 static const int *cuda_placement(const void *state, int layer) { return moe_cuda_placement(state, layer); }
-static moe_err_t cuda_migrate(void *state, int layer, const int *slot_expert, int64_t *bytes_loaded, char *msg,
-                              size_t msg_size) {
-    return moe_cuda_migrate(state, layer, slot_expert, bytes_loaded, msg, msg_size);
+static moe_err_t cuda_migrate_begin(void *state, int layer, const int *slot_expert, char *msg, size_t msg_size) {
+    return moe_cuda_migrate_begin(state, layer, slot_expert, msg, msg_size);
+}
+static int cuda_migrate_poll(void *state) { return moe_cuda_migrate_poll(state); }
+static moe_err_t cuda_migrate_end(void *state, bool commit, int64_t *bytes_loaded, char *msg, size_t msg_size) {
+    return moe_cuda_migrate_end(state, commit, bytes_loaded, msg, msg_size);
 }
 static const char *cuda_device(const void *state) { return moe_cuda_device_name(state); }
 static const char *cuda_gemm(const void *state) { return moe_cuda_gemm_table(state); }
@@ -74,10 +80,12 @@ static void cuda_destroy(void *state) { moe_cuda_destroy(state); }
 
 static const moe_backend_ops_t backends[] = {
     {"cpu", MOE_BACKEND_CPU, cpu_create, cpu_forward, cpu_reconfigure, cpu_slot_count,
-     cpu_placement, cpu_migrate, NULL, NULL, cpu_device, false, NULL, cpu_destroy},
+     cpu_placement, cpu_migrate_begin, cpu_migrate_poll, cpu_migrate_end, NULL, NULL, cpu_device, false, NULL,
+     cpu_destroy},
 #ifdef MOE_WITH_CUDA
     {"cuda", MOE_BACKEND_CUDA, cuda_create, cuda_forward, cuda_reconfigure, cuda_slot_count,
-     cuda_placement, cuda_migrate, cuda_bench, cuda_check, cuda_device, true, cuda_gemm, cuda_destroy},
+     cuda_placement, cuda_migrate_begin, cuda_migrate_poll, cuda_migrate_end, cuda_bench, cuda_check, cuda_device, true,
+     cuda_gemm, cuda_destroy},
 #endif
 };
 
@@ -95,7 +103,7 @@ moe_err_t moe_backend_create(const moe_config_t *cfg, moe_ep_t ep, moe_backend_t
     out->state = NULL;
     for (size_t i = 0; i < sizeof backends / sizeof backends[0]; i++) {
         if (backends[i].kind != cfg->moe.backend) continue;
-        if (cfg->eplb.mode == MOE_EPLB_ONLINE && backends[i].migrate == NULL)
+        if (cfg->eplb.mode == MOE_EPLB_ONLINE && backends[i].migrate_begin == NULL)
             return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
                                "eplb.mode: 'online' needs weight migration, which the %s backend does not have "
                                "in this version; use off or static", backends[i].name);

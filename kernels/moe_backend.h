@@ -11,6 +11,7 @@
 #include "../config/moe_config.h"
 #include "cpu/moe_cpu.h"
 #include "moe_ep.h"
+#include "moe_task.h"
 
 typedef struct {
     const char *name;
@@ -23,10 +24,16 @@ typedef struct {
     void (*reconfigure)(void *state, const moe_config_t *cfg);
     int (*slot_count)(const void *state);
     const int *(*placement)(const void *state, int layer);
-    /* EPLB: a new placement for one layer, at a step boundary on every rank
-     * (NULL: this backend cannot migrate yet; online EPLB is refused). */
-    moe_err_t (*migrate)(void *state, int layer, const int *slot_expert, int64_t *bytes_loaded, char *msg,
-                         size_t msg_size);
+    /* EPLB in two halves, so that serving goes on while weights load:
+     * migrate_begin checks a new placement for one layer and starts filling
+     * shadow slots in the background (one migration at a time); every rank
+     * calls it at the same step boundary. migrate_poll: MOE_TASK_RUNNING,
+     * _DONE or _FAILED, without waiting. migrate_end waits, then swaps the
+     * placement in (commit, at a step boundary every rank agreed on) or
+     * drops it. NULL: this backend cannot migrate; online EPLB is refused. */
+    moe_err_t (*migrate_begin)(void *state, int layer, const int *slot_expert, char *msg, size_t msg_size);
+    int (*migrate_poll)(void *state);
+    moe_err_t (*migrate_end)(void *state, bool commit, int64_t *bytes_loaded, char *msg, size_t msg_size);
     /* Device-timed iterations for moe-bench (NULL: time on the host). */
     moe_err_t (*bench)(void *state, int layer, int n_tokens, int warmup, int iters, double *ms_per_iter,
                        char *msg, size_t msg_size);

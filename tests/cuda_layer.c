@@ -28,6 +28,7 @@
 #include "../kernels/cuda/moe_cuda.h"
 #include "../kernels/moe_routing.h"
 #include "../kernels/moe_slots.h"
+#include "../kernels/moe_task.h"
 #include "../kernels/moe_synth.h"
 #include "support/dense_ref.h"
 #include "support/layer_check.h"
@@ -202,9 +203,22 @@ static int check_migration(moe_ep_t ep, uint64_t seed) {
     for (int s = 0; s < n_slots; s++) next[s] = s < E ? (s * 3 + 1) % E : E - 1 - (s - E) % E;
     moe_test_fill_random(x, (size_t)T * H, seed);
     int64_t bytes = 0;
-    if (moe_cuda_forward(gpu, layer, x, T, NULL, NULL, before, NULL, msg, sizeof msg) != MOE_OK ||
-        moe_cuda_migrate(gpu, layer, next, &bytes, msg, sizeof msg) != MOE_OK ||
-        moe_cuda_forward(gpu, layer, x, T, NULL, NULL, after, &trace, msg, sizeof msg) != MOE_OK) {
+    /* in two halves, with a forward while the shadow slots fill (it still
+     * serves the current placement) */
+    float *during = malloc(sizeof(float) * (size_t)T * H);
+    bool ok = during != NULL && moe_cuda_forward(gpu, layer, x, T, NULL, NULL, before, NULL, msg, sizeof msg) == MOE_OK &&
+              moe_cuda_migrate_begin(gpu, layer, next, msg, sizeof msg) == MOE_OK &&
+              moe_cuda_forward(gpu, layer, x, T, NULL, NULL, during, NULL, msg, sizeof msg) == MOE_OK;
+    while (ok && moe_cuda_migrate_poll(gpu) == MOE_TASK_RUNNING) usleep(1000);
+    ok = ok && moe_cuda_migrate_poll(gpu) == MOE_TASK_DONE &&
+         moe_cuda_migrate_end(gpu, true, &bytes, msg, sizeof msg) == MOE_OK &&
+         moe_cuda_forward(gpu, layer, x, T, NULL, NULL, after, &trace, msg, sizeof msg) == MOE_OK;
+    if (ok && ep.size == 1 && memcmp(before, during, sizeof(float) * (size_t)T * H) != 0) {
+        fprintf(stderr, "FAIL migration: a forward while loading differs from the one before\n");
+        failed = 1;
+    }
+    free(during);
+    if (!ok) {
         fprintf(stderr, "FAIL migration: %s\n", msg);
         failed = 1;
         goto done;

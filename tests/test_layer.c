@@ -115,9 +115,29 @@ Test(layer, migration_keeps_the_layer, .timeout = 60) {
     for (int i = 0; i < T * H; i++) differing += memcmp(&before[i], &after[i], sizeof(float)) != 0;
     cr_assert_eq(differing, 0, "before vs after the swap: %d of %d values differ (seed %llu)", differing, T * H,
                  (unsigned long long)seed);
+    /* in two halves, with a forward while the new weights load: it still
+     * serves the current placement; a dropped migration changes nothing,
+     * a committed one the placement only */
+    int again[12] = {0, 1, 2, 3, 4, 5, 6, 7, 7, 6, 0, 1};
+    static float during[T * H];
+    for (int commit = 0; commit < 2; commit++) {
+        cr_assert_eq(moe_cpu_migrate_begin(engine, layer, again, msg, sizeof msg), MOE_OK, "%s", msg);
+        cr_assert_eq(moe_cpu_migrate_begin(engine, layer, again, msg, sizeof msg), MOE_ERR_INVAL,
+                     "one migration at a time");
+        cr_assert_eq(moe_cpu_forward(engine, layer, x, T, NULL, NULL, during, NULL, msg, sizeof msg), MOE_OK, "%s", msg);
+        cr_assert(memcmp(moe_cpu_placement(engine, layer), next, sizeof next) == 0, "loading changes nothing yet");
+        while (moe_cpu_migrate_poll(engine) == MOE_TASK_RUNNING) usleep(1000);
+        cr_assert_eq(moe_cpu_migrate_poll(engine), MOE_TASK_DONE);
+        cr_assert_eq(moe_cpu_migrate_end(engine, commit, &bytes, msg, sizeof msg), MOE_OK, "%s", msg);
+        cr_assert(memcmp(moe_cpu_placement(engine, layer), commit ? again : next, sizeof next) == 0);
+        cr_assert_eq(moe_cpu_forward(engine, layer, x, T, NULL, NULL, after, NULL, msg, sizeof msg), MOE_OK, "%s", msg);
+        cr_assert(memcmp(during, before, sizeof before) == 0 && memcmp(after, before, sizeof before) == 0,
+                  "outputs during and after a migration are bit-identical (seed %llu)", (unsigned long long)seed);
+    }
+    cr_assert_eq(moe_cpu_migrate_end(engine, true, &bytes, msg, sizeof msg), MOE_ERR_INVAL, "nothing in flight");
     int bad[12] = {0, 1, 2, 3, 4, 5, 6, 6, 6, 6, 6, 6}; /* expert 7 missing */
     cr_assert_eq(moe_cpu_migrate(engine, layer, bad, &bytes, msg, sizeof msg), MOE_ERR_CONFIG);
-    cr_assert(memcmp(moe_cpu_placement(engine, layer), next, sizeof next) == 0, "a refused placement changes nothing");
+    cr_assert(memcmp(moe_cpu_placement(engine, layer), again, sizeof again) == 0, "a refused placement changes nothing");
     moe_cpu_destroy(engine);
     moe_test_ref_destroy(ref);
 }

@@ -208,6 +208,10 @@ fail_voted:
 
 void moe_cpu_destroy(moe_cpu_engine_t *engine) {
     if (engine == NULL) return;
+    if (engine->migration.active) { /* wait for the loader before freeing what it reads */
+        char msg[64];
+        (void)moe_cpu_migrate_end(engine, false, NULL, msg, sizeof msg);
+    }
     for (int i = 0; i < engine->n_layers && engine->layers != NULL; i++) layer_free(&engine->layers[i]);
     free(engine->layers);
     moe_cpu_buffer_t *buffers = (moe_cpu_buffer_t *)&engine->ws;
@@ -232,32 +236,21 @@ const int *moe_cpu_placement(const moe_cpu_engine_t *engine, int layer) {
  * filled in fresh buffers — copied from the old buffers when this rank
  * already held that expert, else read from the weight source — and the
  * table and buffers are swapped only when all of it worked. */
-moe_err_t moe_cpu_migrate(moe_cpu_engine_t *engine, int layer_id, const int *slot_expert, int64_t *bytes_loaded,
-                          char *msg, size_t msg_size) {
-    moe_cpu_layer_t *layer = NULL;
-    for (int i = 0; i < engine->n_layers; i++)
-        if (engine->layers[i].layer == layer_id) layer = &engine->layers[i];
-    if (layer == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "migrate: layer %d is not served", layer_id);
+/* The background half of a migration: this rank's slots of the new table
+ * filled from the slots it holds now (copied) or from the model (read or
+ * regenerated). Reads the live buffers only; writes only the new ones. */
+static moe_err_t fill_migration(void *arg, char *msg, size_t msg_size) {
+    moe_cpu_engine_t *engine = arg;
+    moe_cpu_layer_t *layer = engine->migration.layer;
+    const moe_slot_table_t *table = engine->migration.table;
     const moe_model_config_t *m = &engine->cfg.model;
     const size_t H = (size_t)m->hidden, I = (size_t)m->moe_intermediate;
-    moe_err_t ret = MOE_OK;
-    moe_weights_t *weights = NULL;
-    moe_slot_table_t *table = malloc(sizeof *table);
-    float *w1 = NULL, *w3 = NULL, *w2 = NULL;
-    if (table == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "migrate: out of memory");
-    MOE_CHECK_GOTO(moe_slots_from_placement(slot_expert, engine->slots.n_slots, m->experts, engine->ep.size, table, msg,
-                                            msg_size),
-                   ret, fail);
     const size_t spr = (size_t)table->slots_per_rank, first = (size_t)engine->ep.rank * spr;
-    w1 = malloc(sizeof(float) * spr * I * H);
-    w3 = malloc(sizeof(float) * spr * I * H);
-    w2 = malloc(sizeof(float) * spr * H * I);
-    if (w1 == NULL || w3 == NULL || w2 == NULL) {
-        ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "migrate: out of memory for layer %d", layer_id);
-        goto fail;
-    }
-    *bytes_loaded = 0;
-    for (size_t s = 0; s < spr; s++) {
+    float *w1 = engine->migration.w1, *w3 = engine->migration.w3, *w2 = engine->migration.w2;
+    moe_weights_t *weights = NULL;
+    moe_err_t ret = MOE_OK;
+    engine->migration.bytes = 0;
+    for (size_t s = 0; ret == MOE_OK && s < spr; s++) {
         int expert = table->slot_expert[first + s];
         size_t old = spr;
         for (size_t o = 0; o < spr && old == spr; o++)
@@ -268,18 +261,84 @@ moe_err_t moe_cpu_migrate(moe_cpu_engine_t *engine, int layer_id, const int *slo
             memcpy(w2 + s * H * I, layer->slot_w2 + old * H * I, sizeof(float) * H * I);
             continue;
         }
-        if (weights == NULL) MOE_CHECK_GOTO(moe_weights_open(m, &weights, msg, msg_size), ret, fail);
-        MOE_CHECK_GOTO(moe_weights_expert(weights, layer_id, expert, w1 + s * I * H, w3 + s * I * H, w2 + s * H * I,
-                                          msg, msg_size),
-                       ret, fail);
-        *bytes_loaded += (int64_t)(3 * H * I * sizeof(float));
+        if (weights == NULL) ret = moe_weights_open(m, &weights, msg, msg_size);
+        if (ret == MOE_OK)
+            ret = moe_weights_expert(weights, layer->layer, expert, w1 + s * I * H, w3 + s * I * H, w2 + s * H * I,
+                                     msg, msg_size);
+        engine->migration.bytes += (int64_t)(3 * H * I * sizeof(float));
     }
     moe_weights_close(weights);
-    free(layer->slot_w1), free(layer->slot_w3), free(layer->slot_w2), free(layer->slots);
-    layer->slot_w1 = w1, layer->slot_w3 = w3, layer->slot_w2 = w2, layer->slots = table;
-    return MOE_OK;
-fail:
-    moe_weights_close(weights);
-    free(w1), free(w3), free(w2), free(table);
     return ret;
+}
+
+static void drop_migration(moe_cpu_engine_t *engine) {
+    free(engine->migration.w1), free(engine->migration.w3), free(engine->migration.w2);
+    free(engine->migration.table);
+    engine->migration.w1 = engine->migration.w3 = engine->migration.w2 = NULL;
+    engine->migration.table = NULL;
+    engine->migration.active = false;
+}
+
+moe_err_t moe_cpu_migrate_begin(moe_cpu_engine_t *engine, int layer_id, const int *slot_expert, char *msg,
+                                size_t msg_size) {
+    if (engine->migration.active)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "migrate: layer %d is still migrating",
+                           engine->migration.layer->layer);
+    moe_cpu_layer_t *layer = NULL;
+    for (int i = 0; i < engine->n_layers; i++)
+        if (engine->layers[i].layer == layer_id) layer = &engine->layers[i];
+    if (layer == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "migrate: layer %d is not served", layer_id);
+    const moe_model_config_t *m = &engine->cfg.model;
+    const size_t H = (size_t)m->hidden, I = (size_t)m->moe_intermediate;
+    moe_slot_table_t *table = malloc(sizeof *table);
+    if (table == NULL) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "migrate: out of memory");
+    moe_err_t ret = moe_slots_from_placement(slot_expert, engine->slots.n_slots, m->experts, engine->ep.size, table,
+                                             msg, msg_size);
+    if (ret != MOE_OK) {
+        free(table);
+        return ret;
+    }
+    const size_t spr = (size_t)table->slots_per_rank;
+    engine->migration.layer = layer;
+    engine->migration.table = table;
+    engine->migration.w1 = malloc(sizeof(float) * spr * I * H);
+    engine->migration.w3 = malloc(sizeof(float) * spr * I * H);
+    engine->migration.w2 = malloc(sizeof(float) * spr * H * I);
+    engine->migration.active = true;
+    if (engine->migration.w1 == NULL || engine->migration.w3 == NULL || engine->migration.w2 == NULL) {
+        drop_migration(engine);
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "migrate: out of memory for layer %d", layer_id);
+    }
+    ret = moe_task_start(&engine->migration.task, fill_migration, engine, msg, msg_size);
+    if (ret != MOE_OK) drop_migration(engine);
+    return ret;
+}
+
+int moe_cpu_migrate_poll(moe_cpu_engine_t *engine) {
+    return engine->migration.active ? moe_task_poll(&engine->migration.task) : MOE_TASK_FAILED;
+}
+
+moe_err_t moe_cpu_migrate_end(moe_cpu_engine_t *engine, bool commit, int64_t *bytes_loaded, char *msg,
+                              size_t msg_size) {
+    if (!engine->migration.active) return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "migrate: nothing in flight");
+    moe_err_t ret = moe_task_join(&engine->migration.task, msg, msg_size);
+    if (bytes_loaded != NULL) *bytes_loaded = engine->migration.bytes;
+    if (ret != MOE_OK || !commit) {
+        drop_migration(engine);
+        return ret;
+    }
+    moe_cpu_layer_t *layer = engine->migration.layer;
+    free(layer->slot_w1), free(layer->slot_w3), free(layer->slot_w2), free(layer->slots);
+    layer->slot_w1 = engine->migration.w1, layer->slot_w3 = engine->migration.w3;
+    layer->slot_w2 = engine->migration.w2, layer->slots = engine->migration.table;
+    engine->migration.w1 = engine->migration.w3 = engine->migration.w2 = NULL;
+    engine->migration.table = NULL;
+    engine->migration.active = false;
+    return MOE_OK;
+}
+
+moe_err_t moe_cpu_migrate(moe_cpu_engine_t *engine, int layer_id, const int *slot_expert, int64_t *bytes_loaded,
+                          char *msg, size_t msg_size) {
+    MOE_CHECK(moe_cpu_migrate_begin(engine, layer_id, slot_expert, msg, msg_size));
+    return moe_cpu_migrate_end(engine, true, bytes_loaded, msg, msg_size);
 }

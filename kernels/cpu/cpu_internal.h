@@ -8,6 +8,7 @@
 
 #include "../moe_routing.h"
 #include "../moe_slots.h"
+#include "../moe_task.h"
 #include "moe_cpu.h"
 
 typedef struct {
@@ -54,6 +55,15 @@ struct moe_cpu_engine {
      * uses allgather + reduce-scatter, else all-to-all (alltoall: -1,
      * allgather: INT_MAX, auto: measured at startup, the same on every rank) */
     int allgather_max_tokens;
+    /* an EPLB migration in flight (moe_cpu_migrate_begin .. _end) */
+    struct {
+        bool active;
+        moe_task_t task;
+        moe_cpu_layer_t *layer;
+        moe_slot_table_t *table;
+        float *w1, *w3, *w2;
+        int64_t bytes;
+    } migration;
 };
 
 /* Sets engine->allgather_max_tokens from moe.comm (auto: times both

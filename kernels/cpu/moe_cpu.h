@@ -76,6 +76,19 @@ const int *moe_cpu_placement(const moe_cpu_engine_t *engine, int layer);
 moe_err_t moe_cpu_migrate(moe_cpu_engine_t *engine, int layer, const int *slot_expert, int64_t *bytes_loaded,
                           char *msg, size_t msg_size);
 
+/* The same in two halves, so that serving goes on while weights load:
+ * begin checks the placement and fills a second set of this rank's slot
+ * buffers on a background thread (one migration at a time; forwards keep
+ * using the current placement meanwhile); poll returns MOE_TASK_RUNNING,
+ * MOE_TASK_DONE or MOE_TASK_FAILED without waiting; end waits for the
+ * thread and swaps the new placement in (commit, between forwards) or
+ * drops it. */
+moe_err_t moe_cpu_migrate_begin(moe_cpu_engine_t *engine, int layer, const int *slot_expert, char *msg,
+                                size_t msg_size);
+int moe_cpu_migrate_poll(moe_cpu_engine_t *engine);
+moe_err_t moe_cpu_migrate_end(moe_cpu_engine_t *engine, bool commit, int64_t *bytes_loaded, char *msg,
+                              size_t msg_size);
+
 /* Number of floating-point operations of the forward for n_tokens tokens of
  * this rank (router + k experts per token + shared expert). */
 double moe_cpu_flops(const moe_config_t *cfg, int64_t n_tokens);

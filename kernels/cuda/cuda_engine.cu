@@ -211,6 +211,7 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->stream, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->aux, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->balancer, cudaStreamNonBlocking));
+    MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->migration_stream, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev_begin, cudaEventDisableTiming));
     for (int set = 0; set < 2; set++)
         for (int e = 0; e < 5; e++) MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev[set][e], cudaEventDisableTiming));
@@ -336,6 +337,10 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
 
 extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
     if (engine == nullptr) return;
+    if (engine->migration.active) { /* wait for the loader before freeing what it reads */
+        char msg[64];
+        (void)moe_cuda_migrate_end(engine, false, nullptr, msg, sizeof msg);
+    }
     if (engine->stream != nullptr) cudaStreamSynchronize(engine->stream);
     for (int l = 0; engine->layers != nullptr && l < engine->n_layers; l++) {
         cuda_layer_t *L = &engine->layers[l];
@@ -370,6 +375,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
     if (engine->stream != nullptr) cudaStreamDestroy(engine->stream);
     if (engine->aux != nullptr) cudaStreamDestroy(engine->aux);
     if (engine->balancer != nullptr) cudaStreamDestroy(engine->balancer);
+    if (engine->migration_stream != nullptr) cudaStreamDestroy(engine->migration_stream);
     (void)cudaGetLastError();
     free(engine);
 }

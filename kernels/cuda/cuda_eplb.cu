@@ -50,7 +50,7 @@ static moe_err_t load_expert(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_wei
                              bf16 *w13, bf16 *w2, float *host, bf16 *staging, char *msg, size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
     const size_t H = m->hidden, I = m->moe_intermediate;
-    cudaStream_t stream = engine->balancer;
+    cudaStream_t stream = engine->migration_stream;
     if (weights == nullptr) {
         const uint64_t seed = m->weights.seed;
         MOE_CUDA_TRY(moe_cuda_synth_launch(w13, nullptr, I * H, seed, L->layer, MOE_SYNTH_W1, expert, (int)H, 0, stream));
@@ -87,10 +87,10 @@ static moe_err_t fill_shadow(moe_cuda_engine_t *engine, cuda_layer_t *L, const m
             if (L->slots->slot_expert[first + o] == expert) old = o;
         if (old < spr) {
             cudaError_t e = cudaMemcpyAsync(w13 + s * 2 * I * H, L->w13 + old * 2 * I * H, sizeof(bf16) * 2 * I * H,
-                                            cudaMemcpyDeviceToDevice, engine->balancer);
+                                            cudaMemcpyDeviceToDevice, engine->migration_stream);
             if (e == cudaSuccess)
                 e = cudaMemcpyAsync(w2 + s * H * I, L->w2 + old * H * I, sizeof(bf16) * H * I,
-                                    cudaMemcpyDeviceToDevice, engine->balancer);
+                                    cudaMemcpyDeviceToDevice, engine->migration_stream);
             if (e != cudaSuccess)
                 ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "migrate: device copy: %s", cudaGetErrorString(e));
             continue;
@@ -109,7 +109,7 @@ static moe_err_t fill_shadow(moe_cuda_engine_t *engine, cuda_layer_t *L, const m
         ret = load_expert(engine, L, weights, expert, w13 + s * 2 * I * H, w2 + s * H * I, host, staging, msg, msg_size);
         *bytes_loaded += (int64_t)(3 * H * I * sizeof(bf16));
     }
-    cudaError_t e = cudaStreamSynchronize(engine->balancer);
+    cudaError_t e = cudaStreamSynchronize(engine->migration_stream);
     if (ret == MOE_OK && e != cudaSuccess)
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "migrate: %s", cudaGetErrorString(e));
     moe_weights_close(weights);
@@ -118,8 +118,28 @@ static moe_err_t fill_shadow(moe_cuda_engine_t *engine, cuda_layer_t *L, const m
     return ret;
 }
 
-extern "C" moe_err_t moe_cuda_migrate(moe_cuda_engine_t *engine, int layer_id, const int *slot_expert,
-                                      int64_t *bytes_loaded, char *msg, size_t msg_size) {
+/* The background half: runs on the loader thread. */
+static moe_err_t fill_migration(void *arg, char *msg, size_t msg_size) {
+    moe_cuda_engine_t *engine = (moe_cuda_engine_t *)arg;
+    MOE_CUDA_TRY(cudaSetDevice(engine->device)); /* a new host thread starts on device 0 */
+    return fill_shadow(engine, engine->migration.layer, engine->migration.table, engine->migration.w13,
+                       engine->migration.w2, &engine->migration.bytes, msg, msg_size);
+}
+
+static void drop_migration(moe_cuda_engine_t *engine) {
+    cudaFree(engine->migration.w13);
+    cudaFree(engine->migration.w2);
+    free(engine->migration.table);
+    engine->migration.w13 = engine->migration.w2 = nullptr;
+    engine->migration.table = nullptr;
+    engine->migration.active = false;
+}
+
+extern "C" moe_err_t moe_cuda_migrate_begin(moe_cuda_engine_t *engine, int layer_id, const int *slot_expert,
+                                            char *msg, size_t msg_size) {
+    if (engine->migration.active)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "migrate: layer %d is still migrating",
+                           engine->migration.layer->layer);
     cuda_layer_t *L = nullptr;
     for (int i = 0; i < engine->n_layers; i++)
         if (engine->layers[i].layer == layer_id) L = &engine->layers[i];
@@ -128,35 +148,65 @@ extern "C" moe_err_t moe_cuda_migrate(moe_cuda_engine_t *engine, int layer_id, c
     const size_t H = m->hidden, I = m->moe_intermediate, spr = (size_t)engine->slots.slots_per_rank;
     moe_slot_table_t *table = (moe_slot_table_t *)malloc(sizeof *table);
     if (table == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "migrate: out of memory");
-    bf16 *w13 = nullptr, *w2 = nullptr;
     moe_err_t ret = moe_slots_from_placement(slot_expert, engine->slots.n_slots, m->experts, engine->ep.size, table,
                                              msg, msg_size);
-    if (ret == MOE_OK && (cudaMalloc((void **)&w13, sizeof(bf16) * spr * 2 * I * H) != cudaSuccess ||
-                          cudaMalloc((void **)&w2, sizeof(bf16) * spr * H * I) != cudaSuccess)) {
-        (void)cudaGetLastError();
-        ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM,
-                          "migrate: no device memory for layer %d's shadow slots (%.1f MiB)", layer_id,
-                          sizeof(bf16) * spr * 3.0 * I * H / 1048576.0);
+    if (ret != MOE_OK) {
+        free(table);
+        return ret;
     }
-    if (ret == MOE_OK) ret = fill_shadow(engine, L, table, w13, w2, bytes_loaded, msg, msg_size);
+    engine->migration.layer = L;
+    engine->migration.table = table;
+    engine->migration.active = true;
+    if (cudaMalloc((void **)&engine->migration.w13, sizeof(bf16) * spr * 2 * I * H) != cudaSuccess ||
+        cudaMalloc((void **)&engine->migration.w2, sizeof(bf16) * spr * H * I) != cudaSuccess) {
+        (void)cudaGetLastError();
+        drop_migration(engine);
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM,
+                           "migrate: no device memory for layer %d's shadow slots (%.1f MiB)", layer_id,
+                           sizeof(bf16) * spr * 3.0 * I * H / 1048576.0);
+    }
+    ret = moe_task_start(&engine->migration.task, fill_migration, engine, msg, msg_size);
+    if (ret != MOE_OK) drop_migration(engine);
+    return ret;
+}
+
+extern "C" int moe_cuda_migrate_poll(moe_cuda_engine_t *engine) {
+    return engine->migration.active ? moe_task_poll(&engine->migration.task) : MOE_TASK_FAILED;
+}
+
+extern "C" moe_err_t moe_cuda_migrate_end(moe_cuda_engine_t *engine, bool commit, int64_t *bytes_loaded, char *msg,
+                                          size_t msg_size) {
+    if (!engine->migration.active) return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "migrate: nothing in flight");
+    moe_err_t ret = moe_task_join(&engine->migration.task, msg, msg_size);
+    if (bytes_loaded != nullptr) *bytes_loaded = engine->migration.bytes;
+    cuda_layer_t *L = engine->migration.layer;
     /* the swap: nothing in flight reads the old buffers (a step boundary) */
-    if (ret == MOE_OK) {
+    if (ret == MOE_OK && commit) {
         cudaError_t e = cudaStreamSynchronize(engine->stream);
         if (e == cudaSuccess) e = cudaStreamSynchronize(engine->aux);
-        if (e == cudaSuccess) e = cudaMemcpy(L->d_slots, table, sizeof *table, cudaMemcpyHostToDevice);
-        if (e != cudaSuccess)
+        if (e == cudaSuccess) e = cudaMemcpy(L->d_slots, engine->migration.table, sizeof(moe_slot_table_t),
+                                             cudaMemcpyHostToDevice);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
             ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "migrate: %s", cudaGetErrorString(e));
+        }
     }
-    if (ret != MOE_OK) {
-        (void)cudaGetLastError();
-        cudaFree(w13);
-        cudaFree(w2);
-        free(table);
+    if (ret != MOE_OK || !commit) {
+        drop_migration(engine);
         return ret;
     }
     cudaFree(L->w13);
     cudaFree(L->w2);
     free(L->slots);
-    L->w13 = w13, L->w2 = w2, L->slots = table;
+    L->w13 = engine->migration.w13, L->w2 = engine->migration.w2, L->slots = engine->migration.table;
+    engine->migration.w13 = engine->migration.w2 = nullptr;
+    engine->migration.table = nullptr;
+    engine->migration.active = false;
     return MOE_OK;
+}
+
+extern "C" moe_err_t moe_cuda_migrate(moe_cuda_engine_t *engine, int layer_id, const int *slot_expert,
+                                      int64_t *bytes_loaded, char *msg, size_t msg_size) {
+    MOE_TRY(moe_cuda_migrate_begin(engine, layer_id, slot_expert, msg, msg_size));
+    return moe_cuda_migrate_end(engine, true, bytes_loaded, msg, msg_size);
 }

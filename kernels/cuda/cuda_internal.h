@@ -29,6 +29,7 @@ extern "C" {
 #include "../moe_route_token.h"
 #include "../moe_routing.h"
 #include "../moe_slots.h"
+#include "../moe_task.h"
 #include "moe_cuda.h"
 }
 
@@ -139,7 +140,16 @@ struct moe_cuda_engine {
     cudaStream_t aux;         /* aux_chunk: routing, dispatch and combine of chunks (every NCCL call of a step) */
     cublasHandle_t cublas;    /* on stream */
     cublasHandle_t cublas_aux; /* on aux (the router GEMM) */
-    cudaStream_t balancer;    /* aux_balancer: EPLB counting and weight migration */
+    cudaStream_t balancer;    /* aux_balancer: EPLB counting */
+    cudaStream_t migration_stream; /* EPLB weight loads (their own, so counting never waits for them) */
+    struct {                  /* an EPLB migration in flight (moe_cuda_migrate_begin .. _end) */
+        bool active;
+        moe_task_t task;
+        cuda_layer_t *layer;
+        moe_slot_table_t *table;
+        bf16 *w13, *w2;
+        int64_t bytes;
+    } migration;
     cudaEvent_t ev_begin, ev[2][5]; /* per buffer set: front, experts, combine, finish, counted done */
     unsigned long long *d_step_counts; /* [n_slots] (token, expert) entries per slot this step, on balancer */
     bool counting;                     /* this step counts (a trace asked for slot counts) */

@@ -7,6 +7,7 @@
 #ifndef MOE_CUDA_H
 #define MOE_CUDA_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -58,6 +59,18 @@ const int *moe_cuda_placement(const moe_cuda_engine_t *engine, int layer);
  * the model. Call between forwards. On error the old placement stays. */
 moe_err_t moe_cuda_migrate(moe_cuda_engine_t *engine, int layer, const int *slot_expert, int64_t *bytes_loaded,
                            char *msg, size_t msg_size);
+
+/* The same in two halves, so that serving goes on while weights load:
+ * begin checks the placement, allocates the shadow buffers and fills them
+ * from a background thread on a stream of its own (forwards keep the
+ * current placement meanwhile); poll returns MOE_TASK_RUNNING, _DONE or
+ * _FAILED without waiting; end waits and swaps in (commit, between
+ * forwards) or frees the shadow. */
+moe_err_t moe_cuda_migrate_begin(moe_cuda_engine_t *engine, int layer, const int *slot_expert, char *msg,
+                                 size_t msg_size);
+int moe_cuda_migrate_poll(moe_cuda_engine_t *engine);
+moe_err_t moe_cuda_migrate_end(moe_cuda_engine_t *engine, bool commit, int64_t *bytes_loaded, char *msg,
+                               size_t msg_size);
 
 /* Polls the NCCL communicators for an asynchronous error (safe from another
  * thread: the watchdog's); on one, aborts them (so a rank stuck in a
