@@ -1077,6 +1077,35 @@ Test(daemon, metrics, .timeout = 120, .fini = fini) {
 
 /* ------------------------------------------------------------------ EPLB */
 
+/* A migration whose weight loads fail on one rank (test hook): every rank
+ * drops it and serves on with the current placement — no hang, no request
+ * lost or wrong, no rebalance counted — and the log says so. */
+Test(daemon, eplb_failed_loads_keep_the_placement, .timeout = 180, .fini = fini) {
+    moe_test_daemon_opts_t opts = {.routing = "client", .eplb_mode = "online", .num_slots = 8,
+                                   .rebalance_every_steps = 8, .window_steps = 64, .log_level = "info",
+                                   .fail_migration_rank = 2 /* rank 1 */};
+    moe_test_skew = true;
+    start(&opts);
+    moe_test_client_t clients[4];
+    for (int i = 0; i < 4; i++) client_init(&clients[i], i % 2, 4, 40, 48, false, seed_ + 77 + (uint64_t)i);
+    run_clients(clients, 4);
+    moe_test_skew = false;
+    for (int i = 0; i < 4; i++)
+        cr_assert(clients[i].results == clients[i].sent && clients[i].errors == 0,
+                  "client %d: %d sent, %d results, %d errors", i, clients[i].sent, clients[i].results,
+                  clients[i].errors);
+    cJSON *reply = control_ok("{\"id\":1,\"cmd\":\"stats\"}");
+    cJSON *layer;
+    cJSON_ArrayForEach(layer, cJSON_GetObjectItem(moe_test_reply_result(reply), "layers"))
+        cr_assert_eq(moe_test_json_number(layer, "rebalances", -1), 0, "a failed migration is not a rebalance");
+    cJSON_Delete(reply);
+    cr_assert(strstr(LOG_TAIL(), "every rank keeps the current one") != NULL, "log:\n%s", LOG_TAIL());
+    cJSON_Delete(control_ok("{\"id\":2,\"cmd\":\"health\"}"));
+    char msg[4096];
+    cr_assert_eq(moe_test_daemon_stop(&daemon_, 20000, msg, sizeof msg), 0, "%s", msg);
+    moe_test_daemon_destroy(&daemon_);
+}
+
 /* eplb.mode online: client-routed requests send half their picks to
  * experts 0-1; the step loop measures the loads and moves experts while
  * clients on both ranks keep checking every answer against the reference —

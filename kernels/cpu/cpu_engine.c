@@ -250,6 +250,10 @@ static moe_err_t fill_migration(void *arg, char *msg, size_t msg_size) {
     moe_weights_t *weights = NULL;
     moe_err_t ret = MOE_OK;
     engine->migration.bytes = 0;
+    const char *fail = getenv("MOE_TEST_FAIL_MIGRATION_RANK"); /* tests: this rank's loads fail */
+    if (fail != NULL && atoi(fail) == engine->ep.rank)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_IO, "rank %d: MOE_TEST_FAIL_MIGRATION_RANK says these loads fail",
+                           engine->ep.rank);
     for (size_t s = 0; ret == MOE_OK && s < spr; s++) {
         int expert = table->slot_expert[first + s];
         size_t old = spr;

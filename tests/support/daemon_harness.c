@@ -300,9 +300,16 @@ int moe_test_daemon_start(moe_test_daemon_t *d, const moe_test_daemon_opts_t *op
     }
     char np[16];
     snprintf(np, sizeof np, "%d", ranks);
-    char *mpi_argv[] = {"mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", np,
-                        "-x", "OMP_NUM_THREADS=1", "-x", "ASAN_OPTIONS=detect_leaks=0", moed, "--config",
-                        d->config_path, NULL};
+    char fail_rank[64] = "";
+    if (d->opts.fail_migration_rank > 0)
+        snprintf(fail_rank, sizeof fail_rank, "MOE_TEST_FAIL_MIGRATION_RANK=%d", d->opts.fail_migration_rank - 1);
+    char *mpi_argv[20];
+    int a = 0;
+    char *fixed[] = {"mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", np,
+                     "-x", "OMP_NUM_THREADS=1", "-x", "ASAN_OPTIONS=detect_leaks=0"};
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) mpi_argv[a++] = fixed[i];
+    if (fail_rank[0] != '\0') mpi_argv[a++] = "-x", mpi_argv[a++] = fail_rank;
+    mpi_argv[a++] = moed, mpi_argv[a++] = "--config", mpi_argv[a++] = d->config_path, mpi_argv[a] = NULL;
     char *solo_argv[] = {moed, "--config", d->config_path, NULL};
     pid_t parent = getpid();
     fflush(stdout);

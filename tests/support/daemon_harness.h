@@ -48,6 +48,7 @@ typedef struct {
     int num_slots;                /* eplb.num_slots (0 = experts) */
     int rebalance_every_steps;    /* 0 = default */
     int window_steps;             /* 0 = default */
+    int fail_migration_rank;      /* 0 = none; r + 1: rank r's EPLB weight loads fail (test hook) */
 } moe_test_daemon_opts_t;
 
 typedef struct {
