@@ -36,6 +36,7 @@ typedef struct {
     long long migration_bytes; /* all ranks, all rebalances */
     double migration_ms;       /* the last rebalance's */
     double imbalance_before, imbalance_after; /* predicted, at the last rebalance */
+    bool loading;              /* a new placement's weights are loading in the background */
 } moe_layer_stats_t;
 
 /* Request counters each rank reports at every agreement; rank 0 sums them
@@ -101,6 +102,8 @@ void moe_stats_window_expert_loads(moe_stats_t *stats, int layer, long long step
 /* A rebalance of `layer` took effect: its new placement, the predicted
  * imbalance before and after, the bytes of weights loaded on all ranks and
  * the time it took. */
+/* A layer's new placement started (true) or stopped (false) loading. */
+void moe_stats_loading(moe_stats_t *stats, int layer, bool loading);
 void moe_stats_rebalanced(moe_stats_t *stats, int layer, const int *placement, double before, double after,
                           long long bytes, double ms);
 

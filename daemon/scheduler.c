@@ -270,6 +270,7 @@ static moe_err_t rebalance_layer(scheduler_t *s, int layer, bool forced, bool *s
     s->migration.layer = layer;
     s->migration.before = before, s->migration.after = after;
     s->migration.start = moe_now();
+    moe_stats_loading(&daemon->stats, layer, true);
     *started = true;
     if (daemon->ep.rank == 0)
         moe_log(MOE_LOG_INFO, "eplb", "layer %d: new placement (predicted imbalance %.3f -> %.3f); loading weights "
@@ -307,6 +308,7 @@ static moe_err_t finish_migration(scheduler_t *s, bool commit) {
     int64_t bytes = 0;
     moe_err_t err = daemon->backend.ops->migrate_end(daemon->backend.state, commit, &bytes, msg, sizeof msg);
     s->migration.active = false;
+    moe_stats_loading(&daemon->stats, layer, false);
     long long result[2] = {commit && err != MOE_OK, bytes};
     if (daemon->ep.size > 1) {
         MPI_Request request;

@@ -148,6 +148,13 @@ void moe_stats_window_expert_loads(moe_stats_t *stats, int layer, long long step
     pthread_mutex_unlock(&stats->lock);
 }
 
+void moe_stats_loading(moe_stats_t *stats, int layer, bool loading) {
+    pthread_mutex_lock(&stats->lock);
+    moe_layer_stats_t *ls = find_layer(stats, layer);
+    if (ls != NULL) ls->loading = loading;
+    pthread_mutex_unlock(&stats->lock);
+}
+
 void moe_stats_rebalanced(moe_stats_t *stats, int layer, const int *placement, double before, double after,
                           long long bytes, double ms) {
     pthread_mutex_lock(&stats->lock);
@@ -243,6 +250,7 @@ static cJSON *layer_json(const moe_stats_t *stats, const moe_layer_stats_t *ls, 
     cJSON_AddNumberToObject(obj, "rebalances", (double)ls->rebalances);
     cJSON_AddNumberToObject(obj, "migration_bytes", (double)ls->migration_bytes);
     cJSON_AddNumberToObject(obj, "migration_ms", ls->migration_ms);
+    cJSON_AddBoolToObject(obj, "loading", ls->loading);
     return obj;
 }
 

@@ -199,9 +199,10 @@ static void print_stats(const cJSON *r, FILE *out) {
         int n = cJSON_GetArraySize(loads);
         double total = 0;
         cJSON_ArrayForEach(item, loads) total += item->valuedouble;
-        fprintf(out, "layer %3.0f  steps %.0f  imbalance %.3f  rebalances %.0f  migrated %.0f B\n",
+        fprintf(out, "layer %3.0f  steps %.0f  imbalance %.3f  rebalances %.0f  migrated %.0f B%s\n",
                 num(layer, "layer"), num(layer, "steps"), num(layer, "imbalance"),
-                num(layer, "rebalances"), num(layer, "migration_bytes"));
+                num(layer, "rebalances"), num(layer, "migration_bytes"),
+                cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(layer, "loading")) ? "  (new placement loading)" : "");
         fprintf(out, "           top experts:");
         int taken[5] = {-1, -1, -1, -1, -1};
         for (int k = 0; k < 5 && k < n; k++) { /* 5 passes over E: simple and E is small */

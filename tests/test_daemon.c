@@ -1135,6 +1135,7 @@ Test(daemon, eplb_online_rebalances_while_serving, .timeout = 180, .fini = fini)
         cr_assert(after < before, "layer %g: predicted imbalance %g -> %g", moe_test_json_number(layer, "layer", -1),
                   before, after);
         cr_assert(moe_test_json_number(layer, "migration_bytes", 0) > 0, "a move between ranks loads weights");
+        cr_assert(cJSON_IsBool(cJSON_GetObjectItem(layer, "loading")), "stats say whether a placement is loading");
         cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(layer, "placement")), 8);
     }
     cr_assert(rebalanced > 0, "no layer was rebalanced; stats %s; log:\n%s", cJSON_PrintUnformatted(reply),
