@@ -1,7 +1,9 @@
 /* cuda_engine: builds the CUDA engine — binds the GPU of this rank, the
- * NCCL communicators, the slot table on the device, and the weights of
- * every layer (router, bias, shared expert) and of this rank's slots, as
- * bf16 (biases and gates float32). Synthetic weights are generated on the
+ * streams, the NCCL communicators (after every rank voted it got that far),
+ * each layer's slot table on the device, and the weights of every layer
+ * (router, bias, shared expert) and of this rank's slots, as bf16 (biases
+ * and gates float32); then the expert-GEMM table (moe.gemm) and the
+ * exchange threshold (moe.comm). Synthetic weights are generated on the
  * device from (seed, layer, expert); safetensors go through moe_weights
  * (float32 on the host) and are rounded to bf16 here. */
 #include <time.h>

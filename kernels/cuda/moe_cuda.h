@@ -1,7 +1,8 @@
 /* moe_cuda: the CUDA backend (DESIGN §4, §5) — the MoE layer with bf16
  * weights and activations, float32 accumulation and routing, experts on
- * cuBLAS, expert parallelism over NCCL (grouped send/recv after a counts
- * exchange). The same entry points as moe_cpu, so it is one row of the
+ * moed's grouped GEMM or cuBLAS (moe.gemm, autotuned), expert parallelism
+ * over NCCL (alltoall or allgather, moe.comm), EPLB migration in the
+ * background. The same entry points as moe_cpu, so it is one row of the
  * backend table; plain C types only, so C code can include this header.
  * A forward is a collective over the EP group, like the CPU engine's. */
 #ifndef MOE_CUDA_H
