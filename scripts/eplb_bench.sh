@@ -5,10 +5,17 @@
 # imbalance (max/mean rank load over the stats window) and the throughput
 # and step time the clients and the daemon see.
 #   bash scripts/eplb_bench.sh [SECONDS]     (default 6 s per measurement)
+# Environment (defaults: the README table's run): RANKS=2, EXPERTS=16,
+# TOP_K=2, HIDDEN=256, INTER=256, EXTRA_SLOTS=4 (the online run's replicas;
+# the total must divide by RANKS), TOKENS=256 per request, one client per rank.
+# E.g. the DeepSeek-V3 expert layout (E=256, k=8, 32 extra slots) on 8 ranks:
+#   RANKS=8 EXPERTS=256 TOP_K=8 HIDDEN=128 INTER=64 EXTRA_SLOTS=32 bash scripts/eplb_bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 SECONDS_PER_RUN=${1:-6}
+RANKS=${RANKS:-2} EXPERTS=${EXPERTS:-16} TOP_K=${TOP_K:-2} HIDDEN=${HIDDEN:-256} INTER=${INTER:-256}
+EXTRA_SLOTS=${EXTRA_SLOTS:-4} TOKENS=${TOKENS:-256}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 dir=$(mktemp -d /tmp/moed-eplb.XXXXXX)
 job=""
@@ -23,10 +30,10 @@ write_config() { # MODE SLOTS
 model:
   weights: {format: synthetic, seed: 3}
   layers: 1
-  hidden: 256
-  moe_intermediate: 256
-  experts: 16
-  top_k: 2
+  hidden: $HIDDEN
+  moe_intermediate: $INTER
+  experts: $EXPERTS
+  top_k: $TOP_K
   routing: {method: zipf, zipf_s: 1.2, seed: 5}
 moe: {backend: cpu}
 eplb: {mode: $1, num_slots: $2, window_steps: 400, rebalance_every_steps: 100, min_improvement: 0.05}
@@ -41,7 +48,8 @@ ctl=("$BUILD/bin/moectl" --control "unix:$dir/control.sock" --data "unix:$dir/da
 
 measure() { # LABEL: one bench run, then the stats it left
     local label=$1 out
-    out=$("${ctl[@]}" bench --connections 2 --ranks 2 --tokens 256 --seconds "$SECONDS_PER_RUN" --layer 0 --json)
+    out=$("${ctl[@]}" bench --connections "$RANKS" --ranks "$RANKS" --tokens "$TOKENS" --seconds "$SECONDS_PER_RUN" \
+        --layer 0 --json)
     "${ctl[@]}" stats --json | python3 -c '
 import json, sys
 bench = json.loads(sys.argv[2]); stats = json.load(sys.stdin); layer = stats["layers"][0]
@@ -54,10 +62,10 @@ print("%-22s imbalance %s  rank loads %s  step p50 %.2f ms  %.0f tokens/s  rebal
 
 run() { # MODE SLOTS
     write_config "$1" "$2"
-    mpirun --oversubscribe --bind-to none --mca mpi_yield_when_idle 1 -np 2 -x OMP_NUM_THREADS=1 "$BUILD/bin/moed" --config "$dir/moed.yaml" \
+    mpirun --oversubscribe --bind-to none --mca mpi_yield_when_idle 1 -np "$RANKS" -x OMP_NUM_THREADS=1 "$BUILD/bin/moed" --config "$dir/moed.yaml" \
         > "$dir/moed-$1.log" 2>&1 &
     job=$!
-    for _ in $(seq 100); do "${ctl[@]}" health > /dev/null 2>&1 && break; sleep 0.1; done
+    for _ in $(seq 600); do "${ctl[@]}" health > /dev/null 2>&1 && break; sleep 0.1; done
     measure "eplb $1 ($2 slots)"
     [ "$1" = online ] && measure "eplb online, later"
     "${ctl[@]}" shutdown > /dev/null
@@ -66,6 +74,6 @@ run() { # MODE SLOTS
     grep -h "new placement" "$dir/moed-$1.log" | sed 's/^/    /' || true
 }
 
-echo "Zipf(1.2) routing, H=256 I=256 E=16 k=2, 2 CPU ranks, 2 clients x 256-token requests, ${SECONDS_PER_RUN} s each"
-run off 16
-run online 20
+echo "Zipf(1.2) routing, H=$HIDDEN I=$INTER E=$EXPERTS k=$TOP_K, $RANKS CPU ranks, $RANKS clients x $TOKENS-token requests, ${SECONDS_PER_RUN} s each"
+run off "$EXPERTS"
+run online $((EXPERTS + EXTRA_SLOTS))
