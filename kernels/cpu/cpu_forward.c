@@ -483,23 +483,34 @@ static moe_err_t time_exchange(moe_cpu_engine_t *engine, int n, int threshold, d
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "moe.comm auto: another rank could not set up the timing");
     const int saved = engine->allgather_max_tokens;
     engine->allgather_max_tokens = threshold;
-    double samples[5];
-    for (int rep = 0; ret == MOE_OK && rep < 5; rep++) {
-        MPI_Barrier(engine->ep.comm);
+    double samples[5] = {0};
+    bool failed_anywhere = false;
+    for (int rep = 0; rep < 5; rep++) {
+        /* a barrier that also agrees every rank is still fine, so that a
+         * rank's failure stops all of them at the same point */
+        int ok = ret == MOE_OK;
+        if (MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, engine->ep.comm) != MPI_SUCCESS) ok = 0;
+        if (!ok) {
+            failed_anywhere = true;
+            break;
+        }
         double start = MPI_Wtime();
         ret = forward_chunk(engine, &engine->layers[0], x, ids, w, n, 0, n, out, true, msg, msg_size);
         samples[rep] = MPI_Wtime() - start;
     }
     engine->allgather_max_tokens = saved;
-    if (ret == MOE_OK) {
-        for (int i = 1; i < 5; i++) /* insertion sort of 5 */
-            for (int j = i; j > 0 && samples[j] < samples[j - 1]; j--) {
-                double tmp = samples[j];
-                samples[j] = samples[j - 1], samples[j - 1] = tmp;
-            }
-        *seconds = samples[2];
-        MPI_Allreduce(MPI_IN_PLACE, seconds, 1, MPI_DOUBLE, MPI_MAX, engine->ep.comm);
-    }
+    for (int i = 1; i < 5; i++) /* insertion sort of 5 */
+        for (int j = i; j > 0 && samples[j] < samples[j - 1]; j--) {
+            double tmp = samples[j];
+            samples[j] = samples[j - 1], samples[j - 1] = tmp;
+        }
+    /* the slowest rank's median, and whether any rank failed after the last vote */
+    double result[2] = {samples[2], ret != MOE_OK || failed_anywhere ? 1.0 : 0.0};
+    if (MPI_Allreduce(MPI_IN_PLACE, result, 2, MPI_DOUBLE, MPI_MAX, engine->ep.comm) != MPI_SUCCESS && ret == MOE_OK)
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "moe.comm auto: MPI_Allreduce failed");
+    if (ret == MOE_OK && result[1] > 0)
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "moe.comm auto: another rank's timing failed");
+    *seconds = result[0];
     free(x), free(out), free(w), free(ids);
     return ret;
 }

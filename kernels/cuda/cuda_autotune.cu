@@ -256,10 +256,18 @@ static moe_err_t time_exchange(moe_cuda_engine_t *engine, int n, int threshold, 
                                double *ms_out, char *msg, size_t msg_size) {
     const int saved = engine->allgather_max_tokens;
     engine->allgather_max_tokens = threshold;
-    double ms[MOE_TUNE_ITERS];
+    double ms[MOE_TUNE_ITERS] = {};
     moe_err_t ret = MOE_OK;
-    for (int it = -1; ret == MOE_OK && it < MOE_TUNE_ITERS; it++) {
-        MPI_Barrier(engine->ep.comm);
+    bool failed_anywhere = false;
+    for (int it = -1; it < MOE_TUNE_ITERS; it++) {
+        /* a barrier that also agrees every rank is still fine, so that a
+         * rank's failure stops all of them at the same point */
+        int ok = ret == MOE_OK;
+        if (MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, engine->ep.comm) != MPI_SUCCESS) ok = 0;
+        if (!ok) {
+            failed_anywhere = true;
+            break;
+        }
         cudaEventRecord(start, engine->stream);
         ret = moe_cuda_forward_chunk(engine, &engine->layers[0], x, n, n, ids, weights, out, true, msg, msg_size);
         cudaEventRecord(stop, engine->stream);
@@ -271,11 +279,15 @@ static moe_err_t time_exchange(moe_cuda_engine_t *engine, int n, int threshold, 
         if (it >= 0) ms[it] = elapsed;
     }
     engine->allgather_max_tokens = saved;
-    if (ret != MOE_OK) return ret;
     qsort(ms, MOE_TUNE_ITERS, sizeof ms[0], compare_doubles);
-    *ms_out = ms[MOE_TUNE_ITERS / 2];
-    if (MPI_Allreduce(MPI_IN_PLACE, ms_out, 1, MPI_DOUBLE, MPI_MAX, engine->ep.comm) != MPI_SUCCESS)
+    /* the slowest rank's median, and whether any rank failed after the last vote */
+    double result[2] = {ms[MOE_TUNE_ITERS / 2], ret != MOE_OK || failed_anywhere ? 1.0 : 0.0};
+    if (MPI_Allreduce(MPI_IN_PLACE, result, 2, MPI_DOUBLE, MPI_MAX, engine->ep.comm) != MPI_SUCCESS)
         return moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "moe.comm auto: MPI_Allreduce failed");
+    if (result[1] > 0)
+        return ret != MOE_OK ? ret
+                             : moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "moe.comm auto: another rank's timing failed");
+    *ms_out = result[0];
     return MOE_OK;
 }
 
@@ -285,18 +297,23 @@ moe_err_t moe_cuda_tune_comm(moe_cuda_engine_t *engine, char *msg, size_t msg_si
     if (comm != MOE_COMM_AUTO || engine->ep.size == 1 || engine->n_layers == 0) return MOE_OK;
     const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k, E = engine->cfg.model.experts;
     const size_t n_max = MOE_COMM_TUNE_MAX;
+    /* every setup step records its failure instead of returning: the ranks
+     * vote on it below, before any collective timing */
     bf16 *x = (bf16 *)moe_cuda_reserve(&engine->ws.x, sizeof(bf16) * n_max * H, msg, msg_size);
     float *out = (float *)moe_cuda_reserve(&engine->ws.out, sizeof(float) * n_max * H, msg, msg_size);
-    if (x == nullptr || out == nullptr) return MOE_ERR_NOMEM;
-    MOE_CUDA_TRY(moe_cuda_synth_launch(x, nullptr, n_max * H, 0xc0ffeeull + engine->ep.rank, 0, 99, 0, 1, 0,
-                                       engine->stream));
+    moe_err_t ret = x != nullptr && out != nullptr ? MOE_OK : MOE_ERR_NOMEM;
+    if (ret == MOE_OK) {
+        cudaError_t e = moe_cuda_synth_launch(x, nullptr, n_max * H, 0xc0ffeeull + engine->ep.rank, 0, 99, 0, 1, 0,
+                                              engine->stream);
+        if (e != cudaSuccess)
+            ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "moe.comm auto: %s", cudaGetErrorString(e));
+    }
     /* host routing for client-routed models: distinct experts, spread evenly */
     int32_t *ids = (int32_t *)malloc(sizeof(int32_t) * n_max * k);
     float *weights = (float *)malloc(sizeof(float) * n_max * k);
     cudaEvent_t start = nullptr, stop = nullptr;
-    moe_err_t ret = ids != nullptr && weights != nullptr
-                        ? MOE_OK
-                        : moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "moe.comm auto: out of memory");
+    if (ret == MOE_OK && (ids == nullptr || weights == nullptr))
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "moe.comm auto: out of memory");
     for (size_t p = 0; ret == MOE_OK && p < n_max * k; p++)
         ids[p] = (int32_t)((p / k * 7 + p % k) % (size_t)E), weights[p] = 1.0f / (float)k;
     if (ret == MOE_OK && (cudaEventCreate(&start) != cudaSuccess || cudaEventCreate(&stop) != cudaSuccess))

@@ -158,15 +158,30 @@ static moe_err_t alloc_layer(moe_cuda_engine_t *engine, cuda_layer_t *L, char *m
 /* NCCL: rank 0 makes the unique ids, MPI broadcasts them. */
 static moe_err_t init_nccl(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     if (engine->ep.size == 1) return MOE_OK;
-    ncclUniqueId ids[2];
+    /* the ids travel with rank 0's outcome, so a failure there cannot
+     * leave the other ranks in the broadcast */
+    struct {
+        ncclUniqueId ids[2];
+        int ok;
+    } boot;
+    memset(&boot, 0, sizeof boot);
+    ncclResult_t made = ncclSuccess;
     if (engine->ep.rank == 0) {
-        MOE_NCCL_TRY(ncclGetUniqueId(&ids[0]));
-        MOE_NCCL_TRY(ncclGetUniqueId(&ids[1]));
+        made = ncclGetUniqueId(&boot.ids[0]);
+        if (made == ncclSuccess) made = ncclGetUniqueId(&boot.ids[1]);
+        boot.ok = made == ncclSuccess;
     }
-    if (MPI_Bcast(ids, (int)sizeof ids, MPI_BYTE, 0, engine->ep.comm) != MPI_SUCCESS)
+    if (MPI_Bcast(&boot, (int)sizeof boot, MPI_BYTE, 0, engine->ep.comm) != MPI_SUCCESS)
         return moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "cuda: broadcasting the NCCL ids failed");
-    MOE_NCCL_TRY(ncclCommInitRank(&engine->comm, engine->ep.size, ids[0], engine->ep.rank));
-    MOE_NCCL_TRY(ncclCommInitRank(&engine->comm_balancer, engine->ep.size, ids[1], engine->ep.rank));
+    if (!boot.ok)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "cuda: rank 0 could not make the NCCL ids%s%s",
+                           made != ncclSuccess ? ": " : "", made != ncclSuccess ? ncclGetErrorString(made) : "");
+    MOE_NCCL_TRY(ncclCommInitRank(&engine->comm, engine->ep.size, boot.ids[0], engine->ep.rank));
+    ncclResult_t second = ncclCommInitRank(&engine->comm_balancer, engine->ep.size, boot.ids[1], engine->ep.rank);
+    if (second != ncclSuccess) {
+        ncclCommDestroy(engine->comm);
+        MOE_NCCL_TRY(second);
+    }
     engine->have_comm = true;
     return MOE_OK;
 }
@@ -190,8 +205,11 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
                            "moe.backend: cuda needs a GPU, and this machine has none usable (%s); use "
                            "moe.backend: cpu", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
     }
-    const char *local = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-    engine->device = (local != nullptr ? atoi(local) : engine->ep.rank) % count;
+    if (engine->local_ranks > count)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED,
+                           "moe.backend: cuda: %d ranks on this node but %d GPU(s); run one rank per GPU",
+                           engine->local_ranks, count);
+    engine->device = engine->local_rank % count;
     MOE_CUDA_TRY(cudaSetDevice(engine->device));
     cudaDeviceProp prop;
     MOE_CUDA_TRY(cudaGetDeviceProperties(&prop, engine->device));
@@ -239,6 +257,9 @@ static moe_err_t create(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     if (!all_ranks_ok(engine, prepared == MOE_OK))
         return prepared != MOE_OK ? prepared
                                   : moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda: another rank failed to start");
+    /* profiling runs the chunks one after another, which orders the NCCL
+     * calls differently from overlap: only when every rank profiles */
+    if (!all_ranks_ok(engine, engine->profile.on)) engine->profile.on = false;
     MOE_TRY(init_nccl(engine, msg, msg_size));
     MOE_TRY(device_alloc((void **)&engine->d_step_counts, sizeof(unsigned long long) * engine->slots.n_slots,
                          "the slot counters", msg, msg_size));
@@ -321,6 +342,19 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
     moe_route_params_init(&params, &cfg->model, nullptr, 0, ep.rank, ep.size);
     moe_err_t ret = moe_route_validate(&params, msg, msg_size);
     if (ret == MOE_OK) ret = moe_slots_build(&cfg->eplb, cfg->model.experts, ep.size, &engine->slots, msg, msg_size);
+    /* the rank's GPU: its index among the ranks of its node (MPI's view,
+     * whatever the launcher; one rank: GPU 0) */
+    engine->local_rank = 0, engine->local_ranks = 1;
+    if (ep.size > 1) {
+        MPI_Comm node = MPI_COMM_NULL;
+        if (MPI_Comm_split_type(ep.comm, MPI_COMM_TYPE_SHARED, ep.rank, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+            MPI_Comm_rank(node, &engine->local_rank);
+            MPI_Comm_size(node, &engine->local_ranks);
+            MPI_Comm_free(&node);
+        } else if (ret == MOE_OK) {
+            ret = moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "cuda: cannot find the ranks of this node");
+        }
+    }
     if (ret == MOE_OK) ret = create(engine, msg, msg_size);
     /* moe.comm auto times collectives: only when every rank is up */
     bool up = all_ranks_ok(engine, ret == MOE_OK);
@@ -363,7 +397,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
         ncclCommDestroy(engine->comm);
         ncclCommDestroy(engine->comm_balancer);
     }
-    for (int p = 0; engine->profile.on && p <= MOE_CUDA_PHASES; p++)
+    for (int p = 0; p <= MOE_CUDA_PHASES; p++)
         if (engine->profile.marks[p] != nullptr) cudaEventDestroy(engine->profile.marks[p]);
     if (engine->cublas != nullptr) cublasDestroy(engine->cublas);
     if (engine->cublas_aux != nullptr) cublasDestroy(engine->cublas_aux);

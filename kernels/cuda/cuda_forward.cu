@@ -68,9 +68,9 @@ static moe_err_t exchange(moe_cuda_engine_t *engine, cudaStream_t stream, const 
                           ncclDataType_t type, size_t elem_bytes, char *msg, size_t msg_size) {
     MOE_NCCL_TRY(ncclGroupStart());
     for (int d = 0; d < engine->ep.size; d++) {
-        MOE_NCCL_TRY(ncclSend((const char *)send + (size_t)send_off[d] * width * elem_bytes,
+        MOE_NCCL_GROUP_TRY(ncclSend((const char *)send + (size_t)send_off[d] * width * elem_bytes,
                               (size_t)send_count[d] * width, type, d, engine->comm, stream));
-        MOE_NCCL_TRY(ncclRecv((char *)recv + (size_t)recv_off[d] * width * elem_bytes, (size_t)recv_count[d] * width,
+        MOE_NCCL_GROUP_TRY(ncclRecv((char *)recv + (size_t)recv_off[d] * width * elem_bytes, (size_t)recv_count[d] * width,
                               type, d, engine->comm, stream));
     }
     MOE_NCCL_TRY(ncclGroupEnd());
@@ -131,8 +131,8 @@ static moe_err_t dispatch_alltoall(moe_cuda_engine_t *engine, cuda_chunk_t *c, c
     if (R > 1) {
         MOE_NCCL_TRY(ncclGroupStart());
         for (int d = 0; d < R; d++) {
-            MOE_NCCL_TRY(ncclSend(counts + d, 1, ncclInt32, d, engine->comm, stream));
-            MOE_NCCL_TRY(ncclRecv(counts + R + d, 1, ncclInt32, d, engine->comm, stream));
+            MOE_NCCL_GROUP_TRY(ncclSend(counts + d, 1, ncclInt32, d, engine->comm, stream));
+            MOE_NCCL_GROUP_TRY(ncclRecv(counts + R + d, 1, ncclInt32, d, engine->comm, stream));
         }
         MOE_NCCL_TRY(ncclGroupEnd());
         MOE_TRY(moe_cuda_fetch(engine, stream, host_counts, counts, sizeof(int32_t) * 2 * R, msg, msg_size));
@@ -194,9 +194,9 @@ static moe_err_t dispatch_allgather(moe_cuda_engine_t *engine, cuda_chunk_t *c, 
             (cuda_meta_t *)moe_cuda_reserve(&ws->recv_meta, sizeof(cuda_meta_t) * (size_t)n_all * k, msg, msg_size);
         if (!c->recv_rows || !c->recv_meta) return MOE_ERR_NOMEM;
         MOE_NCCL_TRY(ncclGroupStart());
-        MOE_NCCL_TRY(ncclAllGather(own_rows, c->recv_rows, (size_t)Ta * H, ncclBfloat16, engine->comm, stream));
-        MOE_NCCL_TRY(ncclAllGather(own_meta, c->recv_meta, (size_t)Ta * k * sizeof(cuda_meta_t), ncclChar,
-                                   engine->comm, stream));
+        MOE_NCCL_GROUP_TRY(ncclAllGather(own_rows, c->recv_rows, (size_t)Ta * H, ncclBfloat16, engine->comm, stream));
+        MOE_NCCL_GROUP_TRY(ncclAllGather(own_meta, c->recv_meta, (size_t)Ta * k * sizeof(cuda_meta_t), ncclChar,
+                                         engine->comm, stream));
         MOE_NCCL_TRY(ncclGroupEnd());
     }
     MOE_CUDA_TRY(moe_cuda_localize_meta_launch(c->recv_meta, (size_t)n_all * k, engine->ep.rank, S, stream));

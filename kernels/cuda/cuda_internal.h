@@ -63,6 +63,18 @@ typedef __nv_bfloat16 bf16;
                                #call, ncclGetErrorString(moe_r_));                              \
     } while (0)
 
+/* The same inside ncclGroupStart .. ncclGroupEnd: the group is closed
+ * before the error returns. */
+#define MOE_NCCL_GROUP_TRY(call)                                                                \
+    do {                                                                                        \
+        ncclResult_t moe_r_ = (call);                                                           \
+        if (moe_r_ != ncclSuccess) {                                                            \
+            (void)ncclGroupEnd();                                                               \
+            return moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "%s:%d: %s: NCCL: %s", __FILE__, __LINE__, \
+                               #call, ncclGetErrorString(moe_r_));                              \
+        }                                                                                       \
+    } while (0)
+
 /* Propagates a moe_err_t from a helper (its message is already in msg). */
 #define MOE_TRY(call)                            \
     do {                                         \
@@ -135,6 +147,7 @@ struct moe_cuda_engine {
     moe_ep_t ep;
     moe_slot_table_t slots; /* the configured placement (sizes; layers start from it or the placement file) */
     int device;
+    int local_rank, local_ranks; /* this rank among the ranks of its node */
     char device_name[160];
     cudaStream_t stream;      /* main: experts, shared expert, finalize */
     cudaStream_t aux;         /* aux_chunk: routing, dispatch and combine of chunks (every NCCL call of a step) */

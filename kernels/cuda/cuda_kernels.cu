@@ -188,7 +188,8 @@ __global__ void counts_kernel(const int32_t *flags, const int32_t *scan, int n_t
 
 cudaError_t moe_cuda_counts_launch(const int32_t *flags, const int32_t *scan, int n_tokens, int n_ranks,
                                    int32_t *counts, cudaStream_t stream) {
-    counts_kernel<<<1, 256, 0, stream>>>(flags, scan, n_tokens, n_ranks, counts);
+    if (n_ranks <= 0) return cudaSuccess;
+    counts_kernel<<<blocks_for((size_t)n_ranks, 256), 256, 0, stream>>>(flags, scan, n_tokens, n_ranks, counts);
     return cudaGetLastError();
 }
 
