@@ -20,6 +20,10 @@ else
 CUDA ?= 1
 endif
 CUDA_ARCH ?= -gencode=arch=compute_90,code=sm_90
+# cuda_wgmma.cu holds Hopper-only instructions (wgmma): it alone is built
+# for sm_90a, and on other GPUs its kernels have no image (the engine then
+# uses the other GEMMs).
+WGMMA_ARCH ?= -gencode=arch=compute_90a,code=sm_90a
 
 MPI_CFLAGS := $(shell mpicc --showme:compile 2>/dev/null)
 MPI_LIBS   := $(shell mpicc --showme:link 2>/dev/null)
@@ -81,6 +85,8 @@ $(BUILD)/obj/%.o: %.cu $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  NVCC    $<")
 	$(Q)$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(BUILD)/obj/kernels/cuda/cuda_wgmma.o: override CUDA_ARCH = $(WGMMA_ARCH)
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)

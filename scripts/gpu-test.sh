@@ -7,7 +7,8 @@
 #   info    nvidia-smi -L, nvcc --version, mpirun/python versions; the bundle's
 #           libraries resolve (ldd)
 #   kernel  bin/tests/cuda_layer (CUDA layer vs the CPU backend), then the same
-#           under compute-sanitizer memcheck --leak-check full
+#           under compute-sanitizer memcheck --leak-check full (its quick set:
+#           MOE_CUDA_LAYER_QUICK=1, without the largest sizes)
 #   daemon  moed under mpirun with 1 rank (and 2 with >= 2 GPUs) on the tiny
 #           config with moe.backend cuda, the same with cpu; the same
 #           moectl forward (64 tokens, seed 5) on both; outputs must agree
@@ -449,7 +450,7 @@ main() {
         if [ -x "$TBIN/cuda_layer" ]; then
             run_check kernel-cuda_layer "${MOED_GPU_TEST_KERNEL_S:-600}" "$TBIN/cuda_layer"
             if [ -n "$SANITIZER" ]; then
-                run_check kernel-cuda_layer-memcheck "${MOED_GPU_TEST_SANITIZER_S:-900}" "$SANITIZER" \
+                MOE_CUDA_LAYER_QUICK=1 run_check kernel-cuda_layer-memcheck "${MOED_GPU_TEST_SANITIZER_S:-900}" "$SANITIZER" \
                     --tool memcheck --leak-check full --error-exitcode 1 --target-processes all "$TBIN/cuda_layer"
             else
                 skip "kernel-cuda_layer-memcheck: compute-sanitizer not found"

@@ -16,7 +16,7 @@
 
 #define MOE_TUNE_ITERS 5
 /* Bump when a kernel changes enough that cached choices are stale. */
-#define MOE_TUNE_REVISION "grouped-mma-v1"
+#define MOE_TUNE_REVISION "grouped-wgmma-v2"
 
 static const char *const impl_names[MOE_IMPL_COUNT] = {"cublas", "grouped"};
 
@@ -46,10 +46,13 @@ static void key_of(const moe_cuda_engine_t *engine, char *key, size_t size) {
     const moe_model_config_t *m = &engine->cfg.model;
     int cublas_version = 0;
     cublasGetVersion(engine->cublas, &cublas_version);
+    char wgmma[64] = "";
+    if (engine->wgmma_ok)
+        snprintf(wgmma, sizeof wgmma, "+wgmma(min_rows=%d bn=%d)", engine->wgmma_min_rows, engine->wgmma_bn);
     snprintf(key, size,
-             "%s | H=%d I=%d E=%d k=%d | bf16 | ep=%d slots/rank=%d | impls=cublas%s%s%s | cublas %d | max_rows=%d | %s",
+             "%s | H=%d I=%d E=%d k=%d | bf16 | ep=%d slots/rank=%d | impls=cublas%s%s%s%s | cublas %d | max_rows=%d | %s",
              engine->device_name, m->hidden, m->moe_intermediate, m->experts, m->top_k, engine->ep.size,
-             engine->slots.slots_per_rank, engine->own_grouped_ok ? ",grouped" : "",
+             engine->slots.slots_per_rank, engine->own_grouped_ok ? ",grouped" : "", wgmma,
              getenv("MOE_CUDA_NO_GROUPED") != nullptr ? " no-cublas-grouped" : "",
              getenv("MOE_CUDA_FORCE_GROUPED") != nullptr ? " force-cublas-grouped" : "", cublas_version,
              engine->cfg.moe.autotune.max_tokens, MOE_TUNE_REVISION);
@@ -159,7 +162,7 @@ static moe_err_t time_impl(moe_cuda_engine_t *engine, moe_gemm_impl_t impl, cons
     if (partial == nullptr) return MOE_ERR_NOMEM;
     for (int it = -1; it < MOE_TUNE_ITERS; it++) {
         MOE_CUDA_TRY(cudaEventRecord(start, engine->stream));
-        MOE_TRY(moe_cuda_experts(engine, &engine->layers[0], impl, rows, meta, n_rows, partial, msg, msg_size));
+        MOE_TRY(moe_cuda_experts(engine, &engine->layers[0], impl, rows, meta, n_rows, partial, nullptr, msg, msg_size));
         MOE_CUDA_TRY(cudaEventRecord(stop, engine->stream));
         MOE_CUDA_TRY(cudaEventSynchronize(stop));
         float elapsed = 0.0f;

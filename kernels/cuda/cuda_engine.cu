@@ -6,6 +6,7 @@
  * exchange threshold (moe.comm). Synthetic weights are generated on the
  * device from (seed, layer, expert); safetensors go through moe_weights
  * (float32 on the host) and are rounded to bf16 here. */
+#include <errno.h>
 #include <time.h>
 
 #include "cuda_internal.h"
@@ -194,6 +195,23 @@ static bool all_ranks_ok(const moe_cuda_engine_t *engine, bool ok) {
     return value == 1;
 }
 
+/* A tuning variable from the environment, or `fallback` when unset; false
+ * with msg set when it is not an integer in [lo, hi]. */
+static bool env_int(const char *name, int fallback, int lo, int hi, int *value, char *msg, size_t msg_size) {
+    const char *text = getenv(name);
+    *value = fallback;
+    if (text == nullptr) return true;
+    char *end = nullptr;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    if (errno != 0 || end == text || *end != '\0' || v < lo || v > hi) {
+        moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "%s='%s': expected an integer in [%d, %d]", name, text, lo, hi);
+        return false;
+    }
+    *value = (int)v;
+    return true;
+}
+
 /* This rank's own setup: device, streams, handles. No collective. */
 static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
@@ -228,6 +246,20 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
         moe_cuda_grouped_supported(m->hidden, m->moe_intermediate, prop.major, engine->max_smem, why, sizeof why);
     if (engine->cfg.moe.gemm == MOE_GEMM_GROUPED && !engine->own_grouped_ok)
         return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED, "moe.gemm: 'grouped' %s; use cublas or auto", why);
+    if (engine->own_grouped_ok) {
+        char wg_why[160];
+        engine->wgmma_ok = getenv("MOE_CUDA_NO_WGMMA") == nullptr &&
+                           moe_cuda_wgmma_supported(m->hidden, m->moe_intermediate, engine->max_smem, wg_why,
+                                                    sizeof wg_why);
+        if (!engine->wgmma_ok && getenv("MOE_CUDA_NO_WGMMA") == nullptr)
+            moe_log(MOE_LOG_INFO, "cuda", "grouped GEMM: mma.sync tiles only (wgmma %s)", wg_why);
+        if (!env_int("MOE_CUDA_WGMMA_MIN_ROWS", 1, 1, 1 << 30, &engine->wgmma_min_rows, msg, msg_size) ||
+            !env_int("MOE_CUDA_WGMMA_BN", 0, 0, 256, &engine->wgmma_bn, msg, msg_size))
+            return MOE_ERR_CONFIG;
+        if (engine->wgmma_bn != 0 && engine->wgmma_bn != 64 && engine->wgmma_bn != 128 && engine->wgmma_bn != 256)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "MOE_CUDA_WGMMA_BN must be 64, 128 or 256 (have %d)",
+                               engine->wgmma_bn);
+    }
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->stream, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->aux, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->balancer, cudaStreamNonBlocking));

@@ -1,11 +1,10 @@
 /* cuda_experts: the expert stage of a chunk on the main stream (DESIGN §4
  * step 5) — entries grouped by local slot, the expert GEMMs with the
  * implementation moe.gemm chose for the chunk's size (cuBLAS, or moed's
- * grouped kernel of cuda_grouped.cu), SwiGLU, the weighted per-row sum —
+ * grouped kernels: cuda_wgmma.cu on sm_90, cuda_grouped.cu's mma.sync
+ * elsewhere), SwiGLU, the weighted per-row sum —
  * and the small helpers the forward shares (a cuBLAS GEMM, a synchronous
  * fetch of counts, profile marks). */
-#include <cub/cub.cuh>
-
 #include "cuda_internal.h"
 
 #define RESERVE(engine, name, type, n) \
@@ -94,64 +93,58 @@ static moe_err_t grouped_gemm(moe_cuda_engine_t *engine, int N, int K, const bf1
     return MOE_OK;
 }
 
-static moe_err_t sort_pairs(moe_cuda_engine_t *engine, const int32_t *keys, int32_t *keys_sorted,
-                            const int32_t *vals, int32_t *vals_sorted, int n, int max_key, char *msg,
-                            size_t msg_size) {
-    if (n == 0) return MOE_OK;
-    int end_bit = 1;
-    while ((1 << end_bit) <= max_key) end_bit++;
-    size_t bytes = 0;
-    MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, keys_sorted, vals, vals_sorted, n, 0, end_bit,
-                                                 engine->stream));
-    void *temp = moe_cuda_reserve(&engine->ws.cub_temp, bytes, msg, msg_size);
-    if (temp == nullptr) return MOE_ERR_NOMEM;
-    MOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(temp, bytes, keys, keys_sorted, vals, vals_sorted, n, 0, end_bit,
-                                                 engine->stream));
-    return MOE_OK;
-}
-
 int moe_cuda_bucket(int rows) {
     int b = 0;
     while (b < MOE_GEMM_BUCKETS - 1 && (1 << b) < rows) b++;
     return b;
 }
 
-/* Entries grouped by local slot (a stable radix sort: deterministic), then
- * [gate|up], SwiGLU and down per slot, then the weighted per-row sum.
+/* Entries grouped by local slot (counts, a scan, a scatter: cuda_grouped.cu),
+ * then [gate|up], SwiGLU and down per slot, then the weighted per-row sum.
  * cuBLAS needs the per-slot counts on the host (one sync); moed's grouped
  * kernel reads them on the device, reads each entry's row in place (the
  * gather is fused) and applies SwiGLU in its epilogue. */
 moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_impl_t impl,
                            const bf16 *recv_rows, const cuda_meta_t *recv_meta, int n_recv, bf16 *partial,
-                           char *msg, size_t msg_size) {
+                           float *out, char *msg, size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
     const int k = m->top_k, H = m->hidden, I = m->moe_intermediate, S = engine->slots.slots_per_rank;
     cudaStream_t stream = engine->stream;
     const int n_entries = n_recv * k;
-    int32_t *keys = RESERVE(engine, keys, int32_t, n_entries), *vals = RESERVE(engine, vals, int32_t, n_entries);
-    int32_t *keys_sorted = RESERVE(engine, keys_sorted, int32_t, n_entries);
+    int32_t *keys = RESERVE(engine, keys, int32_t, n_entries), *cursor = RESERVE(engine, cursor, int32_t, S);
     int32_t *vals_sorted = RESERVE(engine, vals_sorted, int32_t, n_entries);
     int32_t *slot_counts = RESERVE(engine, slot_counts, int32_t, S);
     int32_t *inverse = RESERVE(engine, inverse, int32_t, n_entries);
-    if (!keys || !vals || !keys_sorted || !vals_sorted || !slot_counts || !inverse) return MOE_ERR_NOMEM;
-    MOE_CUDA_TRY(moe_cuda_pair_keys_launch(recv_meta, n_entries, S, keys, vals, slot_counts, stream));
-    MOE_TRY(sort_pairs(engine, keys, keys_sorted, vals, vals_sorted, n_entries, S, msg, msg_size));
+    int32_t *plan = RESERVE(engine, plan, int32_t, 2 * (size_t)S + 2);
+    if (!keys || !cursor || !vals_sorted || !slot_counts || !inverse || !plan) return MOE_ERR_NOMEM;
+    const bool grouped = impl == MOE_IMPL_GROUPED && engine->own_grouped_ok;
+    /* wgmma's 128-row tiles where the GPU has them (sm_90; measured faster
+     * than the mma.sync tiles at every size on an H200, README), from
+     * MOE_CUDA_WGMMA_MIN_ROWS entries per slot on average (default 1) */
+    const bool wgmma = grouped && engine->wgmma_ok && (long)n_entries >= (long)engine->wgmma_min_rows * S;
+    const int tile_rows = wgmma ? MOE_WGMMA_TILE_ROWS : moe_cuda_grouped_tile_rows(n_entries, S, engine->max_smem);
+    MOE_CUDA_TRY(moe_cuda_group_entries_launch(recv_meta, n_entries, S, tile_rows, keys, slot_counts, plan, cursor,
+                                               vals_sorted, inverse, stream));
     bf16 *y = nullptr;
-    if (impl == MOE_IMPL_GROUPED && engine->own_grouped_ok) {
+    if (grouped) {
         /* buffers sized for every entry: the host does not learn how many are local */
-        int32_t *plan = RESERVE(engine, plan, int32_t, 2 * (size_t)S + 2);
         bf16 *act = RESERVE(engine, act, bf16, (size_t)n_entries * I);
         y = RESERVE(engine, y, bf16, (size_t)n_entries * H);
-        if (!plan || !act || !y) return MOE_ERR_NOMEM;
-        const int tile_rows = moe_cuda_grouped_tile_rows(n_entries, S, engine->max_smem);
-        MOE_CUDA_TRY(moe_cuda_grouped_plan_launch(slot_counts, S, tile_rows, plan, vals_sorted, n_entries, inverse,
-                                                  stream));
+        if (!act || !y) return MOE_ERR_NOMEM;
         moe_cuda_mark(engine, 3);
-        MOE_CUDA_TRY(moe_cuda_grouped_gemm_launch(L->w13, recv_rows, vals_sorted, k, plan, S, tile_rows, true, I, H,
-                                                  n_entries, act, stream));
-        moe_cuda_mark(engine, 4);
-        MOE_CUDA_TRY(moe_cuda_grouped_gemm_launch(L->w2, act, nullptr, 1, plan, S, tile_rows, false, H, I, n_entries,
-                                                  y, stream));
+        if (wgmma) {
+            MOE_CUDA_TRY(moe_cuda_wgmma_gemm_launch(L->w13, recv_rows, vals_sorted, k, plan, S, true, I, H,
+                                                    n_entries, engine->wgmma_bn, act, stream));
+            moe_cuda_mark(engine, 4);
+            MOE_CUDA_TRY(moe_cuda_wgmma_gemm_launch(L->w2, act, nullptr, 1, plan, S, false, H, I, n_entries,
+                                                    engine->wgmma_bn, y, stream));
+        } else {
+            MOE_CUDA_TRY(moe_cuda_grouped_gemm_launch(L->w13, recv_rows, vals_sorted, k, plan, S, tile_rows, true, I,
+                                                      H, n_entries, act, stream));
+            moe_cuda_mark(engine, 4);
+            MOE_CUDA_TRY(moe_cuda_grouped_gemm_launch(L->w2, act, nullptr, 1, plan, S, tile_rows, false, H, I,
+                                                      n_entries, y, stream));
+        }
     } else {
         int host_slot_counts[MOE_MAX_SLOTS];
         MOE_TRY(moe_cuda_fetch(engine, stream, host_slot_counts, slot_counts, sizeof(int32_t) * S, msg, msg_size));
@@ -162,7 +155,7 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         bf16 *act = RESERVE(engine, act, bf16, (size_t)n_valid * I);
         y = RESERVE(engine, y, bf16, (size_t)n_valid * H);
         if (!gathered || !h13 || !act || !y) return MOE_ERR_NOMEM;
-        MOE_CUDA_TRY(moe_cuda_gather_launch(recv_rows, vals_sorted, n_valid, H, k, gathered, inverse, stream));
+        MOE_CUDA_TRY(moe_cuda_gather_launch(recv_rows, vals_sorted, n_valid, H, k, gathered, stream));
         moe_cuda_mark(engine, 3);
         MOE_TRY(grouped_gemm(engine, 2 * I, H, L->w13, gathered, h13, host_slot_counts, S, 0, msg, msg_size));
         moe_cuda_mark(engine, 4);
@@ -170,7 +163,7 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         MOE_TRY(grouped_gemm(engine, H, I, L->w2, act, y, host_slot_counts, S, 1, msg, msg_size));
     }
     moe_cuda_mark(engine, 5);
-    MOE_CUDA_TRY(moe_cuda_reduce_launch(y, recv_meta, inverse, n_recv, H, k, partial, stream));
+    MOE_CUDA_TRY(moe_cuda_reduce_launch(y, recv_meta, inverse, n_recv, H, k, partial, out, stream));
     return MOE_OK;
 }
 

@@ -37,6 +37,7 @@ typedef struct {
     float *out;
     bool allgather, comm_only;
     bool rows_are_tokens; /* back holds one summed row per token, in order (allgather, or one rank) */
+    bool out_written;     /* the experts stage wrote out itself (one rank, no shared expert) */
     int *send_count, *recv_count, *send_off, *recv_off;
     int32_t *ids, *entry_slot, *flags, *scan;
     float *weights;
@@ -221,20 +222,21 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     c->scan = (int32_t *)moe_cuda_reserve(&ws->scan, sizeof(int32_t) * (size_t)R * T, msg, msg_size);
     int32_t *counts = (int32_t *)moe_cuda_reserve(&ws->counts, sizeof(int32_t) * 2 * (size_t)R, msg, msg_size);
     if (!c->entry_slot || !c->flags || !c->scan || !counts) return MOE_ERR_NOMEM;
-    MOE_CUDA_TRY(moe_cuda_mark_launch(L->d_slots, c->ids, T, k, engine->ep.rank, R, c->first_token, c->entry_slot,
-                                      c->flags, st.front));
     c->allgather = c->chunk_max <= engine->allgather_max_tokens;
     if (R == 1 && !c->allgather) {
         /* one rank: every token is a row of its own, in order, with all its
-         * entries here (global slot = local slot), so no scan, no packed
-         * copy of the rows and no exchange */
+         * entries here (global slot = local slot), so no flags, scan, packed
+         * copy of the rows or exchange; slots and entries in one launch */
         cuda_meta_t *meta =
             (cuda_meta_t *)moe_cuda_reserve(&ws->send_meta, sizeof(cuda_meta_t) * (size_t)T * k, msg, msg_size);
         if (meta == nullptr) return MOE_ERR_NOMEM;
-        MOE_CUDA_TRY(moe_cuda_allgather_meta_launch(c->entry_slot, c->weights, T, T, k, meta, st.front));
+        MOE_CUDA_TRY(moe_cuda_mark_local_launch(L->d_slots, c->ids, c->weights, T, k, c->first_token, c->entry_slot,
+                                                meta, st.front));
         c->recv_rows = const_cast<bf16 *>(c->x), c->recv_meta = meta, c->n_rows = c->n_send = T;
         c->rows_are_tokens = true;
     } else {
+        MOE_CUDA_TRY(moe_cuda_mark_launch(L->d_slots, c->ids, T, k, engine->ep.rank, R, c->first_token,
+                                          c->entry_slot, c->flags, st.front));
         MOE_TRY(exclusive_scan(st.front, &ws->cub_temp, c->flags, c->scan, R * T, msg, msg_size));
         MOE_CUDA_TRY(moe_cuda_counts_launch(c->flags, c->scan, T, R, counts, st.front));
         if (c->allgather) MOE_TRY(dispatch_allgather(engine, c, st.front, msg, msg_size));
@@ -259,11 +261,15 @@ static moe_err_t experts(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_
     c->partial =
         (bf16 *)moe_cuda_reserve(&engine->ws.chunk[c->set].partial, sizeof(bf16) * (size_t)c->n_rows * H, msg, msg_size);
     if (c->partial == nullptr) return MOE_ERR_NOMEM;
+    /* one rank without a shared expert: the per-row sums are the output */
+    c->out_written = engine->ep.size == 1 && c->rows_are_tokens && engine->cfg.model.shared_intermediate == 0 &&
+                     !c->comm_only;
     if (c->comm_only) /* moe.comm auto's timing: the exchanges alone */
         MOE_CUDA_TRY(cudaMemsetAsync(c->partial, 0, sizeof(bf16) * (size_t)c->n_rows * H, engine->stream));
     else
         MOE_TRY(moe_cuda_experts(engine, L, engine->gemm_table[moe_cuda_bucket(c->n_rows)], c->recv_rows, c->recv_meta,
-                                 c->n_rows, c->partial, msg, msg_size));
+                                 c->n_rows, c->out_written ? nullptr : c->partial, c->out_written ? c->out : nullptr,
+                                 msg, msg_size));
     moe_cuda_mark(engine, 6);
     MOE_CUDA_TRY(cudaEventRecord(engine->ev[c->set][EV_EXPERTS], engine->stream));
     return MOE_OK;
@@ -311,8 +317,9 @@ static moe_err_t finish(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t
     }
     MOE_CUDA_TRY(cudaStreamWaitEvent(stream, engine->ev[c->set][EV_COMBINE], 0));
     moe_cuda_mark(engine, 7);
-    MOE_CUDA_TRY(moe_cuda_finalize_launch(c->back, c->rows_are_tokens ? nullptr : c->flags, c->scan, T, H, R, shared_y, gate,
-                                          c->out, stream));
+    if (!c->out_written)
+        MOE_CUDA_TRY(moe_cuda_finalize_launch(c->back, c->rows_are_tokens ? nullptr : c->flags, c->scan, T, H, R,
+                                              shared_y, gate, c->out, stream));
     moe_cuda_mark(engine, 8);
     if (engine->profile.on) {
         cudaEventSynchronize(engine->profile.marks[8]);

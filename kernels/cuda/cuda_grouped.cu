@@ -1,7 +1,9 @@
-/* cuda_grouped: moed's own grouped expert GEMM (`moe.gemm: grouped`).
+/* cuda_grouped: moed's own grouped expert GEMM (`moe.gemm: grouped`) in
+ * its mma.sync form (every GPU from sm_80; on sm_90 cuda_wgmma.cu's form
+ * runs instead), and the grouping of entries by local slot both forms use.
  *
  * One launch covers every local slot. The per-slot row counts stay on the
- * device: a plan kernel turns them into row offsets and a tile table, and
+ * device: the grouping turns them into row offsets and a tile table, and
  * each CTA finds its (slot, row tile) by a binary search of that table, so
  * the host never waits for the routing (no sync, CUDA-graph safe) — what
  * cuBLAS's grouped call cannot do, as it takes its group sizes on the host.
@@ -29,17 +31,9 @@
 
 #define WARPS 4
 
-/* 16 bytes global -> shared, asynchronously; zeros when !ok (src-size 0).
- * .cg: through L2 only — the weights stream, and each lane later reads
- * back exactly the 16 bytes it copied, so no barrier is ever needed. */
+/* 16 bytes global -> shared through the cp.async pipeline (cuda_internal.h) */
 __device__ __forceinline__ void copy16(void *smem, const bf16 *src, bool ok) {
-    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void copy_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    moe_cuda_copy16((uint32_t)__cvta_generic_to_shared(smem), src, ok);
 }
 
 __device__ __forceinline__ void mma16816(float *c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
@@ -54,13 +48,14 @@ __device__ __forceinline__ void mma16816(float *c, uint32_t a0, uint32_t a1, uin
 }
 
 /* plan[0..S] = row offsets (exclusive scan of counts), plan[S+1..2S+1] =
- * first tile of each slot with tiles of `tile_rows` rows. One CTA of
- * PLAN_THREADS: each thread sums a run of slots, a shared-memory scan
- * over the threads, then each thread writes its run. */
-#define PLAN_THREADS 256
-__global__ void plan_kernel(const int32_t *counts, int S, int tile_rows, int32_t *plan) {
-    __shared__ int32_t rows_scan[PLAN_THREADS], tiles_scan[PLAN_THREADS];
-    const int per = (S + PLAN_THREADS - 1) / PLAN_THREADS, first = threadIdx.x * per;
+ * first tile of each slot with tiles of `tile_rows` rows; cursor[s] =
+ * plan[s] (the scatter's running positions). By one CTA of THREADS: each
+ * thread sums a run of slots, a shared-memory scan over the threads, then
+ * each thread writes its run. */
+template <int THREADS>
+__device__ void plan_block(const int32_t *counts, int S, int tile_rows, int32_t *plan, int32_t *cursor) {
+    __shared__ int32_t rows_scan[THREADS], tiles_scan[THREADS];
+    const int per = (S + THREADS - 1) / THREADS, first = threadIdx.x * per;
     int32_t rows = 0, tiles = 0;
     for (int s = first; s < first + per && s < S; s++) {
         rows += counts[s];
@@ -69,7 +64,7 @@ __global__ void plan_kernel(const int32_t *counts, int S, int tile_rows, int32_t
     rows_scan[threadIdx.x] = rows;
     tiles_scan[threadIdx.x] = tiles;
     __syncthreads();
-    for (int step = 1; step < PLAN_THREADS; step *= 2) { /* inclusive Hillis-Steele scan */
+    for (int step = 1; step < THREADS; step *= 2) { /* inclusive Hillis-Steele scan */
         int32_t r = threadIdx.x >= step ? rows_scan[threadIdx.x - step] : 0;
         int32_t t = threadIdx.x >= step ? tiles_scan[threadIdx.x - step] : 0;
         __syncthreads();
@@ -80,23 +75,64 @@ __global__ void plan_kernel(const int32_t *counts, int S, int tile_rows, int32_t
     rows = rows_scan[threadIdx.x] - rows;
     tiles = tiles_scan[threadIdx.x] - tiles;
     for (int s = first; s < first + per && s < S; s++) {
-        plan[s] = rows;
+        plan[s] = cursor[s] = rows;
         plan[S + 1 + s] = tiles;
         rows += counts[s];
         tiles += (counts[s] + tile_rows - 1) / tile_rows;
     }
-    if (threadIdx.x == PLAN_THREADS - 1) {
-        plan[S] = rows_scan[PLAN_THREADS - 1];
-        plan[2 * S + 1] = tiles_scan[PLAN_THREADS - 1];
+    if (threadIdx.x == THREADS - 1) {
+        plan[S] = rows_scan[THREADS - 1];
+        plan[2 * S + 1] = tiles_scan[THREADS - 1];
     }
 }
 
-/* inverse[vals_sorted[j]] = j for the entries with a local slot. */
-__global__ void inverse_kernel(const int32_t *vals_sorted, const int32_t *plan, int S, int n_entries,
+#define PLAN_THREADS 256
+__global__ void plan_kernel(const int32_t *counts, int S, int tile_rows, int32_t *plan, int32_t *cursor) {
+    plan_block<PLAN_THREADS>(counts, S, tile_rows, plan, cursor);
+}
+
+/* The whole grouping in one CTA for few entries (decode): counts in
+ * shared memory, the plan, the scatter — one launch instead of four. */
+#define GROUP_SMALL_THREADS 1024
+#define GROUP_SMALL_MAX_ENTRIES 16384
+__global__ void __launch_bounds__(GROUP_SMALL_THREADS)
+    group_small_kernel(const cuda_meta_t *meta, int n_entries, int S, int tile_rows, int32_t *slot_counts,
+                       int32_t *plan, int32_t *order, int32_t *inverse) {
+    extern __shared__ int32_t group_shared[];
+    int32_t *counts = group_shared, *cursor = group_shared + S;
+    for (int s = threadIdx.x; s < S; s += blockDim.x) counts[s] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < n_entries; p += blockDim.x) {
+        const int slot = meta[p].local_slot;
+        if (slot >= 0 && slot < S) atomicAdd(&counts[slot], 1);
+    }
+    __syncthreads();
+    for (int s = threadIdx.x; s < S; s += blockDim.x) slot_counts[s] = counts[s];
+    plan_block<GROUP_SMALL_THREADS>(counts, S, tile_rows, plan, cursor);
+    __syncthreads();
+    for (int p = threadIdx.x; p < n_entries; p += blockDim.x) {
+        const int slot = meta[p].local_slot;
+        if (slot < 0 || slot >= S) continue;
+        const int pos = atomicAdd(&cursor[slot], 1);
+        order[pos] = p;
+        inverse[p] = pos;
+    }
+}
+
+/* Each entry with a local slot (key < S) takes the next position of its
+ * slot: order[pos] = entry, inverse[entry] = pos. The order within a slot
+ * follows the atomics and may differ between runs; no result depends on
+ * it (each GEMM row is computed alone, and the per-row sum reads the
+ * entries in k order through inverse), so outputs stay bit-identical. */
+__global__ void scatter_kernel(const int32_t *keys, int n_entries, int S, int32_t *cursor, int32_t *order,
                                int32_t *inverse) {
-    int n_valid = plan[S];
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < n_entries && j < n_valid; j += gridDim.x * blockDim.x)
-        inverse[vals_sorted[j]] = j;
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < n_entries; p += gridDim.x * blockDim.x) {
+        const int key = keys[p];
+        if (key >= S) continue;
+        const int pos = atomicAdd(&cursor[key], 1);
+        order[pos] = p;
+        inverse[p] = pos;
+    }
 }
 
 /* MT m16 tiles (16·MT rows) by NB n8 tiles per warp; WARPS warps side by
@@ -187,12 +223,12 @@ __global__ void __launch_bounds__(WARPS * 32)
                                in && a_ok[m][h]);
             }
         }
-        copy_commit(); /* an empty group past the end keeps the count uniform */
+        moe_cuda_copy_commit(); /* an empty group past the end keeps the count uniform */
     };
 #pragma unroll
     for (int it = 0; it < STAGES - 1; it++) issue(it);
     for (int it = 0; it < n_iter; it++) {
-        copy_wait<STAGES - 2>(); /* stage it has landed */
+        moe_cuda_copy_wait<STAGES - 2>(); /* stage it has landed */
         const uint4 *st = mine + (it % STAGES) * PER_STAGE;
 #pragma unroll
         for (int q = 0; q < KSUB; q++) {
@@ -222,7 +258,7 @@ __global__ void __launch_bounds__(WARPS * 32)
         }
         issue(it + STAGES - 1); /* into the stage read one iteration ago */
     }
-    copy_wait<0>();
+    moe_cuda_copy_wait<0>();
 
     /* epilogue: c0,c1 at (row g, cols 2t, 2t+1); c2,c3 at row g+8 */
     constexpr int TILES_OUT = SWIGLU ? NB / 2 : NB;
@@ -281,14 +317,22 @@ int moe_cuda_grouped_tile_rows(int n_entries, int S, size_t max_smem) {
     return rows;
 }
 
-cudaError_t moe_cuda_grouped_plan_launch(const int32_t *slot_counts, int S, int tile_rows, int32_t *plan,
-                                         const int32_t *vals_sorted, int n_entries, int32_t *inverse,
-                                         cudaStream_t stream) {
-    if (S <= 0 || tile_rows <= 0) return cudaErrorInvalidValue;
-    plan_kernel<<<1, PLAN_THREADS, 0, stream>>>(slot_counts, S, tile_rows, plan);
+cudaError_t moe_cuda_group_entries_launch(const cuda_meta_t *meta, int n_entries, int S, int tile_rows, int32_t *keys,
+                                          int32_t *slot_counts, int32_t *plan, int32_t *cursor, int32_t *order,
+                                          int32_t *inverse, cudaStream_t stream) {
+    if (S <= 0 || tile_rows <= 0 || n_entries < 0) return cudaErrorInvalidValue;
+    const size_t small_smem = sizeof(int32_t) * 2 * (size_t)S;
+    if (n_entries <= GROUP_SMALL_MAX_ENTRIES && small_smem <= 48 * 1024) {
+        group_small_kernel<<<1, GROUP_SMALL_THREADS, small_smem, stream>>>(meta, n_entries, S, tile_rows, slot_counts,
+                                                                          plan, order, inverse);
+        return cudaGetLastError();
+    }
+    cudaError_t e = moe_cuda_pair_keys_launch(meta, n_entries, S, keys, slot_counts, stream);
+    if (e != cudaSuccess) return e;
+    plan_kernel<<<1, PLAN_THREADS, 0, stream>>>(slot_counts, S, tile_rows, plan, cursor);
     if (n_entries > 0) {
         int blocks = (n_entries + 255) / 256;
-        inverse_kernel<<<blocks > 4096 ? 4096 : blocks, 256, 0, stream>>>(vals_sorted, plan, S, n_entries, inverse);
+        scatter_kernel<<<blocks > 4096 ? 4096 : blocks, 256, 0, stream>>>(keys, n_entries, S, cursor, order, inverse);
     }
     return cudaGetLastError();
 }

@@ -1,7 +1,9 @@
 /* cuda_internal: the CUDA engine's state and kernel launchers, shared by
  * its own files only (cuda_engine.cu: build, weights, NCCL; cuda_forward.cu:
  * the chunk pipeline; cuda_experts.cu: the expert stage; cuda_grouped.cu:
- * moed's grouped GEMM; cuda_autotune.cu: moe.gemm and moe.comm tuning;
+ * moed's grouped GEMM (mma.sync) and the grouping of entries by slot;
+ * cuda_wgmma.cu: its wgmma form (sm_90); cuda_autotune.cu: moe.gemm and
+ * moe.comm tuning;
  * cuda_eplb.cu: slot tables and migration; cuda_kernels.cu: the other
  * kernels and their launchers). */
 #ifndef MOE_CUDA_INTERNAL_H
@@ -114,7 +116,7 @@ typedef struct {
 
 typedef struct {
     cuda_chunk_ws_t chunk[2];
-    cuda_buffer_t x, x_f32, keys, vals, keys_sorted, vals_sorted, inverse, slot_counts, gathered, h13, act, y, out,
+    cuda_buffer_t x, x_f32, keys, cursor, vals_sorted, inverse, slot_counts, gathered, h13, act, y, out,
         shared_h13, shared_act, shared_y, gate, cub_temp, host_counts, host_x, host_out, host_stats,
         gemm_ptrs, host_gemm_ptrs, plan;
 } cuda_workspace_t;
@@ -175,6 +177,9 @@ struct moe_cuda_engine {
     double *d_zipf_cdf;
     bool grouped_gemm;   /* cublasGemmGroupedBatchedEx works here (else one call per slot) */
     bool own_grouped_ok; /* moed's grouped kernel can run this model here */
+    bool wgmma_ok;       /* and its wgmma form for many rows per slot (sm_90) */
+    int wgmma_min_rows;  /* grouped uses wgmma from this many entries per slot on average (MOE_CUDA_WGMMA_MIN_ROWS) */
+    int wgmma_bn;        /* weight rows per wgmma work item: 64, 128, 256, or 0 = by size (MOE_CUDA_WGMMA_BN) */
     int cc_major;
     size_t max_smem;     /* opt-in shared memory per block */
     moe_gemm_impl_t gemm_table[MOE_GEMM_BUCKETS]; /* implementation per bucket (moe.gemm) */
@@ -213,11 +218,12 @@ moe_err_t moe_cuda_tune_comm(moe_cuda_engine_t *engine, char *msg, size_t msg_si
 
 /* The expert stage of a chunk on the main stream (cuda_experts.cu): n_recv
  * received rows [n_recv, H] with their k entries each -> partial [n_recv,
- * H] (Σ over a row's local entries of weight · expert output), with
- * implementation `impl`. */
+ * H] (Σ over a row's local entries of weight · expert output, bf16), with
+ * implementation `impl`; or, with partial NULL, out [n_recv, H] in float32
+ * (one rank, rows = tokens, no shared expert: the layer's output). */
 moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *layer, moe_gemm_impl_t impl,
                            const bf16 *recv_rows, const cuda_meta_t *recv_meta, int n_recv, bf16 *partial,
-                           char *msg, size_t msg_size);
+                           float *out, char *msg, size_t msg_size);
 
 /* y[n, N] = x[n, K] · W[N, K]ᵀ with cuBLAS (bf16 operands, f32
  * accumulation; y f32 or bf16 by y_type) on the handle's stream. */
@@ -242,12 +248,38 @@ moe_err_t moe_cuda_autotune(moe_cuda_engine_t *engine, char *msg, size_t msg_siz
 /* moed's grouped GEMM (cuda_grouped.cu). */
 bool moe_cuda_grouped_supported(int hidden, int inter, int cc_major, size_t max_smem, char *why, size_t why_size);
 int moe_cuda_grouped_tile_rows(int n_entries, int S, size_t max_smem);
-cudaError_t moe_cuda_grouped_plan_launch(const int32_t *slot_counts, int S, int tile_rows, int32_t *plan,
-                                         const int32_t *vals_sorted, int n_entries, int32_t *inverse,
-                                         cudaStream_t stream);
+/* Groups the entries by local slot (meta[p].local_slot; -1: elsewhere):
+ * slot_counts, plan (row offsets and tile starts, tiles of tile_rows),
+ * order[pos] = entry, inverse[entry] = pos. keys (n_entries) and cursor
+ * (S) are scratch. One launch for few entries, else counts, plan, scatter. */
+cudaError_t moe_cuda_group_entries_launch(const cuda_meta_t *meta, int n_entries, int S, int tile_rows, int32_t *keys,
+                                          int32_t *slot_counts, int32_t *plan, int32_t *cursor, int32_t *order,
+                                          int32_t *inverse, cudaStream_t stream);
 cudaError_t moe_cuda_grouped_gemm_launch(const bf16 *W, const bf16 *A, const int32_t *a_index, int a_index_div,
                                          const int32_t *plan, int S, int tile_rows, bool swiglu, int n_out, int K,
                                          int n_entries, bf16 *out, cudaStream_t stream);
+
+/* 16 bytes global -> shared (a shared-space address), asynchronously;
+ * zeros when !ok (src-size 0; src must still be a valid address). .cg:
+ * through L2 only — operands stream. Groups: commit, then wait until at
+ * most N of this thread's groups are pending. */
+__device__ __forceinline__ void moe_cuda_copy16(uint32_t smem, const bf16 *src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void moe_cuda_copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void moe_cuda_copy_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* moed's wgmma grouped GEMM for many rows per slot (cuda_wgmma.cu, sm_90
+ * only): the same plan as the grouped kernel's with MOE_WGMMA_TILE_ROWS-row
+ * tiles, and bn (64, 128 or 256; 0: chosen by size) weight rows per work item. */
+#define MOE_WGMMA_TILE_ROWS 128
+bool moe_cuda_wgmma_supported(int hidden, int inter, size_t max_smem, char *why, size_t why_size);
+cudaError_t moe_cuda_wgmma_gemm_launch(const bf16 *W, const bf16 *A, const int32_t *a_index, int a_index_div,
+                                       const int32_t *plan, int S, bool swiglu, int n_out, int K, int n_entries,
+                                       int bn, bf16 *out, cudaStream_t stream);
 
 /* Launchers (cuda_kernels.cu): each checks its arguments, sizes its grid,
  * launches on `stream` and returns cudaGetLastError(). */
@@ -260,6 +292,10 @@ cudaError_t moe_cuda_route_launch(const moe_route_token_params_t *params, const 
 cudaError_t moe_cuda_mark_launch(const moe_slot_table_t *slots, const int32_t *ids, int n_tokens, int top_k,
                                  int rank, int n_ranks, int64_t first_token, int32_t *entry_slot, int32_t *flags,
                                  cudaStream_t stream);
+/* One rank (no exchange): entry_slot and meta (slot, weight) of every entry. */
+cudaError_t moe_cuda_mark_local_launch(const moe_slot_table_t *slots, const int32_t *ids, const float *weights,
+                                       int n_tokens, int top_k, int64_t first_token, int32_t *entry_slot,
+                                       cuda_meta_t *meta, cudaStream_t stream);
 cudaError_t moe_cuda_counts_launch(const int32_t *flags, const int32_t *scan, int n_tokens, int n_ranks,
                                    int32_t *counts, cudaStream_t stream);
 cudaError_t moe_cuda_pack_launch(const bf16 *x, const int32_t *entry_slot, const float *weights,
@@ -267,13 +303,14 @@ cudaError_t moe_cuda_pack_launch(const bf16 *x, const int32_t *entry_slot, const
                                  int n_ranks, int slots_per_rank, int32_t *send_token, bf16 *send_rows,
                                  cuda_meta_t *send_meta, cudaStream_t stream);
 cudaError_t moe_cuda_pair_keys_launch(const cuda_meta_t *meta, int n_entries, int slots_per_rank,
-                                      int32_t *keys, int32_t *vals, int32_t *slot_counts, cudaStream_t stream);
+                                      int32_t *keys, int32_t *slot_counts, cudaStream_t stream);
 cudaError_t moe_cuda_gather_launch(const bf16 *rows, const int32_t *vals_sorted, int n_valid, int hidden,
-                                   int top_k, bf16 *gathered, int32_t *inverse, cudaStream_t stream);
+                                   int top_k, bf16 *gathered, cudaStream_t stream);
 cudaError_t moe_cuda_swiglu_launch(const float *h13, int n_rows, int inter, bf16 *act, cudaStream_t stream);
 cudaError_t moe_cuda_swiglu_bf16_launch(const bf16 *h13, int n_rows, int inter, bf16 *act, cudaStream_t stream);
+/* partial (bf16) or, with partial NULL, out (float32, the same rounded values). */
 cudaError_t moe_cuda_reduce_launch(const bf16 *y, const cuda_meta_t *meta, const int32_t *inverse, int n_rows,
-                                   int hidden, int top_k, bf16 *partial, cudaStream_t stream);
+                                   int hidden, int top_k, bf16 *partial, float *out, cudaStream_t stream);
 cudaError_t moe_cuda_gate_launch(const bf16 *x, const float *gate, int n_tokens, int hidden, float *gate_out,
                                  cudaStream_t stream);
 cudaError_t moe_cuda_finalize_launch(const bf16 *back, const int32_t *flags, const int32_t *scan, int n_tokens,

@@ -78,15 +78,20 @@ __global__ void route_kernel(moe_route_token_params_t p, const float *logits, co
  * token was latency-bound: 66 us for 16 tokens of 128 experts on an H200,
  * most of a decode step. */
 #define ROUTE_WARP_MAX_PER_LANE 32 /* experts <= 1024 */
+/* PER_LANE logits per lane (experts <= 32·PER_LANE), so a 128-expert
+ * router loops over 4, not 32; the r-th choice stays in lane r's
+ * registers (no per-thread arrays indexed at run time, which live in
+ * local memory), and lanes 0..k-1 write the token's k results side by side. */
+template <int PER_LANE>
 __global__ void route_warp_kernel(moe_route_token_params_t p, const float *logits, int n_tokens, int32_t *ids,
                                   float *weights) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (t >= n_tokens) return;
     const float *l = logits + (size_t)t * p.experts;
-    float v[ROUTE_WARP_MAX_PER_LANE];
+    float v[PER_LANE];
     float max = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < ROUTE_WARP_MAX_PER_LANE; i++) {
+    for (int i = 0; i < PER_LANE; i++) {
         const int e = lane + 32 * i;
         v[i] = e < p.experts ? l[e] : -INFINITY;
         if (isnan(v[i])) v[i] = -INFINITY;
@@ -96,19 +101,19 @@ __global__ void route_warp_kernel(moe_route_token_params_t p, const float *logit
     float sum = 0.0f;
     if (p.method == MOE_ROUTE_TOKEN_SOFTMAX_TOPK) {
 #pragma unroll
-        for (int i = 0; i < ROUTE_WARP_MAX_PER_LANE; i++)
+        for (int i = 0; i < PER_LANE; i++)
             if (lane + 32 * i < p.experts) sum += expf(v[i] - max);
         for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     }
-    float top_value[MOE_ROUTE_MAX_K];
-    int top_id[MOE_ROUTE_MAX_K];
+    float my_value = -INFINITY; /* lane r: the r-th choice */
+    int my_id = 0;
     uint32_t taken = 0; /* bit i: expert lane + 32·i is chosen already */
     for (int r = 0; r < p.top_k; r++) {
         /* this lane's best untaken (largest value, then lowest id), then the warp's */
         float best = -INFINITY;
         int best_id = 0x7fffffff;
 #pragma unroll
-        for (int i = 0; i < ROUTE_WARP_MAX_PER_LANE; i++) {
+        for (int i = 0; i < PER_LANE; i++) {
             const int e = lane + 32 * i;
             if (e < p.experts && !(taken >> i & 1u) && (v[i] > best || (v[i] == best && e < best_id)))
                 best = v[i], best_id = e;
@@ -118,21 +123,20 @@ __global__ void route_warp_kernel(moe_route_token_params_t p, const float *logit
             int other_id = __shfl_xor_sync(0xffffffffu, best_id, off);
             if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
         }
-        top_value[r] = best;
-        top_id[r] = best_id;
+        if (lane == r) my_value = best, my_id = best_id;
         if (best_id % 32 == lane) taken |= 1u << (best_id / 32);
     }
-    if (lane != 0) return;
-    float chosen = 0.0f, w[MOE_ROUTE_MAX_K];
-    for (int r = 0; r < p.top_k; r++) {
-        w[r] = p.method == MOE_ROUTE_TOKEN_SOFTMAX_TOPK ? expf(top_value[r] - max) / sum
-                                                        : expf(top_value[r] - top_value[0]);
-        chosen += w[r];
-    }
+    const float first = __shfl_sync(0xffffffffu, my_value, 0);
+    const bool mine = lane < p.top_k;
+    const float w = !mine ? 0.0f
+                          : p.method == MOE_ROUTE_TOKEN_SOFTMAX_TOPK ? expf(my_value - max) / sum
+                                                                     : expf(my_value - first);
+    float chosen = w;
+    for (int off = 16; off > 0; off /= 2) chosen += __shfl_xor_sync(0xffffffffu, chosen, off);
     const bool normalize = p.method == MOE_ROUTE_TOKEN_RENORMALIZE || p.norm_topk_prob;
-    for (int r = 0; r < p.top_k; r++) {
-        ids[(size_t)t * p.top_k + r] = top_id[r];
-        weights[(size_t)t * p.top_k + r] = normalize ? w[r] / chosen : w[r];
+    if (mine) {
+        ids[(size_t)t * p.top_k + lane] = my_id;
+        weights[(size_t)t * p.top_k + lane] = normalize ? w / chosen : w;
     }
 }
 
@@ -143,9 +147,20 @@ cudaError_t moe_cuda_route_launch(const moe_route_token_params_t *params, const 
     if (params->top_k > MOE_ROUTE_MAX_K) return cudaErrorInvalidValue;
     if (logits != nullptr && params->experts <= 32 * ROUTE_WARP_MAX_PER_LANE &&
         (params->method == MOE_ROUTE_TOKEN_SOFTMAX_TOPK || params->method == MOE_ROUTE_TOKEN_RENORMALIZE)) {
-        route_warp_kernel<<<blocks_for((size_t)n_tokens * 32, 128), 128, 0, stream>>>(*params, logits, n_tokens, ids,
-                                                                                      weights);
-        return cudaGetLastError();
+        const unsigned blocks = blocks_for((size_t)n_tokens * 32, 128);
+        const int per_lane = (params->experts + 31) / 32;
+#define MOE_ROUTE_CASE(n)                                                                              \
+    if (per_lane <= (n)) {                                                                             \
+        route_warp_kernel<n><<<blocks, 128, 0, stream>>>(*params, logits, n_tokens, ids, weights);     \
+        return cudaGetLastError();                                                                     \
+    }
+        MOE_ROUTE_CASE(1)
+        MOE_ROUTE_CASE(2)
+        MOE_ROUTE_CASE(4)
+        MOE_ROUTE_CASE(8)
+        MOE_ROUTE_CASE(16)
+        MOE_ROUTE_CASE(32)
+#undef MOE_ROUTE_CASE
     }
     route_kernel<<<blocks_for((size_t)n_tokens, 128), 128, 0, stream>>>(*params, logits, bias, zipf_cdf, step,
                                                                          first_token, n_tokens, ids, weights);
@@ -172,6 +187,29 @@ cudaError_t moe_cuda_mark_launch(const moe_slot_table_t *slots, const int32_t *i
     if (e != cudaSuccess) return e;
     mark_kernel<<<blocks_for((size_t)n_tokens, 128), 128, 0, stream>>>(slots, ids, n_tokens, top_k, rank,
                                                                         first_token, entry_slot, flags);
+    return cudaGetLastError();
+}
+
+/* One rank: the slot of every entry, and its meta (global slot = local
+ * slot, weight) — mark and allgather_meta in one launch, no flags. */
+__global__ void mark_local_kernel(const moe_slot_table_t *slots, const int32_t *ids, const float *weights,
+                                  int n_entries, int top_k, int64_t first_token, int32_t *entry_slot,
+                                  cuda_meta_t *meta) {
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < n_entries; p += gridDim.x * blockDim.x) {
+        const int slot = moe_slots_pick(slots, ids[p], 0, first_token + p / top_k);
+        entry_slot[p] = slot;
+        meta[p] = cuda_meta_t{slot, weights[p]};
+    }
+}
+
+cudaError_t moe_cuda_mark_local_launch(const moe_slot_table_t *slots, const int32_t *ids, const float *weights,
+                                       int n_tokens, int top_k, int64_t first_token, int32_t *entry_slot,
+                                       cuda_meta_t *meta, cudaStream_t stream) {
+    const size_t n = (size_t)n_tokens * top_k;
+    if (n == 0) return cudaSuccess;
+    if (n > 0x7fffffff) return cudaErrorInvalidValue;
+    mark_local_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(slots, ids, weights, (int)n, top_k, first_token,
+                                                              entry_slot, meta);
     return cudaGetLastError();
 }
 
@@ -228,39 +266,36 @@ cudaError_t moe_cuda_pack_launch(const bf16 *x, const int32_t *entry_slot, const
 /* Sort keys of the received entries (their local slot; S = none) and the
  * number of entries per local slot. */
 __global__ void pair_keys_kernel(const cuda_meta_t *meta, int n_entries, int slots_per_rank, int32_t *keys,
-                                 int32_t *vals, int32_t *slot_counts) {
+                                 int32_t *slot_counts) {
     int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= n_entries) return;
     int slot = meta[p].local_slot;
     bool valid = slot >= 0 && slot < slots_per_rank;
     keys[p] = valid ? slot : slots_per_rank;
-    vals[p] = p;
     if (valid) atomicAdd(&slot_counts[slot], 1);
 }
 
 cudaError_t moe_cuda_pair_keys_launch(const cuda_meta_t *meta, int n_entries, int slots_per_rank,
-                                      int32_t *keys, int32_t *vals, int32_t *slot_counts, cudaStream_t stream) {
+                                      int32_t *keys, int32_t *slot_counts, cudaStream_t stream) {
     cudaError_t e = cudaMemsetAsync(slot_counts, 0, sizeof(int32_t) * (size_t)slots_per_rank, stream);
     if (e != cudaSuccess || n_entries == 0) return e;
     pair_keys_kernel<<<blocks_for((size_t)n_entries, 256), 256, 0, stream>>>(meta, n_entries, slots_per_rank,
-                                                                             keys, vals, slot_counts);
+                                                                             keys, slot_counts);
     return cudaGetLastError();
 }
 
-/* gathered[j] = the row of pair vals_sorted[j]; inverse[pair] = j. */
-__global__ void gather_kernel(const bf16 *rows, const int32_t *vals_sorted, int hidden, int top_k, bf16 *gathered,
-                              int32_t *inverse) {
+/* gathered[j] = the row of pair vals_sorted[j]. */
+__global__ void gather_kernel(const bf16 *rows, const int32_t *vals_sorted, int hidden, int top_k, bf16 *gathered) {
     int j = blockIdx.x, pair = vals_sorted[j];
     const bf16 *src = rows + (size_t)(pair / top_k) * hidden;
     bf16 *dst = gathered + (size_t)j * hidden;
     for (int h = threadIdx.x; h < hidden; h += blockDim.x) dst[h] = src[h];
-    if (threadIdx.x == 0) inverse[pair] = j;
 }
 
 cudaError_t moe_cuda_gather_launch(const bf16 *rows, const int32_t *vals_sorted, int n_valid, int hidden,
-                                   int top_k, bf16 *gathered, int32_t *inverse, cudaStream_t stream) {
+                                   int top_k, bf16 *gathered, cudaStream_t stream) {
     if (n_valid <= 0) return cudaSuccess;
-    gather_kernel<<<n_valid, 128, 0, stream>>>(rows, vals_sorted, hidden, top_k, gathered, inverse);
+    gather_kernel<<<n_valid, 128, 0, stream>>>(rows, vals_sorted, hidden, top_k, gathered);
     return cudaGetLastError();
 }
 
@@ -299,8 +334,13 @@ cudaError_t moe_cuda_swiglu_launch(const float *h13, int n_rows, int inter, bf16
 /* partial[r] = Σ over r's local entries, in entry order, of w · y[pair]:
  * a CTA per (row, 2048 columns), 8 columns (16 bytes) per thread when the
  * hidden size allows, the row's entries read once into shared memory. */
+/* partial[r] = Σ_i w_i · y[inverse[r·k + i]] over row r's local entries, in
+ * entry order, rounded to bf16; F32_OUT: written as float32 instead (the
+ * same rounded values: a one-rank step without a shared expert ends here,
+ * with what finalize would have written). */
+template <bool F32_OUT>
 __global__ void reduce_kernel(const bf16 *y, const cuda_meta_t *meta, const int32_t *inverse, int hidden,
-                              int top_k, bf16 *partial) {
+                              int top_k, void *dst) {
     __shared__ float w[128];
     __shared__ int32_t src[128];
     const int r = blockIdx.x;
@@ -327,24 +367,34 @@ __global__ void reduce_kernel(const bf16 *y, const cuda_meta_t *meta, const int3
         uint4 out;
         __nv_bfloat162 *o = reinterpret_cast<__nv_bfloat162 *>(&out);
         for (int j = 0; j < 4; j++) o[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
-        *reinterpret_cast<uint4 *>(partial + (size_t)r * hidden + h0) = out;
+        if constexpr (F32_OUT) {
+            float4 *f = reinterpret_cast<float4 *>(static_cast<float *>(dst) + (size_t)r * hidden + h0);
+            const float2 a = __bfloat1622float2(o[0]), b = __bfloat1622float2(o[1]);
+            const float2 c = __bfloat1622float2(o[2]), d = __bfloat1622float2(o[3]);
+            f[0] = make_float4(a.x, a.y, b.x, b.y);
+            f[1] = make_float4(c.x, c.y, d.x, d.y);
+        } else {
+            *reinterpret_cast<uint4 *>(static_cast<bf16 *>(dst) + (size_t)r * hidden + h0) = out;
+        }
         return;
     }
     for (int h = h0; h < h0 + 8 && h < hidden; h++) {
         float acc = 0.0f;
         for (int i = 0; i < top_k; i++)
             if (src[i] >= 0) acc += w[i] * __bfloat162float(y[(size_t)src[i] * hidden + h]);
-        partial[(size_t)r * hidden + h] = __float2bfloat16(acc);
+        if constexpr (F32_OUT) static_cast<float *>(dst)[(size_t)r * hidden + h] = __bfloat162float(__float2bfloat16(acc));
+        else static_cast<bf16 *>(dst)[(size_t)r * hidden + h] = __float2bfloat16(acc);
     }
 }
 
 cudaError_t moe_cuda_reduce_launch(const bf16 *y, const cuda_meta_t *meta, const int32_t *inverse, int n_rows,
-                                   int hidden, int top_k, bf16 *partial, cudaStream_t stream) {
+                                   int hidden, int top_k, bf16 *partial, float *out, cudaStream_t stream) {
     if (n_rows <= 0) return cudaSuccess;
-    if (top_k > 128) return cudaErrorInvalidValue;
+    if (top_k > 128 || (partial == nullptr) == (out == nullptr)) return cudaErrorInvalidValue;
     const int threads = 256, per_block = threads * 8;
     dim3 grid((unsigned)n_rows, (unsigned)((hidden + per_block - 1) / per_block));
-    reduce_kernel<<<grid, threads, 0, stream>>>(y, meta, inverse, hidden, top_k, partial);
+    if (out != nullptr) reduce_kernel<true><<<grid, threads, 0, stream>>>(y, meta, inverse, hidden, top_k, out);
+    else reduce_kernel<false><<<grid, threads, 0, stream>>>(y, meta, inverse, hidden, top_k, partial);
     return cudaGetLastError();
 }
 

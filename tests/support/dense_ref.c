@@ -235,6 +235,17 @@ double moe_test_rel_error(const float *got, const double *want, size_t n) {
     return max_diff / max_want;
 }
 
+double moe_test_rel_error_l2(const float *got, const double *want, size_t n) {
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < n; i++) {
+        const double d = (double)got[i] - want[i];
+        diff += d * d;
+        norm += want[i] * want[i];
+    }
+    if (isnan(diff)) return INFINITY;
+    return norm > 0 ? sqrt(diff / norm) : sqrt(diff);
+}
+
 void moe_test_fill_random(float *x, size_t n, uint64_t seed) {
     uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
     for (size_t i = 0; i < n; i++) {

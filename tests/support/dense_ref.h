@@ -30,6 +30,9 @@ int moe_test_ref_forward(const moe_test_ref_t *ref, int layer, const float *x, i
 
 /* Worst relative error max|got - want| / max(max|want|, tiny) over n values. */
 double moe_test_rel_error(const float *got, const double *want, size_t n);
+/* ‖got − want‖₂ / ‖want‖₂ (the norm of the difference when want is all
+ * zeros); a NaN in got gives infinity. */
+double moe_test_rel_error_l2(const float *got, const double *want, size_t n);
 
 /* Fills x with uniform values in [-1, 1) from a seeded generator. */
 void moe_test_fill_random(float *x, size_t n, uint64_t seed);
