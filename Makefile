@@ -73,7 +73,7 @@ Q := $(if $(V),,@)
 # Objects depend on the flags they were built with: switching CUDA=0/1,
 # DEBUG or SAN in the same build folder rebuilds what they change.
 FLAGS_STAMP := $(BUILD)/.flags
-FLAGS_NOW := $(CC) $(CFLAGS) | $(NVCC) $(NVCCFLAGS) | $(CUDA)
+FLAGS_NOW := $(CC) $(CFLAGS) | $(NVCC) $(NVCCFLAGS) $(WGMMA_ARCH) | $(CUDA)
 $(shell mkdir -p $(BUILD) && (test -f $(FLAGS_STAMP) && [ "$$(cat $(FLAGS_STAMP))" = '$(FLAGS_NOW)' ] || printf '%s' '$(FLAGS_NOW)' > $(FLAGS_STAMP)))
 
 $(BUILD)/obj/%.o: %.c $(FLAGS_STAMP)

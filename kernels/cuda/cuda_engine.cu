@@ -272,6 +272,7 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
     engine->grouped_gemm = getenv("MOE_CUDA_NO_GROUPED") == nullptr;
     engine->grouped_min_slots = getenv("MOE_CUDA_FORCE_GROUPED") != nullptr ? 0 : 16;
     engine->profile.on = getenv("MOE_CUDA_PROFILE") != nullptr;
+    engine->poison_out = getenv("MOE_CUDA_POISON_OUTPUT") != nullptr;
     for (int p = 0; engine->profile.on && p <= MOE_CUDA_PHASES; p++)
         MOE_CUDA_TRY(cudaEventCreate(&engine->profile.marks[p]));
     MOE_CUBLAS_TRY(cublasCreate(&engine->cublas));
@@ -470,6 +471,13 @@ extern "C" void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config
 }
 
 extern "C" const char *moe_cuda_gemm_table(const moe_cuda_engine_t *engine) { return engine->gemm_text; }
+
+extern "C" void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long long *wgmma, long long *mma,
+                                       bool *wgmma_ok) {
+    *wgmma = engine->grouped_runs[1];
+    *mma = engine->grouped_runs[0];
+    *wgmma_ok = engine->wgmma_ok;
+}
 
 extern "C" int moe_cuda_slot_count(const moe_cuda_engine_t *engine) { return engine->slots.n_slots; }
 extern "C" const int *moe_cuda_placement(const moe_cuda_engine_t *engine, int layer) {

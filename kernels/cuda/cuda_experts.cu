@@ -132,6 +132,7 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         y = RESERVE(engine, y, bf16, (size_t)n_entries * H);
         if (!act || !y) return MOE_ERR_NOMEM;
         moe_cuda_mark(engine, 3);
+        engine->grouped_runs[wgmma ? 1 : 0]++;
         if (wgmma) {
             MOE_CUDA_TRY(moe_cuda_wgmma_gemm_launch(L->w13, recv_rows, vals_sorted, k, plan, S, true, I, H,
                                                     n_entries, engine->wgmma_bn, act, stream));

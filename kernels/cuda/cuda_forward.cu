@@ -121,13 +121,12 @@ static moe_err_t dispatch_alltoall(moe_cuda_engine_t *engine, cuda_chunk_t *c, c
     const int S = engine->slots.slots_per_rank, T = c->T;
     cuda_chunk_ws_t *ws = &engine->ws.chunk[c->set];
     size_t max_send = (size_t)T * (size_t)(R < k ? R : k);
-    int32_t *send_token = (int32_t *)moe_cuda_reserve(&ws->send_token, sizeof(int32_t) * max_send, msg, msg_size);
     bf16 *send_rows = (bf16 *)moe_cuda_reserve(&ws->send_rows, sizeof(bf16) * max_send * H, msg, msg_size);
     cuda_meta_t *send_meta =
         (cuda_meta_t *)moe_cuda_reserve(&ws->send_meta, sizeof(cuda_meta_t) * max_send * k, msg, msg_size);
-    if (!send_token || !send_rows || !send_meta) return MOE_ERR_NOMEM;
-    MOE_CUDA_TRY(moe_cuda_pack_launch(c->x, c->entry_slot, c->weights, c->flags, c->scan, T, H, k, R, S, send_token,
-                                      send_rows, send_meta, stream));
+    if (!send_rows || !send_meta) return MOE_ERR_NOMEM;
+    MOE_CUDA_TRY(moe_cuda_pack_launch(c->x, c->entry_slot, c->weights, c->flags, c->scan, T, H, k, R, S, send_rows,
+                                      send_meta, stream));
     int host_counts[2 * R];
     if (R > 1) {
         MOE_NCCL_TRY(ncclGroupStart());
@@ -237,10 +236,13 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     } else {
         MOE_CUDA_TRY(moe_cuda_mark_launch(L->d_slots, c->ids, T, k, engine->ep.rank, R, c->first_token,
                                           c->entry_slot, c->flags, st.front));
-        MOE_TRY(exclusive_scan(st.front, &ws->cub_temp, c->flags, c->scan, R * T, msg, msg_size));
-        MOE_CUDA_TRY(moe_cuda_counts_launch(c->flags, c->scan, T, R, counts, st.front));
-        if (c->allgather) MOE_TRY(dispatch_allgather(engine, c, st.front, msg, msg_size));
-        else MOE_TRY(dispatch_alltoall(engine, c, st.front, counts, msg, msg_size));
+        if (c->allgather) { /* every row goes everywhere: no destinations to scan */
+            MOE_TRY(dispatch_allgather(engine, c, st.front, msg, msg_size));
+        } else {
+            MOE_TRY(exclusive_scan(st.front, &ws->cub_temp, c->flags, c->scan, R * T, msg, msg_size));
+            MOE_CUDA_TRY(moe_cuda_counts_launch(c->flags, c->scan, T, R, counts, st.front));
+            MOE_TRY(dispatch_alltoall(engine, c, st.front, counts, msg, msg_size));
+        }
         c->rows_are_tokens = c->allgather;
     }
     MOE_CUDA_TRY(cudaEventRecord(engine->ev[c->set][EV_FRONT], st.front));
@@ -262,8 +264,8 @@ static moe_err_t experts(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_
         (bf16 *)moe_cuda_reserve(&engine->ws.chunk[c->set].partial, sizeof(bf16) * (size_t)c->n_rows * H, msg, msg_size);
     if (c->partial == nullptr) return MOE_ERR_NOMEM;
     /* one rank without a shared expert: the per-row sums are the output */
-    c->out_written = engine->ep.size == 1 && c->rows_are_tokens && engine->cfg.model.shared_intermediate == 0 &&
-                     !c->comm_only;
+    c->out_written = engine->ep.size == 1 && c->rows_are_tokens && c->n_rows == c->T &&
+                     engine->cfg.model.shared_intermediate == 0 && !c->comm_only;
     if (c->comm_only) /* moe.comm auto's timing: the exchanges alone */
         MOE_CUDA_TRY(cudaMemsetAsync(c->partial, 0, sizeof(bf16) * (size_t)c->n_rows * H, engine->stream));
     else
@@ -487,6 +489,8 @@ extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, cons
     float *d_out = RESERVE(engine, out, float, values);
     float *h_out = RESERVE(engine, host_out, float, values);
     if (!staging || !x_f32 || !x_bf16 || !d_out || !h_out) return MOE_ERR_NOMEM;
+    if (engine->poison_out && values > 0) /* tests: an element nothing writes shows as NaN */
+        MOE_CUDA_TRY(cudaMemsetAsync(d_out, 0xff, sizeof(float) * values, stream));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
     if (values > 0) memcpy(staging, x, sizeof(float) * values);
     MOE_CUDA_TRY(cudaMemcpyAsync(x_f32, staging, sizeof(float) * values, cudaMemcpyHostToDevice, stream));
@@ -547,9 +551,13 @@ extern "C" moe_err_t moe_cuda_bench(moe_cuda_engine_t *engine, int layer, int n_
             ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "bench: %s", cudaGetErrorString(e));
         float ms = 0.0f;
         cudaEventElapsedTime(&ms, start, stop);
-        double slowest = ms;
-        if (engine->ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &slowest, 1, MPI_DOUBLE, MPI_MAX, engine->ep.comm);
-        if (it >= warmup) ms_per_iter[it - warmup] = slowest;
+        /* the slowest rank's time, and whether any rank failed: then every
+         * rank stops here (none waits in the next barrier alone) */
+        double slowest[2] = {ms, ret != MOE_OK ? 1.0 : 0.0};
+        if (engine->ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, slowest, 2, MPI_DOUBLE, MPI_MAX, engine->ep.comm);
+        if (ret == MOE_OK && slowest[1] > 0)
+            ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "bench: another rank failed (see its log)");
+        if (it >= warmup) ms_per_iter[it - warmup] = slowest[0];
     }
     cudaEventDestroy(start);
     cudaEventDestroy(stop);

@@ -154,13 +154,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     const int32_t *offsets = plan, *tiles = plan + S + 1;
     const int tile = blockIdx.x;
     if (tile >= tiles[S]) return;
-    int lo = 0, hi = S - 1;
-    while (lo < hi) { /* the last slot whose first tile is <= tile: not empty */
-        int mid = (lo + hi + 1) / 2;
-        if (tiles[mid] <= tile) lo = mid;
-        else hi = mid - 1;
-    }
-    const int s = lo;
+    const int s = moe_cuda_tile_slot(plan, S, tile);
     const int row0 = offsets[s] + (tile - tiles[s]) * 16 * MT, row_end = offsets[s + 1];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     constexpr int COLS = SWIGLU ? 8 * NB / 2 : 8 * NB; /* output columns per warp */
@@ -321,8 +315,11 @@ cudaError_t moe_cuda_group_entries_launch(const cuda_meta_t *meta, int n_entries
                                           int32_t *slot_counts, int32_t *plan, int32_t *cursor, int32_t *order,
                                           int32_t *inverse, cudaStream_t stream) {
     if (S <= 0 || tile_rows <= 0 || n_entries < 0) return cudaErrorInvalidValue;
+    /* dynamic: counts and cursors; static: plan_block's two scan arrays */
     const size_t small_smem = sizeof(int32_t) * 2 * (size_t)S;
-    if (n_entries <= GROUP_SMALL_MAX_ENTRIES && small_smem <= 48 * 1024) {
+    static_assert(sizeof(int32_t) * 2 * (MOE_MAX_SLOTS + GROUP_SMALL_THREADS) <= 48 * 1024,
+                  "group_small_kernel fits the default shared memory at every slot count");
+    if (n_entries <= GROUP_SMALL_MAX_ENTRIES && S <= MOE_MAX_SLOTS) {
         group_small_kernel<<<1, GROUP_SMALL_THREADS, small_smem, stream>>>(meta, n_entries, S, tile_rows, slot_counts,
                                                                           plan, order, inverse);
         return cudaGetLastError();
@@ -343,8 +340,7 @@ static cudaError_t launch(const bf16 *W, const bf16 *A, const int32_t *a_index, 
                           cudaStream_t stream) {
     constexpr int NB = 4;
     constexpr int COLS = SWIGLU ? 8 * NB / 2 : 8 * NB;
-    /* an upper bound of the tiles: one partial tile per used slot plus the full ones */
-    long tiles = (long)(n_entries < S ? n_entries : S) + n_entries / (16 * MT);
+    const long tiles = moe_cuda_tile_bound(n_entries, S, 16 * MT);
     long col_blocks = ((long)n_out + WARPS * COLS - 1) / (WARPS * COLS);
     if (tiles <= 0) return cudaSuccess;
     if (tiles > 0x7fffffffL || col_blocks > 65535) return cudaErrorInvalidValue;

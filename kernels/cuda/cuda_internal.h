@@ -110,7 +110,7 @@ typedef struct {
  * chunk i+1's routing and dispatch (aux stream) fill one set while chunk
  * i's experts (main stream) read the other. */
 typedef struct {
-    cuda_buffer_t ids, weights, logits, entry_slot, flags, scan, counts, send_token, send_rows, send_meta, recv_rows,
+    cuda_buffer_t ids, weights, logits, entry_slot, flags, scan, counts, send_rows, send_meta, recv_rows,
         recv_meta, partial, back, cub_temp, host_ids, host_weights;
 } cuda_chunk_ws_t;
 
@@ -180,6 +180,8 @@ struct moe_cuda_engine {
     bool wgmma_ok;       /* and its wgmma form for many rows per slot (sm_90) */
     int wgmma_min_rows;  /* grouped uses wgmma from this many entries per slot on average (MOE_CUDA_WGMMA_MIN_ROWS) */
     int wgmma_bn;        /* weight rows per wgmma work item: 64, 128, 256, or 0 = by size (MOE_CUDA_WGMMA_BN) */
+    long long grouped_runs[2]; /* expert stages run by the grouped GEMM: [0] mma.sync, [1] wgmma (tests) */
+    bool poison_out;           /* MOE_CUDA_POISON_OUTPUT (tests): NaN in the device output before each forward */
     int cc_major;
     size_t max_smem;     /* opt-in shared memory per block */
     moe_gemm_impl_t gemm_table[MOE_GEMM_BUCKETS]; /* implementation per bucket (moe.gemm) */
@@ -264,12 +266,34 @@ cudaError_t moe_cuda_grouped_gemm_launch(const bf16 *W, const bf16 *A, const int
  * through L2 only — operands stream. Groups: commit, then wait until at
  * most N of this thread's groups are pending. */
 __device__ __forceinline__ void moe_cuda_copy16(uint32_t smem, const bf16 *src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src), "r"(ok ? 16 : 0));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src), "r"(ok ? 16 : 0)
+                 : "memory");
 }
-__device__ __forceinline__ void moe_cuda_copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void moe_cuda_copy_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
-__device__ __forceinline__ void moe_cuda_copy_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+__device__ __forceinline__ void moe_cuda_copy_wait() { /* no shared-memory read moves above it */
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* An upper bound of a grouping plan's tiles of tile_rows rows before the
+ * counts are known (host side): one partial tile per used slot plus the
+ * full ones. */
+static inline long moe_cuda_tile_bound(int n_entries, int S, int tile_rows) {
+    return (long)(n_entries < S ? n_entries : S) + n_entries / tile_rows;
+}
+
+/* The work tile `tile` of a grouping plan (plan[0..S]: row offsets,
+ * plan[S+1..2S+1]: first tile of each slot): its slot (the last slot whose
+ * first tile is <= tile, so never an empty one), by binary search. */
+__device__ __forceinline__ int moe_cuda_tile_slot(const int32_t *plan, int S, int tile) {
+    const int32_t *tiles = plan + S + 1;
+    int lo = 0, hi = S - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (tiles[mid] <= tile) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
 }
 
 /* moed's wgmma grouped GEMM for many rows per slot (cuda_wgmma.cu, sm_90
@@ -300,8 +324,8 @@ cudaError_t moe_cuda_counts_launch(const int32_t *flags, const int32_t *scan, in
                                    int32_t *counts, cudaStream_t stream);
 cudaError_t moe_cuda_pack_launch(const bf16 *x, const int32_t *entry_slot, const float *weights,
                                  const int32_t *flags, const int32_t *scan, int n_tokens, int hidden, int top_k,
-                                 int n_ranks, int slots_per_rank, int32_t *send_token, bf16 *send_rows,
-                                 cuda_meta_t *send_meta, cudaStream_t stream);
+                                 int n_ranks, int slots_per_rank, bf16 *send_rows, cuda_meta_t *send_meta,
+                                 cudaStream_t stream);
 cudaError_t moe_cuda_pair_keys_launch(const cuda_meta_t *meta, int n_entries, int slots_per_rank,
                                       int32_t *keys, int32_t *slot_counts, cudaStream_t stream);
 cudaError_t moe_cuda_gather_launch(const bf16 *rows, const int32_t *vals_sorted, int n_valid, int hidden,

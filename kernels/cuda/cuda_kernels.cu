@@ -7,8 +7,9 @@
  *     send buffer (an exclusive scan over the whole [R,T] array, so the
  *     buffer is grouped by destination rank in token order)
  *   send_rows [n_send,H] bf16, send_meta [n_send,k] {local slot|-1, weight}
- *   pairs: (row, entry) of the received rows with a local slot, sorted by
- *     slot (stable radix sort: deterministic), gathered [n_valid,H] bf16,
+ *   pairs: (row, entry) of the received rows with a local slot, grouped by
+ *     slot (counts, scan, atomic scatter: the order within a slot varies,
+ *     no result depends on it), gathered [n_valid,H] bf16,
  *     h13 [n_valid,2I] bf16, act [n_valid,I] bf16, y [n_valid,H] bf16
  *     (f32 accumulation inside the GEMMs)
  *   partial [n_recv,H] bf16 = Σ over a row's local entries of w·y
@@ -234,7 +235,7 @@ cudaError_t moe_cuda_counts_launch(const int32_t *flags, const int32_t *scan, in
 /* One block per (destination, token): copy the row and its entries. */
 __global__ void pack_kernel(const bf16 *x, const int32_t *entry_slot, const float *weights, const int32_t *flags,
                             const int32_t *scan, int n_tokens, int hidden, int top_k, int slots_per_rank,
-                            int32_t *send_token, bf16 *send_rows, cuda_meta_t *send_meta) {
+                            bf16 *send_rows, cuda_meta_t *send_meta) {
     size_t cell = blockIdx.x;
     if (!flags[cell]) return;
     int d = (int)(cell / n_tokens), t = (int)(cell % n_tokens);
@@ -248,23 +249,22 @@ __global__ void pack_kernel(const bf16 *x, const int32_t *entry_slot, const floa
         send_meta[pos * top_k + i].local_slot = here ? slot % slots_per_rank : -1;
         send_meta[pos * top_k + i].weight = here ? weights[(size_t)t * top_k + i] : 0.0f;
     }
-    if (threadIdx.x == 0) send_token[pos] = t;
 }
 
 cudaError_t moe_cuda_pack_launch(const bf16 *x, const int32_t *entry_slot, const float *weights,
                                  const int32_t *flags, const int32_t *scan, int n_tokens, int hidden, int top_k,
-                                 int n_ranks, int slots_per_rank, int32_t *send_token, bf16 *send_rows,
-                                 cuda_meta_t *send_meta, cudaStream_t stream) {
+                                 int n_ranks, int slots_per_rank, bf16 *send_rows, cuda_meta_t *send_meta,
+                                 cudaStream_t stream) {
     size_t cells = (size_t)n_ranks * n_tokens;
     if (cells == 0) return cudaSuccess;
     if (cells > 0x7fffffffu || top_k > 128) return cudaErrorInvalidValue;
     pack_kernel<<<(unsigned)cells, 128, 0, stream>>>(x, entry_slot, weights, flags, scan, n_tokens, hidden, top_k,
-                                                     slots_per_rank, send_token, send_rows, send_meta);
+                                                     slots_per_rank, send_rows, send_meta);
     return cudaGetLastError();
 }
 
-/* Sort keys of the received entries (their local slot; S = none) and the
- * number of entries per local slot. */
+/* Grouping keys of the received entries (their local slot; S = elsewhere)
+ * and the per-slot counts (the multi-CTA path of the grouping). */
 __global__ void pair_keys_kernel(const cuda_meta_t *meta, int n_entries, int slots_per_rank, int32_t *keys,
                                  int32_t *slot_counts) {
     int p = blockIdx.x * blockDim.x + threadIdx.x;
@@ -331,13 +331,12 @@ cudaError_t moe_cuda_swiglu_launch(const float *h13, int n_rows, int inter, bf16
     return cudaGetLastError();
 }
 
-/* partial[r] = Σ over r's local entries, in entry order, of w · y[pair]:
- * a CTA per (row, 2048 columns), 8 columns (16 bytes) per thread when the
- * hidden size allows, the row's entries read once into shared memory. */
 /* partial[r] = Σ_i w_i · y[inverse[r·k + i]] over row r's local entries, in
- * entry order, rounded to bf16; F32_OUT: written as float32 instead (the
- * same rounded values: a one-rank step without a shared expert ends here,
- * with what finalize would have written). */
+ * entry order, rounded to bf16: a CTA per (row, 2048 columns), 8 columns
+ * (16 bytes) per thread when the hidden size allows, the row's entries read
+ * once into shared memory. F32_OUT: written as float32 instead (the same
+ * rounded values: a one-rank step without a shared expert ends here, with
+ * what finalize would have written). */
 template <bool F32_OUT>
 __global__ void reduce_kernel(const bf16 *y, const cuda_meta_t *meta, const int32_t *inverse, int hidden,
                               int top_k, void *dst) {

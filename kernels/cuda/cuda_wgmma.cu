@@ -17,12 +17,15 @@
  * is fused, which bulk tensor copies cannot do); STAGES buffers, filled
  * STAGES-2 blocks ahead, so a buffer is overwritten only after every
  * warpgroup's wgmma that read it has completed (wait_group 1 in the
- * previous iteration, then the CTA barrier). */
+ * previous iteration, then the CTA barrier).
+ * Covered by tests/cuda_layer.c (every item width, against the CPU
+ * backend's reference) under compute-sanitizer in scripts/gpu-test.sh. */
 #include <type_traits>
 
 #include "cuda_internal.h"
 
 #define WG_BM 128
+static_assert(WG_BM == MOE_WGMMA_TILE_ROWS, "the plan's tiles are the kernel's tiles");
 #define WG_BK 64
 #define WG_THREADS 256
 
@@ -177,14 +180,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         int s, row0, row_end, col0;
     };
     auto locate = [&](int item) {
-        const int tile = item / col_blocks;
-        int lo = 0, hi = S - 1;
-        while (lo < hi) { /* the last slot whose first tile is <= tile: not empty */
-            int mid = (lo + hi + 1) / 2;
-            if (tiles[mid] <= tile) lo = mid;
-            else hi = mid - 1;
-        }
-        return item_t{lo, offsets[lo] + (tile - tiles[lo]) * WG_BM, offsets[lo + 1], (item % col_blocks) * COLS};
+        const int tile = item / col_blocks, s = moe_cuda_tile_slot(plan, S, tile);
+        return item_t{s, offsets[s] + (tile - tiles[s]) * WG_BM, offsets[s + 1], (item % col_blocks) * COLS};
     };
 
     extern __shared__ uint8_t wg_smem[];
@@ -296,18 +293,17 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         }
     }
     moe_cuda_copy_wait<0>();
+#elif defined(__CUDA_ARCH__)
+#error "cuda_wgmma.cu needs an sm_90a target (WGMMA_ARCH = -gencode=arch=compute_90a,code=sm_90a)"
 #endif
 }
-
-/* An upper bound of the tiles: one partial tile per used slot plus the full ones. */
-static long tile_bound(int n_entries, int S) { return (long)(n_entries < S ? n_entries : S) + n_entries / WG_BM; }
 
 template <int BN, bool SWIGLU>
 static cudaError_t wg_launch(const bf16 *W, const bf16 *A, const int32_t *a_index, int a_index_div,
                              const int32_t *plan, int S, int K, int n_out, int n_entries, int sms, bf16 *out,
                              cudaStream_t stream) {
     constexpr int COLS = SWIGLU ? BN / 2 : BN;
-    const long tiles = tile_bound(n_entries, S);
+    const long tiles = moe_cuda_tile_bound(n_entries, S, WG_BM);
     const long col_blocks = ((long)n_out + COLS - 1) / COLS;
     if (tiles * col_blocks > 0x7fffffffL) return cudaErrorInvalidValue;
     static bool attribute_set = false; /* per instantiation; launches come from one thread */
@@ -361,7 +357,7 @@ cudaError_t moe_cuda_wgmma_gemm_launch(const bf16 *W, const bf16 *A, const int32
      * experts' weights over the whole GPU when there are few rows) */
     for (int cand = 256; bn == 0; cand /= 2) {
         const long cols = swiglu ? cand / 2 : cand;
-        if (cand == 64 || tile_bound(n_entries, S) * ((n_out + cols - 1) / cols) >= sms) bn = cand;
+        if (cand == 64 || moe_cuda_tile_bound(n_entries, S, WG_BM) * ((n_out + cols - 1) / cols) >= sms) bn = cand;
     }
 #define MOE_WG_CASE(b)                                                                                             \
     if (bn == (b))                                                                                                 \
