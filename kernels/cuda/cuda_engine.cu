@@ -249,8 +249,7 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
     if (engine->own_grouped_ok) {
         char wg_why[160];
         engine->wgmma_ok = getenv("MOE_CUDA_NO_WGMMA") == nullptr &&
-                           moe_cuda_wgmma_supported(m->hidden, m->moe_intermediate, engine->max_smem, wg_why,
-                                                    sizeof wg_why);
+                           moe_cuda_wgmma_supported(engine->max_smem, wg_why, sizeof wg_why);
         if (!engine->wgmma_ok && getenv("MOE_CUDA_NO_WGMMA") == nullptr)
             moe_log(MOE_LOG_INFO, "cuda", "grouped GEMM: mma.sync tiles only (wgmma %s)", wg_why);
         if (!env_int("MOE_CUDA_WGMMA_MIN_ROWS", 1, 1, 1 << 30, &engine->wgmma_min_rows, msg, msg_size) ||

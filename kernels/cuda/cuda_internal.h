@@ -300,7 +300,9 @@ __device__ __forceinline__ int moe_cuda_tile_slot(const int32_t *plan, int S, in
  * only): the same plan as the grouped kernel's with MOE_WGMMA_TILE_ROWS-row
  * tiles, and bn (64, 128 or 256; 0: chosen by size) weight rows per work item. */
 #define MOE_WGMMA_TILE_ROWS 128
-bool moe_cuda_wgmma_supported(int hidden, int inter, size_t max_smem, char *why, size_t why_size);
+/* Whether the wgmma kernels load on this GPU and fit its shared memory (the
+ * shape checks are moe_cuda_grouped_supported's). */
+bool moe_cuda_wgmma_supported(size_t max_smem, char *why, size_t why_size);
 cudaError_t moe_cuda_wgmma_gemm_launch(const bf16 *W, const bf16 *A, const int32_t *a_index, int a_index_div,
                                        const int32_t *plan, int S, bool swiglu, int n_out, int K, int n_entries,
                                        int bn, bf16 *out, cudaStream_t stream);

@@ -319,21 +319,18 @@ static cudaError_t wg_launch(const bf16 *W, const bf16 *A, const int32_t *a_inde
     return cudaGetLastError();
 }
 
-bool moe_cuda_wgmma_supported(int hidden, int inter, size_t max_smem, char *why, size_t why_size) {
+bool moe_cuda_wgmma_supported(size_t max_smem, char *why, size_t why_size) {
     cudaFuncAttributes attr;
     if (cudaFuncGetAttributes(&attr, wgmma_kernel<256, true>) != cudaSuccess) {
         (void)cudaGetLastError();
         snprintf(why, why_size, "needs an sm_90 GPU (H100/H200: wgmma)");
         return false;
     }
-    if (max_smem < wg_shape<256>::smem || max_smem < wg_shape<128>::smem || max_smem < wg_shape<64>::smem) {
-        snprintf(why, why_size, "needs %zu bytes of shared memory per block; this GPU allows %zu",
-                 wg_shape<256>::smem, max_smem);
-        return false;
-    }
-    if (hidden % 8 != 0 || inter % 8 != 0) {
-        snprintf(why, why_size, "needs model.hidden and model.intermediate to be multiples of 8 (have %d and %d)",
-                 hidden, inter);
+    size_t need = wg_shape<64>::smem;
+    need = need > wg_shape<128>::smem ? need : wg_shape<128>::smem;
+    need = need > wg_shape<256>::smem ? need : wg_shape<256>::smem;
+    if (max_smem < need) {
+        snprintf(why, why_size, "needs %zu bytes of shared memory per block; this GPU allows %zu", need, max_smem);
         return false;
     }
     return true;
