@@ -44,10 +44,11 @@ static char worst_l2_case[200];
 /* expert stages run by each form of the grouped GEMM since the last
  * check_forms (moe_cuda_grouped_forms), and whether wgmma can run here */
 static struct {
-    long long wgmma, mma;
+    long long wgmma, mma, decode;
     bool wgmma_ok;
 } forms;
 static moe_comm_kind_t comm_kind = MOE_COMM_AUTO;
+static const char *tiles_now; /* the last force_tiles argument */
 /* a shape other than layer_check.c's (0: keep), for the wide checks */
 static struct {
     int hidden, inter, experts, top_k;
@@ -179,7 +180,7 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
             worst_l2 = err_l2;
             snprintf(worst_l2_case, sizeof worst_l2_case, "%s, layer %d, %d tokens of H=%d, moe.gemm %s, tiles %s",
                      c->name, layer, n_tokens, H, moe_gemm_name(gemm_kind),
-                     getenv("MOE_CUDA_NO_WGMMA") ? "mma" : getenv("MOE_CUDA_WGMMA_BN") ? getenv("MOE_CUDA_WGMMA_BN") : "default");
+                     tiles_now != NULL ? tiles_now : "default");
         }
     }
     if (!failed && n_tokens == 300 && ep.rank == 0 && c == &moe_test_cases[0])
@@ -187,9 +188,9 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
                moe_cuda_gemm_table(gpu));
 done:
     if (gpu != NULL) {
-        long long wgmma = 0, mma = 0;
-        moe_cuda_grouped_forms(gpu, &wgmma, &mma, &forms.wgmma_ok);
-        forms.wgmma += wgmma, forms.mma += mma;
+        long long wgmma = 0, mma = 0, decode = 0;
+        moe_cuda_grouped_forms(gpu, &wgmma, &mma, &decode, &forms.wgmma_ok);
+        forms.wgmma += wgmma, forms.mma += mma, forms.decode += decode;
     }
     moe_cuda_destroy(gpu);
     moe_test_ref_destroy(ref);
@@ -325,27 +326,44 @@ static int check_cache(moe_ep_t ep) {
     return failed;
 }
 
-/* moe.gemm grouped's tiles: NULL its own choice (wgmma on sm_90, widths by
- * size), "mma" the mma.sync kernel alone (what other GPUs run), or "64",
- * "128", "256": wgmma with that many weight rows per work item. */
+/* moe.gemm grouped's tiles: NULL its own choice (decode for a few rows,
+ * then wgmma on sm_90, widths by size), "mma" the mma.sync kernel alone
+ * (what other GPUs run beyond decode sizes), "decode" the decode form at
+ * every size (several tiles per slot), "nodecode" the tiles from one row
+ * on, or "64", "128", "256": wgmma with that many weight rows per work
+ * item (and no decode form). */
 static void force_tiles(const char *how) {
+    tiles_now = how;
     unsetenv("MOE_CUDA_NO_WGMMA");
     unsetenv("MOE_CUDA_WGMMA_BN");
     unsetenv("MOE_CUDA_WGMMA_MIN_ROWS");
+    unsetenv("MOE_CUDA_DECODE_ROWS");
     if (how != NULL && strcmp(how, "mma") == 0) setenv("MOE_CUDA_NO_WGMMA", "1", 1);
-    else if (how != NULL) setenv("MOE_CUDA_WGMMA_BN", how, 1);
+    else if (how != NULL && strcmp(how, "decode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "1000000", 1);
+    else if (how != NULL && strcmp(how, "nodecode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
+    else if (how != NULL) setenv("MOE_CUDA_WGMMA_BN", how, 1), setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
     memset(&forms, 0, sizeof forms);
 }
 
-/* The grouped runs since force_tiles(how) used the form it asks for: "mma"
- * only mma.sync; a width, or the default choice where wgmma can run, some
- * wgmma (the smallest sizes, fewer entries than slots, stay on mma.sync). */
+/* The grouped runs since force_tiles(how) used the form it asks for:
+ * "decode" only decode; "mma" mma.sync and no wgmma; "nodecode" and the
+ * widths no decode; the default some decode (the 1-token size) and, where
+ * wgmma can run, some wgmma; the widths and "nodecode" there some wgmma
+ * (fewer entries than slots stay on mma.sync). */
 static int check_forms(const char *how, const char *what) {
-    const bool want_mma_only = how != NULL && strcmp(how, "mma") == 0;
-    const bool want_wgmma = !want_mma_only && forms.wgmma_ok;
-    if ((want_mma_only && (forms.wgmma != 0 || forms.mma == 0)) || (want_wgmma && forms.wgmma == 0)) {
-        fprintf(stderr, "FAIL %s (tiles %s): grouped GEMM ran wgmma %lld and mma.sync %lld times (wgmma %s here)\n",
-                what, how != NULL ? how : "default", forms.wgmma, forms.mma, forms.wgmma_ok ? "available" : "unavailable");
+    const bool want_decode_only = how != NULL && strcmp(how, "decode") == 0;
+    const bool want_mma = how != NULL && strcmp(how, "mma") == 0;
+    const bool want_decode = how == NULL || want_decode_only || want_mma;
+    const bool want_wgmma = !want_decode_only && !want_mma && forms.wgmma_ok;
+    bool bad = want_decode ? forms.decode == 0 : forms.decode != 0;
+    if (want_decode_only) bad = bad || forms.wgmma != 0 || forms.mma != 0;
+    if (want_mma) bad = bad || forms.wgmma != 0 || forms.mma == 0;
+    if (want_wgmma) bad = bad || forms.wgmma == 0;
+    if (bad) {
+        fprintf(stderr,
+                "FAIL %s (tiles %s): grouped GEMM ran wgmma %lld, mma.sync %lld and decode %lld times (wgmma %s here)\n",
+                what, how != NULL ? how : "default", forms.wgmma, forms.mma, forms.decode,
+                forms.wgmma_ok ? "available" : "unavailable");
         return 1;
     }
     return 0;
@@ -369,7 +387,10 @@ int main(int argc, char **argv) {
      * still run. Device outputs are poisoned (NaN) before every forward. */
     setenv("MOE_CUDA_POISON_OUTPUT", "1", 1);
     const bool quick = getenv("MOE_CUDA_LAYER_QUICK") != NULL;
-    const int sizes[] = {0, 1, 37, 120, 300}; /* 37/120/300: 16-, 32- and 64-row tiles of the grouped kernel */
+    /* 1, 3, 13: the router's small-T kernel at 1, 4 and 8 tokens per warp
+     * (13: two blocks of tokens), decode at 1 and 3 rows; 37/120/300: 16-,
+     * 32- and 64-row tiles of the grouped kernel */
+    const int sizes[] = {0, 1, 3, 13, 37, 120, 300};
     const size_t n_sizes = sizeof sizes / sizeof sizes[0] - (quick ? 1 : 0);
     int failures = 0, runs = 0;
     double worst = 0;
@@ -385,6 +406,8 @@ int main(int argc, char **argv) {
                  {MOE_GEMM_CUBLAS, true, MOE_COMM_AUTO, NULL},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, NULL},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "mma"},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "decode"},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "nodecode"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "64"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "128"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "256"},
@@ -414,19 +437,21 @@ int main(int argc, char **argv) {
      * experts with 600 tokens (32- and 64-row tiles), 16 experts with
      * 2000 tokens of 8 entries (8 wgmma tiles per slot, more work items
      * than multiprocessors; 2100 tokens: the grouping's multi-CTA path),
-     * and the multi-CTA grouping again on a small H (in the quick set) */
+     * and the multi-CTA grouping again on a small H (in the quick set);
+     * k = 12: the decode form's entries in two batches */
     const struct {
         int hidden, inter, experts, top_k, tokens[3];
         bool quick; /* in the quick set */
     } wide[] = {{264, 136, 320, 4, {1, 37, 300}, true},
                 {264, 136, 16, 2, {120, 600, 0}, true},
                 {264, 136, 16, 8, {2000, 333, 2100}, false},
-                {64, 72, 16, 8, {2100, 40, 0}, true}};
+                {64, 72, 16, 8, {2100, 40, 0}, true},
+                {64, 72, 32, 12, {1, 5, 40}, true}};
     /* each with the grouped kernel's own choice of tiles, the mma.sync
      * kernel, and wgmma at each width (K tails, partial column blocks,
      * partial row tiles, several tiles per slot) */
     gemm_kind = MOE_GEMM_GROUPED, comm_kind = MOE_COMM_AUTO;
-    const char *wide_bn[] = {NULL, "mma", "64", "128", "256"};
+    const char *wide_bn[] = {NULL, "mma", "decode", "64", "128", "256"};
     for (size_t v = 0; v < sizeof wide_bn / sizeof wide_bn[0]; v++) {
         force_tiles(wide_bn[v]);
         for (size_t w = 0; w < sizeof wide / sizeof wide[0]; w++) {

@@ -238,6 +238,7 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
                            "moe.backend: cuda needs bf16 tensor cores (compute capability >= 8.0); %s has %d.%d",
                            prop.name, prop.major, prop.minor);
     engine->cc_major = prop.major;
+    engine->pdl = prop.major >= 9 && getenv("MOE_CUDA_NO_PDL") == nullptr;
     char why[160];
     int smem_optin = 0;
     MOE_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, engine->device));
@@ -253,7 +254,8 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
         if (!engine->wgmma_ok && getenv("MOE_CUDA_NO_WGMMA") == nullptr)
             moe_log(MOE_LOG_INFO, "cuda", "grouped GEMM: mma.sync tiles only (wgmma %s)", wg_why);
         if (!env_int("MOE_CUDA_WGMMA_MIN_ROWS", 1, 1, 1 << 30, &engine->wgmma_min_rows, msg, msg_size) ||
-            !env_int("MOE_CUDA_WGMMA_BN", 0, 0, 256, &engine->wgmma_bn, msg, msg_size))
+            !env_int("MOE_CUDA_WGMMA_BN", 0, 0, 256, &engine->wgmma_bn, msg, msg_size) ||
+            !env_int("MOE_CUDA_DECODE_ROWS", -1, 0, 1 << 30, &engine->decode_rows, msg, msg_size))
             return MOE_ERR_CONFIG;
         if (engine->wgmma_bn != 0 && engine->wgmma_bn != 64 && engine->wgmma_bn != 128 && engine->wgmma_bn != 256)
             return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "MOE_CUDA_WGMMA_BN must be 64, 128 or 256 (have %d)",
@@ -472,9 +474,10 @@ extern "C" void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config
 extern "C" const char *moe_cuda_gemm_table(const moe_cuda_engine_t *engine) { return engine->gemm_text; }
 
 extern "C" void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long long *wgmma, long long *mma,
-                                       bool *wgmma_ok) {
+                                       long long *decode, bool *wgmma_ok) {
     *wgmma = engine->grouped_runs[1];
     *mma = engine->grouped_runs[0];
+    *decode = engine->grouped_runs[2];
     *wgmma_ok = engine->wgmma_ok;
 }
 

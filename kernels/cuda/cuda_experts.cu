@@ -1,8 +1,8 @@
 /* cuda_experts: the expert stage of a chunk on the main stream (DESIGN §4
  * step 5) — entries grouped by local slot, the expert GEMMs with the
  * implementation moe.gemm chose for the chunk's size (cuBLAS, or moed's
- * grouped kernels: cuda_wgmma.cu on sm_90, cuda_grouped.cu's mma.sync
- * elsewhere), SwiGLU, the weighted per-row sum —
+ * grouped kernels: cuda_decode.cu for few rows, cuda_wgmma.cu on sm_90,
+ * cuda_grouped.cu's mma.sync elsewhere), SwiGLU, the weighted per-row sum —
  * and the small helpers the forward shares (a cuBLAS GEMM, a synchronous
  * fetch of counts, profile marks). */
 #include "cuda_internal.h"
@@ -93,6 +93,18 @@ static moe_err_t grouped_gemm(moe_cuda_engine_t *engine, int N, int K, const bf1
     return MOE_OK;
 }
 
+bool moe_cuda_use_decode(const moe_cuda_engine_t *engine, int n_rows) {
+    if (n_rows > MOE_CUDA_DECODE_MAX_ROWS) return false;
+    if (engine->decode_rows >= 0) return n_rows <= engine->decode_rows;
+    /* by default while a row's entries, spread over all R·S slots, leave
+     * at most half of this rank's slots used: the decode form reads a
+     * slot's weights once per row using it, so beyond that the re-reads
+     * cost more than its tiles save (measured on an H200, README: Mixtral,
+     * 8 slots of k = 2, gains at 1-2 tokens and loses from 4; Qwen3, 128
+     * slots of k = 8, gains up to 8) */
+    return (long)n_rows * engine->cfg.model.top_k * 2 <= (long)engine->slots.slots_per_rank * engine->ep.size;
+}
+
 int moe_cuda_bucket(int rows) {
     int b = 0;
     while (b < MOE_GEMM_BUCKETS - 1 && (1 << b) < rows) b++;
@@ -111,13 +123,26 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
     const int k = m->top_k, H = m->hidden, I = m->moe_intermediate, S = engine->slots.slots_per_rank;
     cudaStream_t stream = engine->stream;
     const int n_entries = n_recv * k;
+    const bool grouped = impl == MOE_IMPL_GROUPED && engine->own_grouped_ok;
+    if (grouped && moe_cuda_use_decode(engine, n_recv)) {
+        /* few rows (decode): by row, a warp per weight row, no grouping and
+         * no separate sum (cuda_decode.cu) */
+        bf16 *act = RESERVE(engine, act, bf16, (size_t)n_entries * I);
+        if (act == nullptr) return MOE_ERR_NOMEM;
+        if (n_entries > 0) engine->grouped_runs[2]++;
+        moe_cuda_mark(engine, 3);
+        MOE_CUDA_TRY(moe_cuda_decode_launch(L->w13, L->w2, recv_rows, recv_meta, n_recv, k, S, H, I, act, partial, out,
+                                            engine->pdl, stream));
+        moe_cuda_mark(engine, 4);
+        moe_cuda_mark(engine, 5);
+        return MOE_OK;
+    }
     int32_t *keys = RESERVE(engine, keys, int32_t, n_entries), *cursor = RESERVE(engine, cursor, int32_t, S);
     int32_t *vals_sorted = RESERVE(engine, vals_sorted, int32_t, n_entries);
     int32_t *slot_counts = RESERVE(engine, slot_counts, int32_t, S);
     int32_t *inverse = RESERVE(engine, inverse, int32_t, n_entries);
     int32_t *plan = RESERVE(engine, plan, int32_t, 2 * (size_t)S + 2);
     if (!keys || !cursor || !vals_sorted || !slot_counts || !inverse || !plan) return MOE_ERR_NOMEM;
-    const bool grouped = impl == MOE_IMPL_GROUPED && engine->own_grouped_ok;
     /* wgmma's 128-row tiles where the GPU has them (sm_90; measured faster
      * than the mma.sync tiles at every size on an H200, README), from
      * MOE_CUDA_WGMMA_MIN_ROWS entries per slot on average (default 1) */
@@ -132,7 +157,7 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         y = RESERVE(engine, y, bf16, (size_t)n_entries * H);
         if (!act || !y) return MOE_ERR_NOMEM;
         moe_cuda_mark(engine, 3);
-        engine->grouped_runs[wgmma ? 1 : 0]++;
+        if (n_entries > 0) engine->grouped_runs[wgmma ? 1 : 0]++;
         if (wgmma) {
             MOE_CUDA_TRY(moe_cuda_wgmma_gemm_launch(L->w13, recv_rows, vals_sorted, k, plan, S, true, I, H,
                                                     n_entries, engine->wgmma_bn, act, stream));

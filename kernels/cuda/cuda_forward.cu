@@ -78,9 +78,11 @@ static moe_err_t exchange(moe_cuda_engine_t *engine, cudaStream_t stream, const 
     return MOE_OK;
 }
 
-/* Route: ids and weights of the chunk's tokens. */
+/* Route: ids and weights of the chunk's tokens; with `meta` (one rank)
+ * also every entry's slot and meta. */
 static moe_err_t route(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t *c, chunk_streams_t st,
-                       const int32_t *routed_ids, const float *routed_weights, char *msg, size_t msg_size) {
+                       const int32_t *routed_ids, const float *routed_weights, cuda_meta_t *meta, char *msg,
+                       size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
     const int k = m->top_k, H = m->hidden, E = m->experts, T = c->T;
     cuda_chunk_ws_t *ws = &engine->ws.chunk[c->set];
@@ -98,19 +100,26 @@ static moe_err_t route(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
         memcpy(h_w, routed_weights, sizeof(float) * (size_t)T * k);
         MOE_CUDA_TRY(cudaMemcpyAsync(c->ids, h_ids, sizeof(int32_t) * (size_t)T * k, cudaMemcpyHostToDevice, st.front));
         MOE_CUDA_TRY(cudaMemcpyAsync(c->weights, h_w, sizeof(float) * (size_t)T * k, cudaMemcpyHostToDevice, st.front));
+        if (meta != nullptr)
+            MOE_CUDA_TRY(moe_cuda_mark_local_launch(L->d_slots, c->ids, c->weights, T, k, c->first_token, c->entry_slot,
+                                                    meta, st.front));
         return MOE_OK;
     }
     float *logits = nullptr;
     if (moe_route_needs_logits(m->routing.method)) {
         logits = (float *)moe_cuda_reserve(&ws->logits, sizeof(float) * (size_t)T * E, msg, msg_size);
         if (logits == nullptr) return MOE_ERR_NOMEM;
-        MOE_TRY(moe_cuda_gemm(st.front_blas, E, T, H, L->router, c->x, logits, CUDA_R_32F, msg, msg_size));
+        if (T <= MOE_CUDA_ROUTER_MAX_TOKENS) /* one small kernel (cuda_decode.cu) */
+            MOE_CUDA_TRY(moe_cuda_router_launch(L->router, c->x, T, E, H, logits, engine->pdl, st.front));
+        else
+            MOE_TRY(moe_cuda_gemm(st.front_blas, E, T, H, L->router, c->x, logits, CUDA_R_32F, msg, msg_size));
     }
     moe_route_params_t params;
     moe_route_params_init(&params, m, nullptr, L->layer, engine->ep.rank, engine->ep.size);
     moe_route_token_params_t tp = moe_route_token_params(&params);
     MOE_CUDA_TRY(moe_cuda_route_launch(&tp, logits, L->bias, engine->d_zipf_cdf, L->step, c->first_token, T, c->ids,
-                                       c->weights, st.front));
+                                       c->weights, meta != nullptr ? L->d_slots : nullptr, c->entry_slot, meta,
+                                       engine->pdl, st.front));
     return MOE_OK;
 }
 
@@ -213,24 +222,25 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
      * finished and counted */
     MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_FINISH], 0));
     MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_COUNTED], 0));
-    moe_cuda_mark(engine, 0);
-    MOE_TRY(route(engine, L, c, st, routed_ids, routed_weights, msg, msg_size));
-    moe_cuda_mark(engine, 1);
     c->entry_slot = (int32_t *)moe_cuda_reserve(&ws->entry_slot, sizeof(int32_t) * (size_t)T * k, msg, msg_size);
     c->flags = (int32_t *)moe_cuda_reserve(&ws->flags, sizeof(int32_t) * (size_t)R * T, msg, msg_size);
     c->scan = (int32_t *)moe_cuda_reserve(&ws->scan, sizeof(int32_t) * (size_t)R * T, msg, msg_size);
     int32_t *counts = (int32_t *)moe_cuda_reserve(&ws->counts, sizeof(int32_t) * 2 * (size_t)R, msg, msg_size);
     if (!c->entry_slot || !c->flags || !c->scan || !counts) return MOE_ERR_NOMEM;
     c->allgather = c->chunk_max <= engine->allgather_max_tokens;
-    if (R == 1 && !c->allgather) {
-        /* one rank: every token is a row of its own, in order, with all its
-         * entries here (global slot = local slot), so no flags, scan, packed
-         * copy of the rows or exchange; slots and entries in one launch */
-        cuda_meta_t *meta =
-            (cuda_meta_t *)moe_cuda_reserve(&ws->send_meta, sizeof(cuda_meta_t) * (size_t)T * k, msg, msg_size);
+    /* one rank: every token is a row of its own, in order, with all its
+     * entries here (global slot = local slot), so no flags, scan, packed
+     * copy of the rows or exchange; routing writes slots and entries too */
+    const bool local = R == 1 && !c->allgather;
+    cuda_meta_t *meta = nullptr;
+    if (local) {
+        meta = (cuda_meta_t *)moe_cuda_reserve(&ws->send_meta, sizeof(cuda_meta_t) * (size_t)T * k, msg, msg_size);
         if (meta == nullptr) return MOE_ERR_NOMEM;
-        MOE_CUDA_TRY(moe_cuda_mark_local_launch(L->d_slots, c->ids, c->weights, T, k, c->first_token, c->entry_slot,
-                                                meta, st.front));
+    }
+    moe_cuda_mark(engine, 0);
+    MOE_TRY(route(engine, L, c, st, routed_ids, routed_weights, meta, msg, msg_size));
+    moe_cuda_mark(engine, 1);
+    if (local) {
         c->recv_rows = const_cast<bf16 *>(c->x), c->recv_meta = meta, c->n_rows = c->n_send = T;
         c->rows_are_tokens = true;
     } else {

@@ -2,7 +2,8 @@
  * its own files only (cuda_engine.cu: build, weights, NCCL; cuda_forward.cu:
  * the chunk pipeline; cuda_experts.cu: the expert stage; cuda_grouped.cu:
  * moed's grouped GEMM (mma.sync) and the grouping of entries by slot;
- * cuda_wgmma.cu: its wgmma form (sm_90); cuda_autotune.cu: moe.gemm and
+ * cuda_wgmma.cu: its wgmma form (sm_90); cuda_decode.cu: its decode form
+ * (few rows: one warp per weight row); cuda_autotune.cu: moe.gemm and
  * moe.comm tuning;
  * cuda_eplb.cu: slot tables and migration; cuda_kernels.cu: the other
  * kernels and their launchers). */
@@ -180,7 +181,10 @@ struct moe_cuda_engine {
     bool wgmma_ok;       /* and its wgmma form for many rows per slot (sm_90) */
     int wgmma_min_rows;  /* grouped uses wgmma from this many entries per slot on average (MOE_CUDA_WGMMA_MIN_ROWS) */
     int wgmma_bn;        /* weight rows per wgmma work item: 64, 128, 256, or 0 = by size (MOE_CUDA_WGMMA_BN) */
-    long long grouped_runs[2]; /* expert stages run by the grouped GEMM: [0] mma.sync, [1] wgmma (tests) */
+    bool pdl;            /* programmatic dependent launch on the decode chain (sm_90; MOE_CUDA_NO_PDL: off) */
+    int decode_rows;     /* grouped's decode form up to this many received rows (MOE_CUDA_DECODE_ROWS; 0: never;
+                            -1, unset: while the entries stay under half the slots, moe_cuda_use_decode) */
+    long long grouped_runs[3]; /* expert stages run by the grouped GEMM: [0] mma.sync, [1] wgmma, [2] decode (tests) */
     bool poison_out;           /* MOE_CUDA_POISON_OUTPUT (tests): NaN in the device output before each forward */
     int cc_major;
     size_t max_smem;     /* opt-in shared memory per block */
@@ -275,6 +279,36 @@ __device__ __forceinline__ void moe_cuda_copy_wait() { /* no shared-memory read 
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+/* Programmatic dependent launch (sm_90; nothing on older GPUs): a kernel
+ * launched with moe_cuda_launch(pdl = true, ...) may start while the one
+ * before it in the stream finishes, so it must call moe_cuda_grid_wait()
+ * before it reads anything an earlier kernel wrote (the wait returns once
+ * the previous grid has completed and its writes are visible), and calls
+ * moe_cuda_grid_release() after it to let the next one start early. Used
+ * on the decode chain (router, routing, expert kernels), where each kernel
+ * lasts a few microseconds and launch gaps are a large part of a step. */
+__device__ __forceinline__ void moe_cuda_grid_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void moe_cuda_grid_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+template <typename... Params, typename... Args>
+static inline cudaError_t moe_cuda_launch(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                          cudaStream_t stream, Args... args) {
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = smem, config.stream = stream;
+    config.attrs = &attr, config.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 /* An upper bound of a grouping plan's tiles of tile_rows rows before the
  * counts are known (host side): one partial tile per used slot plus the
  * full ones. */
@@ -307,14 +341,34 @@ cudaError_t moe_cuda_wgmma_gemm_launch(const bf16 *W, const bf16 *A, const int32
                                        const int32_t *plan, int S, bool swiglu, int n_out, int K, int n_entries,
                                        int bn, bf16 *out, cudaStream_t stream);
 
+/* moed's grouped GEMM in its decode form (cuda_decode.cu), by row, with
+ * no grouping: act [n_rows·k, I] (scratch), then into partial [n_rows, H]
+ * (bf16) or, with partial NULL, out (f32) the weighted per-row sums, as
+ * moe_cuda_experts promises. */
+cudaError_t moe_cuda_decode_launch(const bf16 *W13, const bf16 *W2, const bf16 *rows, const cuda_meta_t *meta,
+                                   int n_rows, int top_k, int S, int H, int I, bf16 *act, bf16 *partial, float *out,
+                                   bool pdl, cudaStream_t stream);
+/* Whether a chunk of n_rows received rows takes the decode form. */
+bool moe_cuda_use_decode(const moe_cuda_engine_t *engine, int n_rows);
+#define MOE_CUDA_DECODE_MAX_ROWS 65535 /* a grid dimension */
+/* logits [T, E] = x [T, H] · router [E, H]ᵀ (f32) for T <=
+ * MOE_CUDA_ROUTER_MAX_TOKENS (cuda_decode.cu; cuBLAS for more). */
+#define MOE_CUDA_ROUTER_MAX_TOKENS 16
+cudaError_t moe_cuda_router_launch(const bf16 *router, const bf16 *x, int T, int E, int H, float *logits, bool pdl,
+                                   cudaStream_t stream);
+
 /* Launchers (cuda_kernels.cu): each checks its arguments, sizes its grid,
  * launches on `stream` and returns cudaGetLastError(). */
 cudaError_t moe_cuda_f32_to_bf16_launch(const float *src, bf16 *dst, size_t n, cudaStream_t stream);
 cudaError_t moe_cuda_synth_launch(bf16 *dst_bf16, float *dst_f32, size_t n, uint64_t seed, int layer, int kind,
                                   int expert, int fan_in, size_t index_offset, cudaStream_t stream);
+/* With local_slots (one rank): also entry_slot and meta of every entry,
+ * as moe_cuda_mark_local_launch writes them (in the same launch where the
+ * method allows). */
 cudaError_t moe_cuda_route_launch(const moe_route_token_params_t *params, const float *logits, const float *bias,
                                   const double *zipf_cdf, uint64_t step, int64_t first_token, int n_tokens,
-                                  int32_t *ids, float *weights, cudaStream_t stream);
+                                  int32_t *ids, float *weights, const moe_slot_table_t *local_slots,
+                                  int32_t *entry_slot, cuda_meta_t *meta, bool pdl, cudaStream_t stream);
 cudaError_t moe_cuda_mark_launch(const moe_slot_table_t *slots, const int32_t *ids, int n_tokens, int top_k,
                                  int rank, int n_ranks, int64_t first_token, int32_t *entry_slot, int32_t *flags,
                                  cudaStream_t stream);

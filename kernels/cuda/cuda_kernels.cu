@@ -85,8 +85,11 @@ __global__ void route_kernel(moe_route_token_params_t p, const float *logits, co
  * local memory), and lanes 0..k-1 write the token's k results side by side. */
 template <int PER_LANE>
 __global__ void route_warp_kernel(moe_route_token_params_t p, const float *logits, int n_tokens, int32_t *ids,
-                                  float *weights) {
+                                  float *weights, const moe_slot_table_t *local_slots, int64_t first_token,
+                                  int32_t *entry_slot, cuda_meta_t *meta) {
     const int t = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    moe_cuda_grid_wait();
+    moe_cuda_grid_release();
     if (t >= n_tokens) return;
     const float *l = logits + (size_t)t * p.experts;
     float v[PER_LANE];
@@ -136,14 +139,22 @@ __global__ void route_warp_kernel(moe_route_token_params_t p, const float *logit
     for (int off = 16; off > 0; off /= 2) chosen += __shfl_xor_sync(0xffffffffu, chosen, off);
     const bool normalize = p.method == MOE_ROUTE_TOKEN_RENORMALIZE || p.norm_topk_prob;
     if (mine) {
-        ids[(size_t)t * p.top_k + lane] = my_id;
-        weights[(size_t)t * p.top_k + lane] = normalize ? w / chosen : w;
+        const size_t entry = (size_t)t * p.top_k + lane;
+        const float weight = normalize ? w / chosen : w;
+        ids[entry] = my_id;
+        weights[entry] = weight;
+        if (local_slots != nullptr) { /* one rank: mark_local_kernel's work */
+            const int slot = moe_slots_pick(local_slots, my_id, 0, first_token + t);
+            entry_slot[entry] = slot;
+            meta[entry] = cuda_meta_t{slot, weight};
+        }
     }
 }
 
 cudaError_t moe_cuda_route_launch(const moe_route_token_params_t *params, const float *logits, const float *bias,
                                   const double *zipf_cdf, uint64_t step, int64_t first_token, int n_tokens,
-                                  int32_t *ids, float *weights, cudaStream_t stream) {
+                                  int32_t *ids, float *weights, const moe_slot_table_t *local_slots,
+                                  int32_t *entry_slot, cuda_meta_t *meta, bool pdl, cudaStream_t stream) {
     if (n_tokens <= 0) return cudaSuccess;
     if (params->top_k > MOE_ROUTE_MAX_K) return cudaErrorInvalidValue;
     if (logits != nullptr && params->experts <= 32 * ROUTE_WARP_MAX_PER_LANE &&
@@ -152,8 +163,8 @@ cudaError_t moe_cuda_route_launch(const moe_route_token_params_t *params, const 
         const int per_lane = (params->experts + 31) / 32;
 #define MOE_ROUTE_CASE(n)                                                                              \
     if (per_lane <= (n)) {                                                                             \
-        route_warp_kernel<n><<<blocks, 128, 0, stream>>>(*params, logits, n_tokens, ids, weights);     \
-        return cudaGetLastError();                                                                     \
+        return moe_cuda_launch(pdl, route_warp_kernel<n>, dim3(blocks), dim3(128), 0, stream, *params, logits, \
+                               n_tokens, ids, weights, local_slots, first_token, entry_slot, meta);    \
     }
         MOE_ROUTE_CASE(1)
         MOE_ROUTE_CASE(2)
@@ -165,7 +176,10 @@ cudaError_t moe_cuda_route_launch(const moe_route_token_params_t *params, const 
     }
     route_kernel<<<blocks_for((size_t)n_tokens, 128), 128, 0, stream>>>(*params, logits, bias, zipf_cdf, step,
                                                                          first_token, n_tokens, ids, weights);
-    return cudaGetLastError();
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess || local_slots == nullptr) return e;
+    return moe_cuda_mark_local_launch(local_slots, ids, weights, n_tokens, params->top_k, first_token, entry_slot, meta,
+                                      stream);
 }
 
 /* Slot of every entry, and flags[d,t] = 1 when token t has an expert on d. */
