@@ -327,6 +327,8 @@ static int check_cache(moe_ep_t ep) {
 }
 
 /* moe.gemm grouped's tiles: NULL its own choice (decode for a few rows,
+ * launched with programmatic dependent launch on sm_90; "nopdl" the same
+ * without it),
  * then wgmma on sm_90, widths by size), "mma" the mma.sync kernel alone
  * (what other GPUs run beyond decode sizes), "decode" the decode form at
  * every size (several tiles per slot), "nodecode" the tiles from one row
@@ -338,7 +340,9 @@ static void force_tiles(const char *how) {
     unsetenv("MOE_CUDA_WGMMA_BN");
     unsetenv("MOE_CUDA_WGMMA_MIN_ROWS");
     unsetenv("MOE_CUDA_DECODE_ROWS");
-    if (how != NULL && strcmp(how, "mma") == 0) setenv("MOE_CUDA_NO_WGMMA", "1", 1);
+    unsetenv("MOE_CUDA_NO_PDL");
+    if (how != NULL && strcmp(how, "nopdl") == 0) setenv("MOE_CUDA_NO_PDL", "1", 1);
+    else if (how != NULL && strcmp(how, "mma") == 0) setenv("MOE_CUDA_NO_WGMMA", "1", 1);
     else if (how != NULL && strcmp(how, "decode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "1000000", 1);
     else if (how != NULL && strcmp(how, "nodecode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
     else if (how != NULL) setenv("MOE_CUDA_WGMMA_BN", how, 1), setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
@@ -353,6 +357,8 @@ static void force_tiles(const char *how) {
 static int check_forms(const char *how, const char *what) {
     const bool want_decode_only = how != NULL && strcmp(how, "decode") == 0;
     const bool want_mma = how != NULL && strcmp(how, "mma") == 0;
+    const bool nopdl = how != NULL && strcmp(how, "nopdl") == 0;
+    if (nopdl) how = NULL; /* the default choice, launched without programmatic dependent launch */
     const bool want_decode = how == NULL || want_decode_only || want_mma;
     const bool want_wgmma = !want_decode_only && !want_mma && forms.wgmma_ok;
     bool bad = want_decode ? forms.decode == 0 : forms.decode != 0;
@@ -408,6 +414,7 @@ int main(int argc, char **argv) {
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "mma"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "decode"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "nodecode"},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "nopdl"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "64"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "128"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "256"},
@@ -467,6 +474,19 @@ int main(int argc, char **argv) {
         failures += check_forms(wide_bn[v], "wide shapes");
     }
     force_tiles(NULL);
+    /* the group routing (DeepSeek-V3's method) at a wider shape: 256
+     * experts in 4 groups of 64, 2 groups chosen, k = 8 (8 scores per lane
+     * of its warp kernel), with a shared expert; the decode form at 1 and
+     * 5 tokens, the tiles at 300 */
+    for (int i = 0; i < moe_test_case_count; i++) {
+        if (moe_test_cases[i].method != MOE_ROUTE_SIGMOID_GROUP_TOPK || moe_test_cases[i].replicas) continue;
+        shape.hidden = 64, shape.inter = 72, shape.experts = 256, shape.top_k = 8;
+        const int tokens[] = {1, 5, 300};
+        for (int t = 0; t < 3; t++) {
+            failures += check_case(&moe_test_cases[i], ep, seed + 9191 + t, tokens[t], &worst);
+            runs++;
+        }
+    }
     memset(&shape, 0, sizeof shape);
     failures += check_cache(ep);
     failures += check_migration(ep, seed + 4242);

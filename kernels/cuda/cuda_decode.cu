@@ -19,8 +19,6 @@
  * f32 accumulation throughout. Two kernels instead of grouping, two GEMMs
  * and the sum. A slot used by several rows is read once per row (L2 serves
  * the repeats): the form is for a few rows, where that is rare. */
-#include <type_traits>
-
 #include "cuda_internal.h"
 
 #define DECODE_WARPS 4
@@ -62,11 +60,10 @@ __device__ __forceinline__ float warp_sum(float v) {
  * z·KB+KB-1 of row r: batches of few entries give many short warps, and
  * each lane issues U iterations' loads (2·KB·U of 16 bytes) before it uses
  * them. */
-template <int KB>
+template <int KB, int U>
 __global__ void __launch_bounds__(DECODE_WARPS * 32)
     decode_up_kernel(const bf16 *__restrict__ W13, const bf16 *__restrict__ rows, const cuda_meta_t *__restrict__ meta,
                      int top_k, int S, int H, int I, bf16 *__restrict__ act) {
-    constexpr int U = 4 / KB;
     const int r = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int col = blockIdx.x * DECODE_WARPS + warp, j0 = blockIdx.z * KB;
     moe_cuda_grid_wait();
@@ -123,14 +120,28 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32)
 template <int KB, bool F32_OUT>
 __global__ void __launch_bounds__(DECODE_WARPS * 32, 4)
     decode_down_kernel(const bf16 *__restrict__ W2, const bf16 *__restrict__ act, const cuda_meta_t *__restrict__ meta,
-                       int top_k, int S, int H, int I, void *__restrict__ dst) {
+                       int top_k, int S, int H, int I, bool prefetch, void *__restrict__ dst) {
     const int r = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     constexpr int U = KB >= 4 ? 1 : 4 / KB;
     const int h = blockIdx.x * DECODE_WARPS + warp;
+    const cuda_meta_t *row_meta = meta + (size_t)r * top_k;
+    /* With `prefetch` (the chunk's W2 rows fit half of L2), before waiting
+     * for the gate/up kernel: this warp's W2 rows into L2 (up to 16 lines
+     * per lane), while that kernel's last blocks run. Its meta is already
+     * final: this grid starts only once every gate/up block has passed its
+     * own wait, so routing has completed. */
+    if (prefetch && h < H)
+        for (int j = 0; j < top_k; j++) {
+            const int slot = row_meta[j].local_slot;
+            if (slot < 0 || slot >= S) continue;
+            const char *row = (const char *)(W2 + ((size_t)slot * H + h) * I);
+            const int lines = (I * (int)sizeof(bf16) + 127) / 128;
+            for (int line = lane; line < lines && line < 16 * 32; line += 32)
+                asm volatile("prefetch.global.L2 [%0];\n" ::"l"(row + (size_t)line * 128));
+        }
     moe_cuda_grid_wait();
     moe_cuda_grid_release();
     if (h >= H) return;
-    const cuda_meta_t *row_meta = meta + (size_t)r * top_k;
     float sum = 0.0f;
     for (int j0 = 0; j0 < top_k; j0 += KB) {
         const bf16 *a = act + ((size_t)r * top_k + j0) * I; /* entry j0 + j: a + j·I */
@@ -177,41 +188,44 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32, 4)
     else static_cast<bf16 *>(dst)[(size_t)r * H + h] = rounded;
 }
 
-/* UP_KB entries per gate/up warp, DOWN_KB per down batch */
-template <int UP_KB, int DOWN_KB>
+/* one entry per gate/up warp (four iterations' loads at once), DOWN_KB
+ * per down batch */
+#define UP_KB 1
+#define UP_U 4
+template <int DOWN_KB>
 static cudaError_t decode_launch(const bf16 *W13, const bf16 *W2, const bf16 *rows, const cuda_meta_t *meta,
                                  int n_rows, int top_k, int S, int H, int I, bf16 *act, bf16 *partial, float *out,
-                                 bool pdl, cudaStream_t stream) {
+                                 bool prefetch, bool pdl, cudaStream_t stream) {
     const dim3 up_grid((unsigned)((I + DECODE_WARPS - 1) / DECODE_WARPS), (unsigned)n_rows,
                        (unsigned)((top_k + UP_KB - 1) / UP_KB));
-    cudaError_t e = moe_cuda_launch(pdl, decode_up_kernel<UP_KB>, up_grid, dim3(DECODE_WARPS * 32), 0, stream, W13,
+    cudaError_t e = moe_cuda_launch(pdl, decode_up_kernel<UP_KB, UP_U>, up_grid, dim3(DECODE_WARPS * 32), 0, stream, W13,
                                     rows, meta, top_k, S, H, I, act);
     if (e != cudaSuccess) return e;
     const dim3 down_grid((unsigned)((H + DECODE_WARPS - 1) / DECODE_WARPS), (unsigned)n_rows);
     if (out != nullptr)
         return moe_cuda_launch(pdl, decode_down_kernel<DOWN_KB, true>, down_grid, dim3(DECODE_WARPS * 32), 0, stream,
-                               W2, act, meta, top_k, S, H, I, (void *)out);
+                               W2, act, meta, top_k, S, H, I, prefetch, (void *)out);
     return moe_cuda_launch(pdl, decode_down_kernel<DOWN_KB, false>, down_grid, dim3(DECODE_WARPS * 32), 0, stream, W2,
-                           act, meta, top_k, S, H, I, (void *)partial);
+                           act, meta, top_k, S, H, I, prefetch, (void *)partial);
 }
 
 cudaError_t moe_cuda_decode_launch(const bf16 *W13, const bf16 *W2, const bf16 *rows, const cuda_meta_t *meta,
-                                   int n_rows, int top_k, int S, int H, int I, bf16 *act, bf16 *partial, float *out,
-                                   bool pdl, cudaStream_t stream) {
+                                   int n_rows, int top_k, int S, int H, int I, size_t l2_bytes, bf16 *act,
+                                   bf16 *partial, float *out, bool pdl, cudaStream_t stream) {
     if (n_rows <= 0) return cudaSuccess;
     if (H % 8 != 0 || I % 8 != 0 || top_k <= 0 || top_k > MOE_ROUTE_MAX_K || n_rows > MOE_CUDA_DECODE_MAX_ROWS ||
         (partial == nullptr) == (out == nullptr))
         return cudaErrorInvalidValue;
-    auto launch = [&](auto up_kb, auto down_kb) {
-        return decode_launch<decltype(up_kb)::value, decltype(down_kb)::value>(
-            W13, W2, rows, meta, n_rows, top_k, S, H, I, act, partial, out, pdl, stream);
-    };
-    using one = std::integral_constant<int, 1>;
-    using two = std::integral_constant<int, 2>;
-    if (top_k <= 1) return launch(one(), one());
-    if (top_k <= 2) return launch(two(), two());
-    if (top_k <= 4) return launch(two(), std::integral_constant<int, 4>());
-    return launch(two(), std::integral_constant<int, 8>());
+    /* the down kernel prefetches its weights during the gate/up kernel's
+     * tail when they fit half of L2 (Qwen3 at one token: 8 × 3 MiB; more
+     * than that measured slower on an H200: Mixtral, Qwen3 at 8 tokens) */
+    const bool prefetch = pdl && (double)n_rows * top_k * H * I * sizeof(bf16) <= (double)l2_bytes / 2;
+#define MOE_DECODE_ARGS W13, W2, rows, meta, n_rows, top_k, S, H, I, act, partial, out, prefetch, pdl, stream
+    if (top_k <= 1) return decode_launch<1>(MOE_DECODE_ARGS);
+    if (top_k <= 2) return decode_launch<2>(MOE_DECODE_ARGS);
+    if (top_k <= 4) return decode_launch<4>(MOE_DECODE_ARGS);
+    return decode_launch<8>(MOE_DECODE_ARGS);
+#undef MOE_DECODE_ARGS
 }
 
 /* The router GEMM for a few tokens, in the same spirit: logits[t, e] =

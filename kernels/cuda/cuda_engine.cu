@@ -243,6 +243,7 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
     int smem_optin = 0;
     MOE_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, engine->device));
     engine->max_smem = (size_t)smem_optin;
+    engine->l2_bytes = (size_t)prop.l2CacheSize;
     engine->own_grouped_ok =
         moe_cuda_grouped_supported(m->hidden, m->moe_intermediate, prop.major, engine->max_smem, why, sizeof why);
     if (engine->cfg.moe.gemm == MOE_GEMM_GROUPED && !engine->own_grouped_ok)

@@ -131,8 +131,8 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         if (act == nullptr) return MOE_ERR_NOMEM;
         if (n_entries > 0) engine->grouped_runs[2]++;
         moe_cuda_mark(engine, 3);
-        MOE_CUDA_TRY(moe_cuda_decode_launch(L->w13, L->w2, recv_rows, recv_meta, n_recv, k, S, H, I, act, partial, out,
-                                            engine->pdl, stream));
+        MOE_CUDA_TRY(moe_cuda_decode_launch(L->w13, L->w2, recv_rows, recv_meta, n_recv, k, S, H, I, engine->l2_bytes,
+                                            act, partial, out, engine->pdl, stream));
         moe_cuda_mark(engine, 4);
         moe_cuda_mark(engine, 5);
         return MOE_OK;

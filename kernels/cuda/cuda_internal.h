@@ -188,6 +188,7 @@ struct moe_cuda_engine {
     bool poison_out;           /* MOE_CUDA_POISON_OUTPUT (tests): NaN in the device output before each forward */
     int cc_major;
     size_t max_smem;     /* opt-in shared memory per block */
+    size_t l2_bytes;     /* the GPU's L2 cache */
     moe_gemm_impl_t gemm_table[MOE_GEMM_BUCKETS]; /* implementation per bucket (moe.gemm) */
     double tune_ms[MOE_GEMM_BUCKETS][MOE_IMPL_COUNT]; /* the autotuner's timings; 0 = not timed */
     bool tuned;              /* gemm_table came from the autotuner (or its cache) */
@@ -346,8 +347,8 @@ cudaError_t moe_cuda_wgmma_gemm_launch(const bf16 *W, const bf16 *A, const int32
  * (bf16) or, with partial NULL, out (f32) the weighted per-row sums, as
  * moe_cuda_experts promises. */
 cudaError_t moe_cuda_decode_launch(const bf16 *W13, const bf16 *W2, const bf16 *rows, const cuda_meta_t *meta,
-                                   int n_rows, int top_k, int S, int H, int I, bf16 *act, bf16 *partial, float *out,
-                                   bool pdl, cudaStream_t stream);
+                                   int n_rows, int top_k, int S, int H, int I, size_t l2_bytes, bf16 *act,
+                                   bf16 *partial, float *out, bool pdl, cudaStream_t stream);
 /* Whether a chunk of n_rows received rows takes the decode form. */
 bool moe_cuda_use_decode(const moe_cuda_engine_t *engine, int n_rows);
 #define MOE_CUDA_DECODE_MAX_ROWS 65535 /* a grid dimension */
