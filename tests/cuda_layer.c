@@ -445,7 +445,9 @@ int main(int argc, char **argv) {
      * 2000 tokens of 8 entries (8 wgmma tiles per slot, more work items
      * than multiprocessors; 2100 tokens: the grouping's multi-CTA path),
      * and the multi-CTA grouping again on a small H (in the quick set);
-     * k = 12: the decode form's entries in two batches */
+     * k = 12: the decode form's entries in two batches; k = 1; H = 2056
+     * and I = 1288 with k = 6 (the decode and router kernels' loops over
+     * several rounds and a partial one, a partial batch of entries) */
     const struct {
         int hidden, inter, experts, top_k, tokens[3];
         bool quick; /* in the quick set */
@@ -453,7 +455,9 @@ int main(int argc, char **argv) {
                 {264, 136, 16, 2, {120, 600, 0}, true},
                 {264, 136, 16, 8, {2000, 333, 2100}, false},
                 {64, 72, 16, 8, {2100, 40, 0}, true},
-                {64, 72, 32, 12, {1, 5, 40}, true}};
+                {64, 72, 32, 12, {1, 5, 40}, true},
+                {64, 72, 16, 1, {1, 5, 40}, true},
+                {2056, 1288, 8, 6, {1, 3, 40}, false}};
     /* each with the grouped kernel's own choice of tiles, the mma.sync
      * kernel, and wgmma at each width (K tails, partial column blocks,
      * partial row tiles, several tiles per slot) */
@@ -486,6 +490,15 @@ int main(int argc, char **argv) {
             failures += check_case(&moe_test_cases[i], ep, seed + 9191 + t, tokens[t], &worst);
             runs++;
         }
+    }
+    /* model.hidden not a multiple of 8 (allowed with cublas): the router GEMM
+     * stays on cuBLAS at every size */
+    gemm_kind = MOE_GEMM_CUBLAS;
+    shape.hidden = 44, shape.inter = 40, shape.experts = 8, shape.top_k = 2;
+    for (int t = 0; t < 3; t++) {
+        const int tokens[] = {1, 13, 37};
+        failures += check_case(&moe_test_cases[0], ep, seed + 5151 + t, tokens[t], &worst);
+        runs++;
     }
     memset(&shape, 0, sizeof shape);
     failures += check_cache(ep);

@@ -238,7 +238,11 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
                            "moe.backend: cuda needs bf16 tensor cores (compute capability >= 8.0); %s has %d.%d",
                            prop.name, prop.major, prop.minor);
     engine->cc_major = prop.major;
-    engine->pdl = prop.major >= 9 && getenv("MOE_CUDA_NO_PDL") == nullptr;
+    engine->pdl = prop.major >= 9 && getenv("MOE_CUDA_NO_PDL") == nullptr && moe_cuda_decode_pdl_built() &&
+                  moe_cuda_route_pdl_built();
+    if (prop.major >= 9 && !engine->pdl && getenv("MOE_CUDA_NO_PDL") == nullptr)
+        moe_log(MOE_LOG_INFO, "cuda", "programmatic dependent launch off: the kernels were built for an "
+                                      "architecture before sm_90 (CUDA_ARCH)");
     char why[160];
     int smem_optin = 0;
     MOE_CUDA_TRY(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, engine->device));

@@ -95,6 +95,7 @@ static moe_err_t grouped_gemm(moe_cuda_engine_t *engine, int N, int K, const bf1
 
 bool moe_cuda_use_decode(const moe_cuda_engine_t *engine, int n_rows) {
     if (n_rows > MOE_CUDA_DECODE_MAX_ROWS) return false;
+    if (n_rows <= 0) return false;
     if (engine->decode_rows >= 0) return n_rows <= engine->decode_rows;
     /* by default while a row's entries, spread over all R·S slots, leave
      * at most half of this rank's slots used: the decode form reads a

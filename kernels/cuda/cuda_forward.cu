@@ -109,7 +109,7 @@ static moe_err_t route(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     if (moe_route_needs_logits(m->routing.method)) {
         logits = (float *)moe_cuda_reserve(&ws->logits, sizeof(float) * (size_t)T * E, msg, msg_size);
         if (logits == nullptr) return MOE_ERR_NOMEM;
-        if (T <= MOE_CUDA_ROUTER_MAX_TOKENS) /* one small kernel (cuda_decode.cu) */
+        if (T <= MOE_CUDA_ROUTER_MAX_TOKENS && H % 8 == 0) /* one small kernel (cuda_decode.cu) */
             MOE_CUDA_TRY(moe_cuda_router_launch(L->router, c->x, T, E, H, logits, engine->pdl, st.front));
         else
             MOE_TRY(moe_cuda_gemm(st.front_blas, E, T, H, L->router, c->x, logits, CUDA_R_32F, msg, msg_size));

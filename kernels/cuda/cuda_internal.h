@@ -307,8 +307,15 @@ static inline cudaError_t moe_cuda_launch(bool pdl, void (*kernel)(Params...), d
     cudaLaunchConfig_t config = {};
     config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = smem, config.stream = stream;
     config.attrs = &attr, config.numAttrs = pdl ? 1 : 0;
-    return cudaLaunchKernelEx(&config, kernel, args...);
+    cudaError_t e = cudaLaunchKernelEx(&config, kernel, args...);
+    if (e != cudaSuccess) (void)cudaGetLastError(); /* returned here, not left for the next launcher */
+    return e;
 }
+/* Whether the PDL kernels of cuda_decode.cu and cuda_kernels.cu were
+ * compiled for sm_90 or later (a compute_80 build JIT-compiled on an H200
+ * has no griddepcontrol: its kernels must not be launched with PDL). */
+bool moe_cuda_decode_pdl_built(void);
+bool moe_cuda_route_pdl_built(void);
 
 /* An upper bound of a grouping plan's tiles of tile_rows rows before the
  * counts are known (host side): one partial tile per used slot plus the
