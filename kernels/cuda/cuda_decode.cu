@@ -1,15 +1,17 @@
 /* cuda_decode: moed's grouped expert GEMM in its decode form, for chunks
- * of few received rows (moe.gemm grouped with at most
- * MOE_CUDA_DECODE_ROWS rows; every GPU from sm_80).
+ * of few received rows (moe.gemm grouped; by default while a chunk's
+ * entries stay under half of the slots, moe_cuda_use_decode;
+ * MOE_CUDA_DECODE_ROWS overrides; every GPU from sm_80), and the router
+ * GEMM for a few tokens.
  *
  * With a handful of tokens a MoE layer is a matter of reading each used
  * expert's weights once at the full speed of HBM: there are few rows to
  * multiply, so tensor-core tiles of 64 or 128 rows are mostly padding and
  * spread one expert's weights over few multiprocessors. Here the work goes
  * by row, not by slot, so no grouping of entries by slot is needed:
- *   gate/up: a warp per (row r, column c) streams the gate and up weight
- *     rows c of each of r's local entries, 16 bytes per lane, with every
- *     entry's loads in flight together, and writes
+ *   gate/up: a warp per (row r, column c, entry j) streams the gate and up
+ *     weight rows c of j's slot, 16 bytes per lane with several
+ *     iterations' loads in flight, and writes
  *     act[r·k + j, c] = silu(x_r · Wg_c) · (x_r · Wu_c) (bf16);
  *   down and sum: a warp per (row r, column h) reads row h of each entry's
  *     W2 and computes y_j = act[r·k + j] · W2_h (rounded to bf16, as the
@@ -18,7 +20,9 @@
  *     result does not depend on where a slot lives.
  * f32 accumulation throughout. Two kernels instead of grouping, two GEMMs
  * and the sum. A slot used by several rows is read once per row (L2 serves
- * the repeats): the form is for a few rows, where that is rare. */
+ * the repeats): the form is for a few rows, where that is rare. The
+ * kernels here, and the routing kernels before them, use programmatic
+ * dependent launch on sm_90 (cuda_internal.h). */
 #include "cuda_internal.h"
 
 #define DECODE_WARPS 4

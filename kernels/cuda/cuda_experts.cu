@@ -94,8 +94,7 @@ static moe_err_t grouped_gemm(moe_cuda_engine_t *engine, int N, int K, const bf1
 }
 
 bool moe_cuda_use_decode(const moe_cuda_engine_t *engine, int n_rows) {
-    if (n_rows > MOE_CUDA_DECODE_MAX_ROWS) return false;
-    if (n_rows <= 0) return false;
+    if (n_rows <= 0 || n_rows > MOE_CUDA_DECODE_MAX_ROWS) return false;
     if (engine->decode_rows >= 0) return n_rows <= engine->decode_rows;
     /* by default while a row's entries, spread over all R·S slots, leave
      * at most half of this rank's slots used: the decode form reads a
@@ -134,7 +133,7 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         moe_cuda_mark(engine, 3);
         MOE_CUDA_TRY(moe_cuda_decode_launch(L->w13, L->w2, recv_rows, recv_meta, n_recv, k, S, H, I, engine->l2_bytes,
                                             act, partial, out, engine->pdl, stream));
-        moe_cuda_mark(engine, 4);
+        moe_cuda_mark(engine, 4); /* profile: both GEMMs and the sum count as gate/up */
         moe_cuda_mark(engine, 5);
         return MOE_OK;
     }
