@@ -96,7 +96,7 @@ $(BUILD)/bin/moed: $(DAEMON_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/bin/moe-bench: $(BUILD)/obj/bench/moe_bench.o $(LIB)
+$(BUILD)/bin/moe-bench: $(BUILD)/obj/bench/moe_bench.o $(BUILD)/obj/bench/bench_eplb.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
@@ -110,6 +110,9 @@ $(BUILD)/bin/moectl: $(MOECTL_OBJ) $(LIB)
 $(BUILD)/tests/cuda_%: $(BUILD)/obj/tests/cuda_%.o $(TEST_SUPPORT_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+# moe-bench's EPLB half, tested under mpirun
+$(BUILD)/tests/mpi_bench_eplb: $(BUILD)/obj/bench/bench_eplb.o
 
 $(BUILD)/tests/mpi_%: $(BUILD)/obj/tests/mpi_%.o $(TEST_SUPPORT_OBJ) $(LIB)
 	@mkdir -p $(dir $@)

@@ -1,13 +1,18 @@
 /* moe-bench: the MoE layer without sockets, alone or under mpirun.
  *   moe-bench --config F [--tokens 1,16,256,4096] [--iters N] [--warmup N] [--json]
- *             [--peak-tbps 3.0] [--peak-tflops 750]
+ *             [--peak-tbps 3.0] [--peak-tflops 750] [--rebalance]
  * For each token count (per rank) it runs the layers of the config in turn
  * and prints ms per layer (median over iterations of the slowest rank),
  * tokens/s and TFLOP/s over all ranks, the bytes of expert weights the step
  * must read (the experts routing reaches, expected for random routing) per
  * second, and the fraction of the roofline max(bytes / peak bandwidth,
- * flops / peak rate). The CUDA backend times with CUDA events on
- * device-resident inputs; the CPU backend with the host clock. */
+ * flops / peak rate), the peaks per GPU times the ranks. The CUDA backend times with CUDA events on
+ * device-resident inputs, and reports the bytes each GPU sent to the others;
+ * the CPU backend times with the host clock. After the timing, one more
+ * step of each size measures its rank loads: imbalance = max / mean.
+ * --rebalance (eplb.mode online): after the sizes, a placement from the
+ * loads they measured is migrated in as the daemon's EPLB does it, and the
+ * sizes run again. */
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <getopt.h>
@@ -21,6 +26,7 @@
 #include "../daemon/moe_mpi_boot.h"
 #include "../kernels/cpu/moe_cpu.h"
 #include "../kernels/moe_backend.h"
+#include "bench_eplb.h"
 #include <math.h>
 
 #define MAX_SIZES 32
@@ -34,6 +40,7 @@ typedef struct {
     int json;
     double peak_tbps;   /* memory bandwidth of the roofline, TB/s */
     double peak_tflops; /* bf16 rate of the roofline, TFLOP/s */
+    int rebalance;      /* time the sizes, rebalance from their loads, time them again */
 } bench_args_t;
 
 static void usage(FILE *out) {
@@ -44,7 +51,9 @@ static void usage(FILE *out) {
             "  --iters   timed iterations per token count (default 20)\n"
             "  --warmup  untimed iterations first (default 3)\n"
             "  --json    one JSON document instead of the table\n"
-            "  --peak-tbps, --peak-tflops  the roofline's ceilings (default 3.0 TB/s, 750 TFLOP/s: H100)\n");
+            "  --peak-tbps, --peak-tflops  the roofline's ceilings per GPU (default 3.0 TB/s, 750 TFLOP/s: H100;\n"
+            "               with R ranks the roofline has R times both)\n"
+            "  --rebalance  (eplb.mode online) then a placement from the measured loads, and the sizes again\n");
 }
 
 static int parse_int(const char *text, int min, int max, int *out) {
@@ -62,10 +71,10 @@ static int parse_args(int argc, char **argv, bench_args_t *args) {
         {"iters", required_argument, NULL, 'i'},  {"warmup", required_argument, NULL, 'w'},
         {"json", no_argument, NULL, 'j'},         {"help", no_argument, NULL, 'h'},
         {"peak-tbps", required_argument, NULL, 'b'}, {"peak-tflops", required_argument, NULL, 'f'},
-        {NULL, 0, NULL, 0}};
-    *args = (bench_args_t){NULL, {1, 16, 256, 4096}, 4, 20, 3, 0, 3.0, 750.0};
+        {"rebalance", no_argument, NULL, 'r'}, {NULL, 0, NULL, 0}};
+    *args = (bench_args_t){NULL, {1, 16, 256, 4096}, 4, 20, 3, 0, 3.0, 750.0, 0};
     int opt;
-    while ((opt = getopt_long(argc, argv, "c:t:i:w:jhb:f:", options, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "c:t:i:w:jhb:f:r", options, NULL)) != -1) {
         switch (opt) {
         case 'c': args->config = optarg; break;
         case 't': {
@@ -97,6 +106,7 @@ static int parse_args(int argc, char **argv, bench_args_t *args) {
             }
             break;
         case 'j': args->json = 1; break;
+        case 'r': args->rebalance = 1; break;
         case 'b':
         case 'f': {
             char *end = NULL;
@@ -137,6 +147,10 @@ typedef struct {
     double ms_median, ms_min;
     double tokens_per_s, tflops;
     double weight_bytes, weight_gbps, roofline_ms, roofline_fraction;
+    double imbalance;   /* max / mean rank load of one step of this size */
+    double comm_bytes;  /* bytes one GPU sent to the others per step (mean over ranks); NAN: not measured */
+    double comm_gbps;   /* ... per second of the step */
+    int rebalanced;     /* timed after --rebalance's migration */
 } bench_row_t;
 
 /* Bytes of expert weights a step must read: the experts its tokens reach
@@ -153,8 +167,8 @@ static double step_weight_bytes(const moe_config_t *cfg, long long tokens) {
 
 /* Times one token count; every rank returns the same row. */
 static moe_err_t bench_size(moe_backend_t *backend, const moe_config_t *cfg, moe_ep_t ep,
-                            int n_tokens, const bench_args_t *args, bench_row_t *row, char *msg,
-                            size_t msg_size) {
+                            int n_tokens, const bench_args_t *args, bench_row_t *row, double *expert_load,
+                            char *msg, size_t msg_size) {
     const size_t H = (size_t)cfg->model.hidden, k = (size_t)cfg->model.top_k;
     moe_err_t ret = MOE_OK;
     float *x = malloc(sizeof(float) * n_tokens * H), *out = malloc(sizeof(float) * n_tokens * H);
@@ -177,12 +191,15 @@ static moe_err_t bench_size(moe_backend_t *backend, const moe_config_t *cfg, moe
             weights[t * k + i] = 1.0f / (float)k;
         }
     const int client = cfg->model.routing.method == MOE_ROUTE_CLIENT;
+    double comm_bytes = NAN;
     if (backend->ops->bench != NULL) {
         /* device-timed, on the first served layer; times come back in ms */
         MOE_CHECK_GOTO(backend->ops->bench(backend->state, cfg->model.layer_ids[0], n_tokens, args->warmup,
-                                           args->iters, times, msg, msg_size),
+                                           args->iters, times, &comm_bytes, msg, msg_size),
                        ret, done);
         for (int it = 0; it < args->iters; it++) times[it] /= 1e3;
+        if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &comm_bytes, 1, MPI_DOUBLE, MPI_SUM, ep.comm);
+        comm_bytes /= ep.size;
     } else {
         for (int it = 0; it < args->warmup + args->iters; it++) {
             int layer = cfg->model.layer_ids[it % cfg->model.n_layers];
@@ -206,16 +223,30 @@ static moe_err_t bench_size(moe_backend_t *backend, const moe_config_t *cfg, moe
     row->tflops = flops / median / 1e12;
     row->weight_bytes = step_weight_bytes(cfg, row->tokens_total);
     row->weight_gbps = row->weight_bytes / median / 1e9;
-    double bytes_s = row->weight_bytes / (args->peak_tbps * 1e12), flops_s = flops / (args->peak_tflops * 1e12);
+    /* the peaks are per GPU: R ranks bring R times of both */
+    double bytes_s = row->weight_bytes / (args->peak_tbps * 1e12 * ep.size);
+    double flops_s = flops / (args->peak_tflops * 1e12 * ep.size);
     row->roofline_ms = (bytes_s > flops_s ? bytes_s : flops_s) * 1e3;
     row->roofline_fraction = row->roofline_ms / row->ms_median;
+    row->comm_bytes = comm_bytes;
+    row->comm_gbps = comm_bytes / median / 1e9;
+    /* the rank loads of one more step of this size (the first served layer) */
+    MOE_CHECK_GOTO(moe_bench_step_loads(backend, ep, cfg->model.layer_ids[0], x, n_tokens, client ? ids : NULL,
+                                        client ? weights : NULL, out, expert_load, &row->imbalance, msg, msg_size),
+                   ret, done);
 done:
     free(x), free(out), free(ids), free(weights), free(times);
     return ret;
 }
 
+static void add_number_or_null(cJSON *object, const char *name, double value) {
+    if (isfinite(value)) cJSON_AddNumberToObject(object, name, value);
+    else cJSON_AddNullToObject(object, name);
+}
+
 static void print_json(const moe_config_t *cfg, moe_ep_t ep, const moe_backend_t *backend,
-                       const bench_args_t *args, const bench_row_t *rows, int n_rows) {
+                       const bench_args_t *args, const bench_row_t *rows, int n_rows,
+                       const moe_bench_rebalance_t *rebalance) {
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "backend", moe_backend_name(cfg->moe.backend));
     cJSON_AddStringToObject(root, "device", backend->ops->device(backend->state));
@@ -231,6 +262,16 @@ static void print_json(const moe_config_t *cfg, moe_ep_t ep, const moe_backend_t
     cJSON_AddNumberToObject(model, "shared_intermediate", cfg->model.shared_intermediate);
     cJSON_AddStringToObject(model, "routing", moe_route_method_name(cfg->model.routing.method));
     cJSON_AddNumberToObject(model, "layers", cfg->model.n_layers);
+    cJSON_AddStringToObject(root, "eplb", moe_eplb_mode_name(cfg->eplb.mode));
+    cJSON_AddNumberToObject(root, "slots", backend->ops->slot_count(backend->state));
+    if (rebalance != NULL) {
+        cJSON *r = cJSON_AddObjectToObject(root, "rebalance");
+        cJSON_AddBoolToObject(r, "migrated", rebalance->migrated);
+        cJSON_AddNumberToObject(r, "predicted_imbalance_before", rebalance->predicted_before);
+        cJSON_AddNumberToObject(r, "predicted_imbalance_after", rebalance->predicted_after);
+        cJSON_AddNumberToObject(r, "bytes", (double)rebalance->bytes);
+        cJSON_AddNumberToObject(r, "ms", rebalance->ms);
+    }
     cJSON *results = cJSON_AddArrayToObject(root, "results");
     for (int i = 0; i < n_rows; i++) {
         cJSON *r = cJSON_CreateObject();
@@ -244,6 +285,10 @@ static void print_json(const moe_config_t *cfg, moe_ep_t ep, const moe_backend_t
         cJSON_AddNumberToObject(r, "weight_gb_per_s", rows[i].weight_gbps);
         cJSON_AddNumberToObject(r, "roofline_ms", rows[i].roofline_ms);
         cJSON_AddNumberToObject(r, "roofline_fraction", rows[i].roofline_fraction);
+        cJSON_AddNumberToObject(r, "imbalance", rows[i].imbalance);
+        add_number_or_null(r, "comm_bytes_per_gpu", rows[i].comm_bytes);
+        add_number_or_null(r, "comm_gb_per_s_per_gpu", rows[i].comm_gbps);
+        cJSON_AddStringToObject(r, "placement", rows[i].rebalanced ? "rebalanced" : "initial");
         cJSON_AddItemToArray(results, r);
     }
     char *text = cJSON_Print(root);
@@ -271,6 +316,13 @@ int main(int argc, char **argv) {
         return 1;
     }
     moe_log_set_level((moe_log_level_t)cfg.log.level);
+    if (args.rebalance && cfg.eplb.mode != MOE_EPLB_ONLINE) {
+        if (ep.rank == 0)
+            fprintf(stderr, "moe-bench: --rebalance needs eplb.mode: online in %s (it is '%s')\n", args.config,
+                    moe_eplb_mode_name(cfg.eplb.mode));
+        moe_mpi_shutdown();
+        return 2;
+    }
     moe_backend_t backend;
     moe_err_t err = moe_backend_create(&cfg, ep, &backend, msg, sizeof msg);
     /* creation can fail on one rank only (memory): agree before any step */
@@ -282,7 +334,15 @@ int main(int argc, char **argv) {
         moe_mpi_shutdown();
         return 1;
     }
-    bench_row_t rows[MAX_SIZES];
+    bench_row_t rows[2 * MAX_SIZES];
+    double *expert_load = calloc((size_t)cfg.model.experts, sizeof(double));
+    moe_bench_rebalance_t rebalance = {0};
+    if (expert_load == NULL) {
+        fprintf(stderr, "moe-bench: rank %d: out of memory\n", ep.rank);
+        moe_backend_destroy(&backend);
+        moe_mpi_shutdown();
+        return 1;
+    }
     if (!args.json && ep.rank == 0) {
         printf("moe-bench: backend %s (%s), %d rank%s, H=%d I=%d E=%d k=%d shared=%d, routing %s, "
                "%d layer%s, %d iters\n",
@@ -291,25 +351,48 @@ int main(int argc, char **argv) {
                cfg.model.shared_intermediate, moe_route_method_name(cfg.model.routing.method),
                cfg.model.n_layers, cfg.model.n_layers == 1 ? "" : "s", args.iters);
         if (backend.ops->gemm != NULL) printf("expert GEMM %s\n", backend.ops->gemm(backend.state));
-        printf("%12s %10s %10s %12s %9s %10s %10s %9s\n", "tokens/rank", "tokens", "ms/layer", "tokens/s",
-               "TFLOP/s", "weight GB/s", "roofline ms", "of roof");
+        printf("%12s %10s %10s %12s %9s %10s %10s %9s %9s %10s\n", "tokens/rank", "tokens", "ms/layer", "tokens/s",
+               "TFLOP/s", "weight GB/s", "roofline ms", "of roof", "imbalance", "a2a GB/s");
     }
-    int status = 0;
-    for (int i = 0; i < args.n_sizes; i++) {
-        if (bench_size(&backend, &cfg, ep, args.sizes[i], &args, &rows[i], msg, sizeof msg) != MOE_OK) {
-            fprintf(stderr, "moe-bench: rank %d: %s\n", ep.rank, msg);
-            status = 1;
-            moe_mpi_abort_job(1);
-            break;
+    int status = 0, n_rows = 0;
+    for (int pass = 0; status == 0 && pass < (args.rebalance ? 2 : 1); pass++) {
+        if (pass == 1) { /* the placement the first pass's loads ask for */
+            moe_err_t err = moe_bench_rebalance(&backend, &cfg, ep, cfg.model.layer_ids[0], expert_load, &rebalance,
+                                                msg, sizeof msg);
+            if (err != MOE_OK) {
+                fprintf(stderr, "moe-bench: rank %d: rebalance: %s\n", ep.rank, msg);
+                status = 1;
+                moe_mpi_abort_job(1);
+                break;
+            }
+            if (!args.json && ep.rank == 0)
+                printf("rebalance: predicted imbalance %.3f -> %.3f, %lld bytes loaded, %.1f ms%s\n",
+                       rebalance.predicted_before, rebalance.predicted_after, rebalance.bytes, rebalance.ms,
+                       rebalance.migrated ? "" : " (not adopted: no placement better by eplb.min_improvement)");
         }
-        if (!args.json && ep.rank == 0) {
-            printf("%12d %10lld %10.3f %12.0f %9.3f %10.1f %10.3f %8.1f%%\n", rows[i].tokens_per_rank,
-                   rows[i].tokens_total, rows[i].ms_median, rows[i].tokens_per_s, rows[i].tflops,
-                   rows[i].weight_gbps, rows[i].roofline_ms, 100.0 * rows[i].roofline_fraction);
-            fflush(stdout);
+        for (int i = 0; i < args.n_sizes; i++, n_rows++) {
+            bench_row_t *row = &rows[n_rows];
+            if (bench_size(&backend, &cfg, ep, args.sizes[i], &args, row, pass == 0 ? expert_load : NULL, msg,
+                           sizeof msg) != MOE_OK) {
+                fprintf(stderr, "moe-bench: rank %d: %s\n", ep.rank, msg);
+                status = 1;
+                moe_mpi_abort_job(1);
+                break;
+            }
+            row->rebalanced = pass;
+            if (!args.json && ep.rank == 0) {
+                char comm[32] = "-";
+                if (isfinite(row->comm_gbps)) snprintf(comm, sizeof comm, "%.2f", row->comm_gbps);
+                printf("%12d %10lld %10.3f %12.0f %9.3f %10.1f %10.3f %8.1f%% %9.3f %10s\n", row->tokens_per_rank,
+                       row->tokens_total, row->ms_median, row->tokens_per_s, row->tflops, row->weight_gbps,
+                       row->roofline_ms, 100.0 * row->roofline_fraction, row->imbalance, comm);
+                fflush(stdout);
+            }
         }
     }
-    if (status == 0 && args.json && ep.rank == 0) print_json(&cfg, ep, &backend, &args, rows, args.n_sizes);
+    if (status == 0 && args.json && ep.rank == 0)
+        print_json(&cfg, ep, &backend, &args, rows, n_rows, args.rebalance ? &rebalance : NULL);
+    free(expert_load);
     moe_backend_destroy(&backend);
     moe_mpi_shutdown();
     return status;

@@ -438,6 +438,17 @@ static void check_cross_fields(load_ctx_t *ctx) {
                     "'grouped' needs model.hidden and model.moe_intermediate to be multiples of 8 (have "
                     "%d and %d); use cublas or auto",
                     model->hidden, model->moe_intermediate);
+    /* exact combine: one GEMM form at every size, and no reduce-scatter */
+    if (cfg->moe.combine == MOE_COMBINE_EXACT && cfg->moe.gemm != MOE_GEMM_GROUPED &&
+        usable(ctx, "moe.combine", "moe.gemm", NULL))
+        cross_error(ctx, "moe.combine",
+                    "'exact' needs moe.gemm: grouped (one GEMM form at every size; have '%s')",
+                    moe_gemm_name(cfg->moe.gemm));
+    if (cfg->moe.combine == MOE_COMBINE_EXACT && cfg->moe.comm == MOE_COMM_ALLGATHER &&
+        usable(ctx, "moe.combine", "moe.comm", NULL))
+        cross_error(ctx, "moe.combine",
+                    "'exact' returns a row per expert over alltoall; moe.comm 'allgather' sums "
+                    "partial rows in its reduce-scatter (use alltoall or auto)");
     const moe_eplb_config_t *eplb = &cfg->eplb;
     if (eplb->num_slots != 0 && eplb->num_slots < model->experts &&
         usable(ctx, "eplb.num_slots", "model.experts", NULL))

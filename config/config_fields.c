@@ -24,6 +24,7 @@ static const char *const route_method_names[] = {
 static const char *const backend_names[] = {"cpu", "cuda", NULL};
 static const char *const gemm_names[] = {"auto", "cublas", "grouped", NULL};
 static const char *const comm_names[] = {"auto", "alltoall", "allgather", NULL};
+static const char *const combine_names[] = {"partial", "exact", NULL};
 static const char *const eplb_mode_names[] = {"off", "static", "online", NULL};
 const char *const moe_log_level_names[] = {"debug", "info", "warn", "error", NULL};
 
@@ -38,6 +39,7 @@ const char *moe_naming_name(moe_naming_t n) { return name_of(naming_names, (int)
 const char *moe_backend_name(moe_backend_kind_t b) { return name_of(backend_names, (int)b); }
 const char *moe_gemm_name(moe_gemm_kind_t g) { return name_of(gemm_names, (int)g); }
 const char *moe_comm_name(moe_comm_kind_t c) { return name_of(comm_names, (int)c); }
+const char *moe_combine_name(moe_combine_kind_t c) { return name_of(combine_names, (int)c); }
 const char *moe_eplb_mode_name(moe_eplb_mode_t m) { return name_of(eplb_mode_names, (int)m); }
 
 /* ---- the table ------------------------------------------------------------ */
@@ -121,6 +123,11 @@ const moe_config_field_t moe_config_fields[] = {
            "token exchange: alltoall (counts, then only the rows each rank needs); allgather "
            "(every rank gets all rows, reduce-scatter returns the sums: for tiny steps); auto "
            "(allgather up to a token count measured at startup, alltoall above). Not reloadable"),
+    F_ENUM("moe.combine", moe.combine, combine_names, "partial", false,
+           "cuda, more than one rank: partial (each rank returns one summed row per token, bf16); "
+           "exact (one row per (token, expert), summed on the token's rank in expert order: outputs "
+           "do not depend on the placement, so EPLB swaps change no bit; up to k/R times the "
+           "combine bytes; needs moe.gemm grouped, uses alltoall). The cpu backend is always exact"),
     F_INT("moe.max_tokens_per_step", moe.max_tokens_per_step, "8192", 1, K * K, true,
           "tokens one step takes off the queue, at most"),
     F_INT("moe.chunking.max_tokens_per_chunk", moe.chunking.max_tokens_per_chunk, "4096", 1,

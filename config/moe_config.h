@@ -37,6 +37,7 @@ typedef enum {
 typedef enum { MOE_BACKEND_CPU = 0, MOE_BACKEND_CUDA } moe_backend_kind_t;
 typedef enum { MOE_GEMM_AUTO = 0, MOE_GEMM_CUBLAS, MOE_GEMM_GROUPED } moe_gemm_kind_t;
 typedef enum { MOE_COMM_AUTO = 0, MOE_COMM_ALLTOALL, MOE_COMM_ALLGATHER } moe_comm_kind_t;
+typedef enum { MOE_COMBINE_PARTIAL = 0, MOE_COMBINE_EXACT } moe_combine_kind_t;
 typedef enum { MOE_EPLB_OFF = 0, MOE_EPLB_STATIC, MOE_EPLB_ONLINE } moe_eplb_mode_t;
 
 typedef struct {
@@ -76,6 +77,7 @@ typedef struct {
     moe_backend_kind_t backend;
     moe_gemm_kind_t gemm;
     moe_comm_kind_t comm;
+    moe_combine_kind_t combine;
     int max_tokens_per_step;
     struct {
         int max_tokens_per_chunk;
@@ -178,6 +180,7 @@ const char *moe_naming_name(moe_naming_t naming);
 const char *moe_backend_name(moe_backend_kind_t backend);
 const char *moe_gemm_name(moe_gemm_kind_t gemm);
 const char *moe_comm_name(moe_comm_kind_t comm);
+const char *moe_combine_name(moe_combine_kind_t combine);
 const char *moe_eplb_mode_name(moe_eplb_mode_t mode);
 
 /* Writes the README's config reference (a Markdown table generated from the

@@ -58,8 +58,8 @@ static moe_err_t cuda_forward(void *state, int layer, const float *x, int n_toke
 }
 
 static moe_err_t cuda_bench(void *state, int layer, int n_tokens, int warmup, int iters,
-                            double *ms_per_iter, char *msg, size_t msg_size) {
-    return moe_cuda_bench(state, layer, n_tokens, warmup, iters, ms_per_iter, msg, msg_size);
+                            double *ms_per_iter, double *comm_bytes, char *msg, size_t msg_size) {
+    return moe_cuda_bench(state, layer, n_tokens, warmup, iters, ms_per_iter, comm_bytes, msg, msg_size);
 }
 
 static void cuda_reconfigure(void *state, const moe_config_t *cfg) { moe_cuda_reconfigure(state, cfg); }

@@ -34,9 +34,11 @@ typedef struct {
     moe_err_t (*migrate_begin)(void *state, int layer, const int *slot_expert, char *msg, size_t msg_size);
     int (*migrate_poll)(void *state);
     moe_err_t (*migrate_end)(void *state, bool commit, int64_t *bytes_loaded, char *msg, size_t msg_size);
-    /* Device-timed iterations for moe-bench (NULL: time on the host). */
+    /* Device-timed iterations for moe-bench (NULL: time on the host), and
+     * the bytes this rank sent to the other ranks per timed iteration
+     * (dispatch and combine; a ring collective's share). */
     moe_err_t (*bench)(void *state, int layer, int n_tokens, int warmup, int iters, double *ms_per_iter,
-                       char *msg, size_t msg_size);
+                       double *comm_bytes, char *msg, size_t msg_size);
     /* For the watchdog thread, while the compute thread runs: MOE_OK, or an
      * asynchronous communication error (NCCL) with its message; then the
      * communicators are aborted. NULL: nothing to check (cpu). */

@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
 # EPLB benchmark (README table): a Zipf-routed load (s = 1.2: the hot experts
 # are the low ids, all on rank 0 in the first placement) served by a 2-rank
-# CPU daemon with eplb.mode off and with online rebalancing; reports the
+# daemon with eplb.mode off and with online rebalancing; reports the
 # imbalance (max/mean rank load over the stats window) and the throughput
 # and step time the clients and the daemon see.
 #   bash scripts/eplb_bench.sh [SECONDS]     (default 6 s per measurement)
+# From a repository checkout (build/bin) or a dist bundle's root (bin/).
 # Environment (defaults: the README table's run): RANKS=2, EXPERTS=16,
 # TOP_K=2, HIDDEN=256, INTER=256, EXTRA_SLOTS=4 (the online run's replicas;
-# the total must divide by RANKS), TOKENS=256 per request, one client per rank.
+# the total must divide by RANKS), TOKENS=256 per request, one client per rank,
+# BACKEND=cpu (cuda: one GPU per rank; NCCL_NVLS_ENABLE=0 is passed to the
+# ranks), WINDOW=400 steps of statistics, EVERY=100 steps between rebalances.
+# E.g. the Qwen3-30B-A3B layer on two GPUs:
+#   BACKEND=cuda EXPERTS=128 TOP_K=8 HIDDEN=2048 INTER=768 EXTRA_SLOTS=32 TOKENS=1024 bash scripts/eplb_bench.sh 10
 # E.g. the DeepSeek-V3 expert layout (E=256, k=8, 32 extra slots) on 8 ranks:
 #   RANKS=8 EXPERTS=256 TOP_K=8 HIDDEN=128 INTER=64 EXTRA_SLOTS=32 bash scripts/eplb_bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
+[ -x "$BUILD/bin/moed" ] || BUILD=.   # a dist bundle: bin/ at its root
 SECONDS_PER_RUN=${1:-6}
 RANKS=${RANKS:-2} EXPERTS=${EXPERTS:-16} TOP_K=${TOP_K:-2} HIDDEN=${HIDDEN:-256} INTER=${INTER:-256}
-EXTRA_SLOTS=${EXTRA_SLOTS:-4} TOKENS=${TOKENS:-256}
+EXTRA_SLOTS=${EXTRA_SLOTS:-4} TOKENS=${TOKENS:-256} BACKEND=${BACKEND:-cpu}
+WINDOW=${WINDOW:-400} EVERY=${EVERY:-100}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 dir=$(mktemp -d /tmp/moed-eplb.XXXXXX)
 job=""
@@ -35,8 +42,8 @@ model:
   experts: $EXPERTS
   top_k: $TOP_K
   routing: {method: zipf, zipf_s: 1.2, seed: 5}
-moe: {backend: cpu}
-eplb: {mode: $1, num_slots: $2, window_steps: 400, rebalance_every_steps: 100, min_improvement: 0.05}
+moe: {backend: $BACKEND}
+eplb: {mode: $1, num_slots: $2, window_steps: $WINDOW, rebalance_every_steps: $EVERY, min_improvement: 0.05}
 serve:
   data: unix:$dir/data-%r.sock
   control: unix:$dir/control.sock
@@ -62,7 +69,8 @@ print("%-22s imbalance %s  rank loads %s  step p50 %.2f ms  %.0f tokens/s  rebal
 
 run() { # MODE SLOTS
     write_config "$1" "$2"
-    mpirun --oversubscribe --bind-to none --mca mpi_yield_when_idle 1 -np "$RANKS" -x OMP_NUM_THREADS=1 "$BUILD/bin/moed" --config "$dir/moed.yaml" \
+    mpirun --oversubscribe --bind-to none --mca mpi_yield_when_idle 1 -np "$RANKS" -x OMP_NUM_THREADS=1 \
+        -x NCCL_NVLS_ENABLE=0 "$BUILD/bin/moed" --config "$dir/moed.yaml" \
         > "$dir/moed-$1.log" 2>&1 &
     job=$!
     for _ in $(seq 600); do "${ctl[@]}" health > /dev/null 2>&1 && break; sleep 0.1; done
@@ -74,6 +82,6 @@ run() { # MODE SLOTS
     grep -h "new placement" "$dir/moed-$1.log" | sed 's/^/    /' || true
 }
 
-echo "Zipf(1.2) routing, H=$HIDDEN I=$INTER E=$EXPERTS k=$TOP_K, $RANKS CPU ranks, $RANKS clients x $TOKENS-token requests, ${SECONDS_PER_RUN} s each"
+echo "Zipf(1.2) routing, H=$HIDDEN I=$INTER E=$EXPERTS k=$TOP_K, $RANKS $BACKEND ranks, $RANKS clients x $TOKENS-token requests, ${SECONDS_PER_RUN} s each"
 run off "$EXPERTS"
 run online $((EXPERTS + EXTRA_SLOTS))

@@ -8,7 +8,10 @@
 #           libraries resolve (ldd)
 #   kernel  bin/tests/cuda_layer (CUDA layer vs the CPU backend), then the same
 #           under compute-sanitizer memcheck --leak-check full (its quick set:
-#           MOE_CUDA_LAYER_QUICK=1, without the largest sizes)
+#           MOE_CUDA_LAYER_QUICK=1, without the largest sizes); with >= 2 GPUs
+#           both again under mpirun -np 2 (cuda_layer's multi-rank set: the
+#           NCCL exchanges, an empty rank, the exact combine and its
+#           bit-identical EPLB swap)
 #   daemon  moed under mpirun with 1 rank (and 2 with >= 2 GPUs) on the tiny
 #           config with moe.backend cuda, the same with cpu; the same
 #           moectl forward (64 tokens, seed 5) on both; outputs must agree
@@ -454,6 +457,21 @@ main() {
                     --tool memcheck --leak-check full --error-exitcode 1 --target-processes all "$TBIN/cuda_layer"
             else
                 skip "kernel-cuda_layer-memcheck: compute-sanitizer not found"
+            fi
+            # two ranks: the NCCL exchanges, entries of other ranks, the exact
+            # combine's bit-identical swap across GPUs
+            if [ $NP2 = 1 ]; then
+                run_check kernel-cuda_layer-np2 "${MOED_GPU_TEST_KERNEL_S:-600}" "${MPIRUN[@]}" -np 2 "$TBIN/cuda_layer"
+                # NCCL's communicator setup probes kernel images with
+                # cudaFuncGetAttributes and expects "no kernel image" for
+                # some: API errors are not reported here (moed checks its own)
+                if [ -n "$SANITIZER" ]; then
+                    run_check kernel-cuda_layer-np2-memcheck "${MOED_GPU_TEST_SANITIZER_S:-900}" "${MPIRUN[@]}" -np 2 \
+                        -x MOE_CUDA_LAYER_QUICK=1 "$SANITIZER" --tool memcheck --leak-check full --report-api-errors no \
+                        --error-exitcode 1 "$TBIN/cuda_layer"
+                fi
+            else
+                skip "kernel-cuda_layer-np2: fewer than 2 GPUs"
             fi
         elif [ "$BACKEND" = cuda ] && [ "$NGPU" -gt 0 ]; then
             fail "kernel-cuda_layer: $TBIN/cuda_layer missing (bundle not built with CUDA=1?)"

@@ -48,6 +48,8 @@ static struct {
     bool wgmma_ok;
 } forms;
 static moe_comm_kind_t comm_kind = MOE_COMM_AUTO;
+static moe_combine_kind_t combine_kind = MOE_COMBINE_PARTIAL;
+static int n_ranks = 1;       /* the EP size this test runs at */
 static const char *tiles_now; /* the last force_tiles argument */
 /* a shape other than layer_check.c's (0: keep), for the wide checks */
 static struct {
@@ -59,6 +61,7 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
     moe_test_case_config(c, ep.size, &cfg);
     cfg.moe.gemm = gemm_kind;
     cfg.moe.comm = comm_kind;
+    cfg.moe.combine = combine_kind;
     if (shape.hidden > 0) {
         cfg.model.hidden = shape.hidden, cfg.model.moe_intermediate = shape.inter;
         cfg.model.experts = shape.experts, cfg.model.top_k = shape.top_k;
@@ -178,9 +181,9 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
         if (err > *worst_out || isnan(err)) *worst_out = err;
         if (err_l2 > worst_l2 || isnan(err_l2)) {
             worst_l2 = err_l2;
-            snprintf(worst_l2_case, sizeof worst_l2_case, "%s, layer %d, %d tokens of H=%d, moe.gemm %s, tiles %s",
+            snprintf(worst_l2_case, sizeof worst_l2_case, "%s, layer %d, %d tokens of H=%d, moe.gemm %s, tiles %s%s",
                      c->name, layer, n_tokens, H, moe_gemm_name(gemm_kind),
-                     tiles_now != NULL ? tiles_now : "default");
+                     tiles_now != NULL ? tiles_now : "default", combine_kind == MOE_COMBINE_EXACT ? ", exact" : "");
         }
     }
     if (!failed && n_tokens == 300 && ep.rank == 0 && c == &moe_test_cases[0])
@@ -202,12 +205,16 @@ done:
 /* EPLB migration: a forward, a new placement (slots permuted, and the extra
  * slots now replicate the highest experts instead of the lowest: copied on
  * the device, and with more ranks regenerated), the same forward again: on
- * one rank with moe.gemm grouped bit-identical to the first, and on any
- * rank count within the bound of the reference. */
-static int check_migration(moe_ep_t ep, uint64_t seed) {
+ * one rank with moe.gemm grouped, and with moe.combine exact on any rank
+ * count, bit-identical to the first; with the partial combine on more
+ * ranks within the bound of the reference. */
+static int check_migration(moe_ep_t ep, uint64_t seed, moe_combine_kind_t combine) {
     moe_config_t cfg;
     moe_test_case_config(&moe_test_cases[2], ep.size, &cfg); /* softmax_topk with replicas */
     cfg.moe.gemm = MOE_GEMM_GROUPED;
+    cfg.moe.combine = combine;
+    const bool exact = ep.size == 1 || combine == MOE_COMBINE_EXACT; /* outputs independent of the placement */
+    const char *name = combine == MOE_COMBINE_EXACT ? "migration (exact combine)" : "migration";
     const int H = cfg.model.hidden, E = cfg.model.experts, T = 77 + 5 * ep.rank, layer = cfg.model.layer_ids[0];
     char msg[512] = "";
     int failed = 0;
@@ -223,7 +230,7 @@ static int check_migration(moe_ep_t ep, uint64_t seed) {
     moe_route_trace_t trace = {ids, w, NULL, NULL, false};
     if (ref == NULL || !x || !before || !after || !want || !w || !ids ||
         moe_cuda_create(&cfg, ep, &gpu, msg, sizeof msg) != MOE_OK) {
-        fprintf(stderr, "FAIL migration setup: %s\n", msg);
+        fprintf(stderr, "FAIL %s setup: %s\n", name, msg);
         failed = 1;
         goto done;
     }
@@ -242,13 +249,13 @@ static int check_migration(moe_ep_t ep, uint64_t seed) {
     ok = ok && moe_cuda_migrate_poll(gpu) == MOE_TASK_DONE &&
          moe_cuda_migrate_end(gpu, true, &bytes, msg, sizeof msg) == MOE_OK &&
          moe_cuda_forward(gpu, layer, x, T, NULL, NULL, after, &trace, msg, sizeof msg) == MOE_OK;
-    if (ok && ep.size == 1 && memcmp(before, during, sizeof(float) * (size_t)T * H) != 0) {
-        fprintf(stderr, "FAIL migration: a forward while loading differs from the one before\n");
+    if (ok && exact && memcmp(before, during, sizeof(float) * (size_t)T * H) != 0) {
+        fprintf(stderr, "FAIL %s: a forward while loading differs from the one before\n", name);
         failed = 1;
     }
     free(during);
     if (!ok) {
-        fprintf(stderr, "FAIL migration: %s\n", msg);
+        fprintf(stderr, "FAIL %s: %s\n", name, msg);
         failed = 1;
         goto done;
     }
@@ -256,23 +263,23 @@ static int check_migration(moe_ep_t ep, uint64_t seed) {
      * loaded; with more ranks experts arrive that a rank did not hold */
     if (memcmp(moe_cuda_placement(gpu, layer), next, sizeof(int) * n_slots) != 0 ||
         (ep.size == 1 ? bytes != 0 : bytes <= 0)) {
-        fprintf(stderr, "FAIL migration: placement not adopted, or %lld bytes loaded\n", (long long)bytes);
+        fprintf(stderr, "FAIL %s: placement not adopted, or %lld bytes loaded\n", name, (long long)bytes);
         failed = 1;
     }
     moe_test_ref_forward(ref, layer, x, T, ep.rank, ep.size, ids, w, want, NULL);
     double err = moe_test_rel_error(after, want, (size_t)T * H);
     if (!(err <= 2e-2)) {
-        fprintf(stderr, "FAIL migration (seed %llu): after it, relative error %g against the reference\n",
+        fprintf(stderr, "FAIL %s (seed %llu): after it, relative error %g against the reference\n", name,
                 (unsigned long long)seed, err);
         failed = 1;
     }
-    if (ep.size == 1 && memcmp(before, after, sizeof(float) * (size_t)T * H) != 0) {
-        fprintf(stderr, "FAIL migration: outputs before and after the swap differ on one rank\n");
+    if (exact && memcmp(before, after, sizeof(float) * (size_t)T * H) != 0) {
+        fprintf(stderr, "FAIL %s: outputs before and after the swap differ (%d rank(s))\n", name, ep.size);
         failed = 1;
     }
     if (!failed && ep.rank == 0)
-        printf("cuda_layer: migration: %lld bytes regenerated on rank 0, error %.3g, outputs before/after %s\n",
-               (long long)bytes, err, ep.size == 1 ? "bit-identical" : "within the bound");
+        printf("cuda_layer: %s: %lld bytes regenerated on rank 0, error %.3g, outputs before/after %s\n", name,
+               (long long)bytes, err, exact ? "bit-identical" : "within the bound");
 done:
     moe_cuda_destroy(gpu);
     moe_test_ref_destroy(ref);
@@ -332,8 +339,9 @@ static int check_cache(moe_ep_t ep) {
  * then wgmma on sm_90, widths by size), "mma" the mma.sync kernel alone
  * (what other GPUs run beyond decode sizes), "decode" the decode form at
  * every size (several tiles per slot), "nodecode" the tiles from one row
- * on, or "64", "128", "256": wgmma with that many weight rows per work
- * item (and no decode form). */
+ * on, "64", "128", "256": wgmma with that many weight rows per work item
+ * (and no decode form), or "exact": the engine's own choice under
+ * moe.combine exact (with more than one rank: tiles at every size). */
 static void force_tiles(const char *how) {
     tiles_now = how;
     unsetenv("MOE_CUDA_NO_WGMMA");
@@ -341,11 +349,13 @@ static void force_tiles(const char *how) {
     unsetenv("MOE_CUDA_WGMMA_MIN_ROWS");
     unsetenv("MOE_CUDA_DECODE_ROWS");
     unsetenv("MOE_CUDA_NO_PDL");
+    combine_kind = how != NULL && strcmp(how, "exact") == 0 ? MOE_COMBINE_EXACT : MOE_COMBINE_PARTIAL;
     if (how != NULL && strcmp(how, "nopdl") == 0) setenv("MOE_CUDA_NO_PDL", "1", 1);
     else if (how != NULL && strcmp(how, "mma") == 0) setenv("MOE_CUDA_NO_WGMMA", "1", 1);
     else if (how != NULL && strcmp(how, "decode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "1000000", 1);
     else if (how != NULL && strcmp(how, "nodecode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
-    else if (how != NULL) setenv("MOE_CUDA_WGMMA_BN", how, 1), setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
+    else if (how != NULL && combine_kind != MOE_COMBINE_EXACT)
+        setenv("MOE_CUDA_WGMMA_BN", how, 1), setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
     memset(&forms, 0, sizeof forms);
 }
 
@@ -355,6 +365,9 @@ static void force_tiles(const char *how) {
  * wgmma can run, some wgmma; the widths and "nodecode" there some wgmma
  * (fewer entries than slots stay on mma.sync). */
 static int check_forms(const char *how, const char *what) {
+    /* the exact combine: the tiles at every size with more than one rank,
+     * the default choice on one (nothing to combine there) */
+    if (how != NULL && strcmp(how, "exact") == 0) how = n_ranks > 1 ? "nodecode" : NULL;
     const bool want_decode_only = how != NULL && strcmp(how, "decode") == 0;
     const bool want_mma = how != NULL && strcmp(how, "mma") == 0;
     const bool nopdl = how != NULL && strcmp(how, "nopdl") == 0;
@@ -375,24 +388,8 @@ static int check_forms(const char *how, const char *what) {
     return 0;
 }
 
-int main(int argc, char **argv) {
-    moe_ep_t ep = moe_ep_single();
-    int under_mpi = getenv("OMPI_COMM_WORLD_SIZE") != NULL;
-    if (under_mpi) {
-        int provided;
-        MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
-        ep.comm = MPI_COMM_WORLD;
-        MPI_Comm_rank(MPI_COMM_WORLD, &ep.rank);
-        MPI_Comm_size(MPI_COMM_WORLD, &ep.size);
-    }
-    unsigned long long seed = argc > 1 ? strtoull(argv[1], NULL, 10) : moe_test_fresh_seed();
-    if (under_mpi) MPI_Bcast(&seed, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
-    /* MOE_CUDA_LAYER_QUICK (gpu-test.sh's compute-sanitizer run, where
-     * every kernel runs many times slower): no 300-token size and no
-     * 2000-token shape; every path, kernel, tile width and both groupings
-     * still run. Device outputs are poisoned (NaN) before every forward. */
-    setenv("MOE_CUDA_POISON_OUTPUT", "1", 1);
-    const bool quick = getenv("MOE_CUDA_LAYER_QUICK") != NULL;
+/* The single-GPU set: every path, tile form and shape at every size. */
+static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, int *runs_out, double *worst_out) {
     /* 1, 3, 13: the router's small-T kernel at 1, 4 and 8 tokens per warp
      * (13: two blocks of tokens), decode at 1 and 3 rows; 37/120/300: 16-,
      * 32- and 64-row tiles of the grouped kernel */
@@ -415,6 +412,7 @@ int main(int argc, char **argv) {
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "decode"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "nodecode"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "nopdl"},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "exact"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "64"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "128"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "256"},
@@ -502,7 +500,84 @@ int main(int argc, char **argv) {
     }
     memset(&shape, 0, sizeof shape);
     failures += check_cache(ep);
-    failures += check_migration(ep, seed + 4242);
+    *runs_out += runs;
+    if (worst > *worst_out) *worst_out = worst;
+    return failures;
+}
+
+/* With more than one rank (under mpirun, a GPU each): every engine start
+ * is an NCCL bootstrap (about a second), so a smaller set that still runs
+ * the exchanges, remote entries, an empty rank (size 0) and the exact
+ * combine: the exact combine on every case at 120 tokens and on a third of
+ * them at 0, 1 and 13; the grouped default, cuBLAS and allgather on a third
+ * at 1 and 120. Quick (compute-sanitizer): the exact combine alone, on
+ * three cases at 13 tokens. */
+static int multi_rank_checks(moe_ep_t ep, unsigned long long seed, bool quick, int *runs, double *worst) {
+    const struct {
+        moe_gemm_kind_t kind;
+        moe_comm_kind_t comm;
+        const char *tiles;
+        int sizes[3];
+        int n_sizes, case_step; /* the cases i with i % case_step == 0 */
+    } sets[] = {{MOE_GEMM_GROUPED, MOE_COMM_ALLTOALL, "exact", {120}, 1, 1},
+                {MOE_GEMM_GROUPED, MOE_COMM_ALLTOALL, "exact", {0, 1, 13}, 3, 3},
+                {MOE_GEMM_GROUPED, MOE_COMM_ALLTOALL, NULL, {1, 120}, 2, 3},
+                {MOE_GEMM_CUBLAS, MOE_COMM_ALLTOALL, NULL, {1, 120}, 2, 3},
+                {MOE_GEMM_GROUPED, MOE_COMM_ALLGATHER, NULL, {1, 120}, 2, 3}};
+    const struct {
+        int sizes[1];
+        int n_sizes, case_step;
+    } quick_set = {{13}, 1, 5};
+    int failures = 0;
+    for (size_t p = 0; p < (quick ? 1 : sizeof sets / sizeof sets[0]); p++) {
+        gemm_kind = sets[p].kind;
+        comm_kind = sets[p].comm;
+        unsetenv("MOE_CUDA_FORCE_GROUPED");
+        force_tiles(sets[p].tiles);
+        const int n_sizes = quick ? quick_set.n_sizes : sets[p].n_sizes;
+        const int step = quick ? quick_set.case_step : sets[p].case_step;
+        for (int i = 0; i < moe_test_case_count; i += step)
+            for (int s = 0; s < n_sizes; s++) {
+                const int size = quick ? quick_set.sizes[s] : sets[p].sizes[s];
+                /* ranks get different counts; size 0 leaves every rank empty */
+                const int n = size == 0 ? 0 : size + ep.rank * 13;
+                failures += check_case(&moe_test_cases[i], ep, seed + i * 101 + s * 7 + (uint64_t)ep.rank, n, worst);
+                (*runs)++;
+            }
+        /* which form the default picks depends on how many rows each rank
+         * received; the exact combine's must be the tiles alone */
+        if (sets[p].tiles != NULL) failures += check_forms(sets[p].tiles, "multi-rank cases");
+    }
+    force_tiles(NULL);
+    comm_kind = MOE_COMM_AUTO;
+    return failures;
+}
+
+int main(int argc, char **argv) {
+    moe_ep_t ep = moe_ep_single();
+    int under_mpi = getenv("OMPI_COMM_WORLD_SIZE") != NULL;
+    if (under_mpi) {
+        int provided;
+        MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+        ep.comm = MPI_COMM_WORLD;
+        MPI_Comm_rank(MPI_COMM_WORLD, &ep.rank);
+        MPI_Comm_size(MPI_COMM_WORLD, &ep.size);
+    }
+    n_ranks = ep.size;
+    unsigned long long seed = argc > 1 ? strtoull(argv[1], NULL, 10) : moe_test_fresh_seed();
+    if (under_mpi) MPI_Bcast(&seed, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
+    /* MOE_CUDA_LAYER_QUICK (gpu-test.sh's compute-sanitizer run, where
+     * every kernel runs many times slower): no 300-token size and no
+     * 2000-token shape; every path, kernel, tile width and both groupings
+     * still run. Device outputs are poisoned (NaN) before every forward. */
+    setenv("MOE_CUDA_POISON_OUTPUT", "1", 1);
+    const bool quick = getenv("MOE_CUDA_LAYER_QUICK") != NULL;
+    int failures = 0, runs = 0;
+    double worst = 0;
+    failures += ep.size > 1 ? multi_rank_checks(ep, seed, quick, &runs, &worst)
+                            : single_gpu_checks(ep, seed, quick, &runs, &worst);
+    failures += check_migration(ep, seed + 4242, MOE_COMBINE_PARTIAL);
+    failures += check_migration(ep, seed + 4343, MOE_COMBINE_EXACT);
     int total = failures;
     if (under_mpi) {
         MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);

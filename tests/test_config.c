@@ -93,6 +93,7 @@ Test(config, defaults_match_design, .timeout = 10) {
     cr_expect_eq(cfg.moe.backend, MOE_BACKEND_CPU);
     cr_expect_eq(cfg.moe.gemm, MOE_GEMM_AUTO);
     cr_expect_eq(cfg.moe.comm, MOE_COMM_AUTO);
+    cr_expect_eq(cfg.moe.combine, MOE_COMBINE_PARTIAL);
     cr_expect_eq(cfg.moe.max_tokens_per_step, 8192);
     cr_expect_eq(cfg.moe.chunking.max_tokens_per_chunk, 4096);
     cr_expect(cfg.moe.chunking.overlap);
@@ -127,6 +128,7 @@ Test(config, enum_names, .timeout = 10) {
     cr_expect_str_eq(moe_backend_name(MOE_BACKEND_CUDA), "cuda");
     cr_expect_str_eq(moe_gemm_name(MOE_GEMM_GROUPED), "grouped");
     cr_expect_str_eq(moe_comm_name(MOE_COMM_ALLGATHER), "allgather");
+    cr_expect_str_eq(moe_combine_name(MOE_COMBINE_EXACT), "exact");
     cr_expect_str_eq(moe_eplb_mode_name(MOE_EPLB_ONLINE), "online");
     cr_expect_str_eq(moe_eplb_mode_name((moe_eplb_mode_t)42), "unknown");
 }
@@ -401,6 +403,13 @@ Test(config, cross_field_checks, .timeout = 10) {
     /* A field with its own error is not cross-checked again. */
     load("model: {experts: 0, top_k: 8}\n");
     cr_expect_eq(errs.count, 1, "%s", errors_text());
+    /* the exact combine: one GEMM form (grouped), entries over alltoall */
+    load("moe: {combine: exact}\n");
+    EXPECT_ERROR("moe.combine: 'exact' needs moe.gemm: grouped (one GEMM form at every size; have 'auto')");
+    load("moe: {combine: exact, gemm: grouped, comm: allgather}\n");
+    EXPECT_ERROR("moe.combine: 'exact' returns a row per expert over alltoall");
+    ASSERT_LOADS("moe: {combine: exact, gemm: grouped, comm: auto}\n");
+    ASSERT_LOADS("moe: {combine: exact, gemm: grouped, comm: alltoall}\n");
     /* max_tokens_per_chunk above max_tokens_per_step is fine: chunks only cap. */
     ASSERT_LOADS("moe: {max_tokens_per_step: 100, chunking: {max_tokens_per_chunk: 4096}}\n");
 }

@@ -27,3 +27,7 @@ static int run_mpi(const char *program, int ranks) {
 Test(mpi, layer_on_two_ranks_matches_dense_reference, .timeout = 300) {
     cr_assert_eq(run_mpi("mpi_layer", 2), 0, "mpi_layer failed under mpirun -np 2 (see output above)");
 }
+
+Test(mpi, bench_rebalance_on_two_ranks, .timeout = 300) {
+    cr_assert_eq(run_mpi("mpi_bench_eplb", 2), 0, "mpi_bench_eplb failed under mpirun -np 2 (see output above)");
+}

@@ -165,7 +165,7 @@ static moe_err_t time_impl(moe_cuda_engine_t *engine, moe_gemm_impl_t impl, cons
     if (partial == nullptr) return MOE_ERR_NOMEM;
     for (int it = -1; it < MOE_TUNE_ITERS; it++) {
         MOE_CUDA_TRY(cudaEventRecord(start, engine->stream));
-        MOE_TRY(moe_cuda_experts(engine, &engine->layers[0], impl, rows, meta, n_rows, partial, nullptr, msg, msg_size));
+        MOE_TRY(moe_cuda_experts(engine, &engine->layers[0], impl, rows, meta, n_rows, partial, nullptr, nullptr, msg, msg_size));
         MOE_CUDA_TRY(cudaEventRecord(stop, engine->stream));
         MOE_CUDA_TRY(cudaEventSynchronize(stop));
         float elapsed = 0.0f;
@@ -300,7 +300,8 @@ static moe_err_t time_exchange(moe_cuda_engine_t *engine, int n, int threshold, 
 moe_err_t moe_cuda_tune_comm(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     const moe_comm_kind_t comm = engine->cfg.moe.comm;
     engine->allgather_max_tokens = comm == MOE_COMM_ALLGATHER ? 0x7fffffff : -1;
-    if (comm != MOE_COMM_AUTO || engine->ep.size == 1 || engine->n_layers == 0) return MOE_OK;
+    /* the exact combine returns entries over alltoall (a reduce-scatter would sum them) */
+    if (comm != MOE_COMM_AUTO || engine->ep.size == 1 || engine->n_layers == 0 || engine->exact) return MOE_OK;
     const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k, E = engine->cfg.model.experts;
     const size_t n_max = MOE_COMM_TUNE_MAX;
     /* every setup step records its failure instead of returning: the ranks

@@ -266,6 +266,18 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
             return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "MOE_CUDA_WGMMA_BN must be 64, 128 or 256 (have %d)",
                                engine->wgmma_bn);
     }
+    engine->exact = engine->cfg.moe.combine == MOE_COMBINE_EXACT && engine->ep.size > 1;
+    if (engine->exact && !engine->own_grouped_ok)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED, "moe.combine: 'exact' needs the grouped kernels, which %s",
+                           why);
+    if (engine->exact) {
+        /* one GEMM form at every size: an entry's output must not depend on
+         * how many rows its rank received (the tiled forms compute each
+         * element alone; the decode form sums in another order) */
+        engine->decode_rows = 0;
+        engine->wgmma_min_rows = 0;
+        if (engine->wgmma_bn == 0) engine->wgmma_bn = 128;
+    }
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->stream, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->aux, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->balancer, cudaStreamNonBlocking));
@@ -273,7 +285,7 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
     MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev_begin, cudaEventDisableTiming));
     for (int set = 0; set < 2; set++)
         for (int e = 0; e < 5; e++) MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev[set][e], cudaEventDisableTiming));
-    engine->rank_counts = (int *)calloc((size_t)8 * engine->ep.size, sizeof(int));
+    engine->rank_counts = (int *)calloc((size_t)16 * engine->ep.size, sizeof(int));
     if (engine->rank_counts == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: out of memory");
     engine->grouped_gemm = getenv("MOE_CUDA_NO_GROUPED") == nullptr;
     engine->grouped_min_slots = getenv("MOE_CUDA_FORCE_GROUPED") != nullptr ? 0 : 16;

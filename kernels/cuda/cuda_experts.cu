@@ -118,13 +118,13 @@ int moe_cuda_bucket(int rows) {
  * gather is fused) and applies SwiGLU in its epilogue. */
 moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_impl_t impl,
                            const bf16 *recv_rows, const cuda_meta_t *recv_meta, int n_recv, bf16 *partial,
-                           float *out, char *msg, size_t msg_size) {
+                           float *out, const int32_t *entry_pos, char *msg, size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
     const int k = m->top_k, H = m->hidden, I = m->moe_intermediate, S = engine->slots.slots_per_rank;
     cudaStream_t stream = engine->stream;
     const int n_entries = n_recv * k;
     const bool grouped = impl == MOE_IMPL_GROUPED && engine->own_grouped_ok;
-    if (grouped && moe_cuda_use_decode(engine, n_recv)) {
+    if (grouped && entry_pos == nullptr && moe_cuda_use_decode(engine, n_recv)) {
         /* few rows (decode): by row, a warp per weight row, no grouping and
          * no separate sum (cuda_decode.cu) */
         bf16 *act = RESERVE(engine, act, bf16, (size_t)n_entries * I);
@@ -189,7 +189,10 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         MOE_TRY(grouped_gemm(engine, H, I, L->w2, act, y, host_slot_counts, S, 1, msg, msg_size));
     }
     moe_cuda_mark(engine, 5);
-    MOE_CUDA_TRY(moe_cuda_reduce_launch(y, recv_meta, inverse, n_recv, H, k, partial, out, stream));
+    if (entry_pos != nullptr) /* the exact combine: each entry's row as it is */
+        MOE_CUDA_TRY(moe_cuda_entry_rows_launch(y, recv_meta, inverse, entry_pos, n_entries, H, partial, stream));
+    else
+        MOE_CUDA_TRY(moe_cuda_reduce_launch(y, recv_meta, inverse, n_recv, H, k, partial, out, stream));
     return MOE_OK;
 }
 

@@ -39,7 +39,10 @@ typedef struct {
     bool rows_are_tokens; /* back holds one summed row per token, in order (allgather, or one rank) */
     bool out_written;     /* the experts stage wrote out itself (one rank, no shared expert) */
     int *send_count, *recv_count, *send_off, *recv_off;
-    int32_t *ids, *entry_slot, *flags, *scan;
+    /* the exact combine (cuda_exact.cu): entries per rank, both ways */
+    int *e_send_count, *e_recv_count, *e_send_off, *e_recv_off;
+    int n_entries_sent, n_entries_recv;
+    int32_t *ids, *entry_slot, *flags, *scan, *eflags, *escan;
     float *weights;
     bf16 *recv_rows, *partial, *back;
     cuda_meta_t *recv_meta;
@@ -136,15 +139,22 @@ static moe_err_t dispatch_alltoall(moe_cuda_engine_t *engine, cuda_chunk_t *c, c
     if (!send_rows || !send_meta) return MOE_ERR_NOMEM;
     MOE_CUDA_TRY(moe_cuda_pack_launch(c->x, c->entry_slot, c->weights, c->flags, c->scan, T, H, k, R, S, send_rows,
                                       send_meta, stream));
-    int host_counts[2 * R];
+    /* counts: [rows to d | rows from d], and with the exact combine
+     * [entries to d | entries from d] after them */
+    const int n_counts = engine->exact ? 4 * R : 2 * R;
+    int host_counts[4 * R];
     if (R > 1) {
         MOE_NCCL_TRY(ncclGroupStart());
         for (int d = 0; d < R; d++) {
             MOE_NCCL_GROUP_TRY(ncclSend(counts + d, 1, ncclInt32, d, engine->comm, stream));
             MOE_NCCL_GROUP_TRY(ncclRecv(counts + R + d, 1, ncclInt32, d, engine->comm, stream));
+            if (engine->exact) {
+                MOE_NCCL_GROUP_TRY(ncclSend(counts + 2 * R + d, 1, ncclInt32, d, engine->comm, stream));
+                MOE_NCCL_GROUP_TRY(ncclRecv(counts + 3 * R + d, 1, ncclInt32, d, engine->comm, stream));
+            }
         }
         MOE_NCCL_TRY(ncclGroupEnd());
-        MOE_TRY(moe_cuda_fetch(engine, stream, host_counts, counts, sizeof(int32_t) * 2 * R, msg, msg_size));
+        MOE_TRY(moe_cuda_fetch(engine, stream, host_counts, counts, sizeof(int32_t) * n_counts, msg, msg_size));
     } else {
         /* one rank holds every expert: every token is sent to itself, and
          * the host knows that without asking the device */
@@ -161,6 +171,17 @@ static moe_err_t dispatch_alltoall(moe_cuda_engine_t *engine, cuda_chunk_t *c, c
     }
     c->n_send = n_send;
     c->n_rows = n_recv;
+    c->n_entries_sent = c->n_entries_recv = 0;
+    for (int d = 0; engine->exact && d < R; d++) {
+        c->e_send_count[d] = host_counts[2 * R + d];
+        c->e_recv_count[d] = host_counts[3 * R + d];
+        c->e_send_off[d] = c->n_entries_sent;
+        c->e_recv_off[d] = c->n_entries_recv;
+        c->n_entries_sent += c->e_send_count[d];
+        c->n_entries_recv += c->e_recv_count[d];
+    }
+    engine->comm_bytes += (int64_t)(n_send - c->send_count[engine->ep.rank]) *
+                          (int64_t)(sizeof(bf16) * H + sizeof(cuda_meta_t) * k);
     c->recv_rows = send_rows;
     c->recv_meta = send_meta;
     if (R > 1) {
@@ -207,6 +228,8 @@ static moe_err_t dispatch_allgather(moe_cuda_engine_t *engine, cuda_chunk_t *c, 
         MOE_NCCL_GROUP_TRY(ncclAllGather(own_meta, c->recv_meta, (size_t)Ta * k * sizeof(cuda_meta_t), ncclChar,
                                          engine->comm, stream));
         MOE_NCCL_TRY(ncclGroupEnd());
+        /* what each rank sends in a ring all-gather: the other ranks' parts */
+        engine->comm_bytes += (int64_t)(R - 1) * Ta * (int64_t)(sizeof(bf16) * H + sizeof(cuda_meta_t) * k);
     }
     MOE_CUDA_TRY(moe_cuda_localize_meta_launch(c->recv_meta, (size_t)n_all * k, engine->ep.rank, S, stream));
     c->n_rows = n_all;
@@ -225,7 +248,7 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     c->entry_slot = (int32_t *)moe_cuda_reserve(&ws->entry_slot, sizeof(int32_t) * (size_t)T * k, msg, msg_size);
     c->flags = (int32_t *)moe_cuda_reserve(&ws->flags, sizeof(int32_t) * (size_t)R * T, msg, msg_size);
     c->scan = (int32_t *)moe_cuda_reserve(&ws->scan, sizeof(int32_t) * (size_t)R * T, msg, msg_size);
-    int32_t *counts = (int32_t *)moe_cuda_reserve(&ws->counts, sizeof(int32_t) * 2 * (size_t)R, msg, msg_size);
+    int32_t *counts = (int32_t *)moe_cuda_reserve(&ws->counts, sizeof(int32_t) * 4 * (size_t)R, msg, msg_size);
     if (!c->entry_slot || !c->flags || !c->scan || !counts) return MOE_ERR_NOMEM;
     c->allgather = c->chunk_max <= engine->allgather_max_tokens;
     /* one rank: every token is a row of its own, in order, with all its
@@ -251,6 +274,16 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
         } else {
             MOE_TRY(exclusive_scan(st.front, &ws->cub_temp, c->flags, c->scan, R * T, msg, msg_size));
             MOE_CUDA_TRY(moe_cuda_counts_launch(c->flags, c->scan, T, R, counts, st.front));
+            if (engine->exact) { /* where each entry's row comes back: cuda_exact.cu */
+                const size_t cells = (size_t)R * T * k;
+                c->eflags = (int32_t *)moe_cuda_reserve(&ws->eflags, sizeof(int32_t) * cells, msg, msg_size);
+                c->escan = (int32_t *)moe_cuda_reserve(&ws->escan, sizeof(int32_t) * cells, msg, msg_size);
+                if (!c->eflags || !c->escan) return MOE_ERR_NOMEM;
+                MOE_CUDA_TRY(moe_cuda_entry_flags_launch(c->entry_slot, T * k, engine->slots.slots_per_rank, R,
+                                                         c->eflags, st.front));
+                MOE_TRY(exclusive_scan(st.front, &ws->cub_temp, c->eflags, c->escan, (int)cells, msg, msg_size));
+                MOE_CUDA_TRY(moe_cuda_counts_launch(c->eflags, c->escan, T * k, R, counts + 2 * R, st.front));
+            }
             MOE_TRY(dispatch_alltoall(engine, c, st.front, counts, msg, msg_size));
         }
         c->rows_are_tokens = c->allgather;
@@ -270,9 +303,20 @@ static moe_err_t experts(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_
     const int H = engine->cfg.model.hidden;
     MOE_CUDA_TRY(cudaStreamWaitEvent(engine->stream, engine->ev[c->set][EV_FRONT], 0));
     moe_cuda_mark(engine, 2);
+    const bool exact = engine->exact && !c->allgather;
+    const size_t out_rows = exact ? (size_t)c->n_entries_recv : (size_t)c->n_rows;
     c->partial =
-        (bf16 *)moe_cuda_reserve(&engine->ws.chunk[c->set].partial, sizeof(bf16) * (size_t)c->n_rows * H, msg, msg_size);
+        (bf16 *)moe_cuda_reserve(&engine->ws.chunk[c->set].partial, sizeof(bf16) * out_rows * H, msg, msg_size);
     if (c->partial == nullptr) return MOE_ERR_NOMEM;
+    int32_t *entry_pos = nullptr;
+    if (exact) { /* each received entry's row in what goes back (cuda_exact.cu) */
+        const int n_entries = c->n_rows * engine->cfg.model.top_k;
+        int32_t *valid = RESERVE(engine, entry_valid, int32_t, n_entries);
+        entry_pos = RESERVE(engine, entry_pos, int32_t, n_entries);
+        if (valid == nullptr || entry_pos == nullptr) return MOE_ERR_NOMEM;
+        MOE_CUDA_TRY(moe_cuda_entry_valid_launch(c->recv_meta, n_entries, valid, engine->stream));
+        MOE_TRY(exclusive_scan(engine->stream, &engine->ws.cub_temp, valid, entry_pos, n_entries, msg, msg_size));
+    }
     /* one rank without a shared expert: the per-row sums are the output */
     c->out_written = engine->ep.size == 1 && c->rows_are_tokens && c->n_rows == c->T &&
                      engine->cfg.model.shared_intermediate == 0 && !c->comm_only;
@@ -281,7 +325,7 @@ static moe_err_t experts(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_
     else
         MOE_TRY(moe_cuda_experts(engine, L, engine->gemm_table[moe_cuda_bucket(c->n_rows)], c->recv_rows, c->recv_meta,
                                  c->n_rows, c->out_written ? nullptr : c->partial, c->out_written ? c->out : nullptr,
-                                 msg, msg_size));
+                                 entry_pos, msg, msg_size));
     moe_cuda_mark(engine, 6);
     MOE_CUDA_TRY(cudaEventRecord(engine->ev[c->set][EV_EXPERTS], engine->stream));
     return MOE_OK;
@@ -293,9 +337,21 @@ static moe_err_t combine(moe_cuda_engine_t *engine, cuda_chunk_t *c, chunk_strea
     MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_EXPERTS], 0));
     c->back = c->partial;
     if (R > 1) {
-        size_t rows = c->allgather ? (size_t)(c->n_rows / R) : (size_t)c->n_send;
+        const bool exact = engine->exact && !c->allgather;
+        size_t rows = c->allgather ? (size_t)(c->n_rows / R) : exact ? (size_t)c->n_entries_sent : (size_t)c->n_send;
         c->back = (bf16 *)moe_cuda_reserve(&engine->ws.chunk[c->set].back, sizeof(bf16) * rows * H, msg, msg_size);
         if (c->back == nullptr) return MOE_ERR_NOMEM;
+        if (exact) { /* a row per entry, back to the tokens' ranks */
+            engine->comm_bytes += (int64_t)sizeof(bf16) * H * (c->n_entries_recv - c->e_recv_count[engine->ep.rank]);
+            MOE_TRY(exchange(engine, st.front, c->partial, c->e_recv_count, c->e_recv_off, c->back, c->e_send_count,
+                             c->e_send_off, (size_t)H, ncclBfloat16, sizeof(bf16), msg, msg_size));
+            MOE_CUDA_TRY(cudaEventRecord(engine->ev[c->set][EV_COMBINE], st.front));
+            return MOE_OK;
+        }
+        /* bytes sent: a ring reduce-scatter sends R - 1 of the R parts */
+        engine->comm_bytes += (int64_t)sizeof(bf16) * H *
+                              (c->allgather ? (int64_t)(R - 1) * (int64_t)rows
+                                            : (int64_t)(c->n_rows - c->recv_count[engine->ep.rank]));
         if (c->allgather)
             MOE_NCCL_TRY(ncclReduceScatter(c->partial, c->back, rows * H, ncclBfloat16, ncclSum, engine->comm, st.front));
         else
@@ -329,7 +385,10 @@ static moe_err_t finish(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t
     }
     MOE_CUDA_TRY(cudaStreamWaitEvent(stream, engine->ev[c->set][EV_COMBINE], 0));
     moe_cuda_mark(engine, 7);
-    if (!c->out_written)
+    if (engine->exact && !c->allgather && !c->rows_are_tokens)
+        MOE_CUDA_TRY(moe_cuda_finalize_entries_launch(c->back, c->entry_slot, c->escan, c->weights, T, k,
+                                                      engine->slots.slots_per_rank, H, shared_y, gate, c->out, stream));
+    else if (!c->out_written)
         MOE_CUDA_TRY(moe_cuda_finalize_launch(c->back, c->rows_are_tokens ? nullptr : c->flags, c->scan, T, H, R,
                                               shared_y, gate, c->out, stream));
     moe_cuda_mark(engine, 8);
@@ -366,8 +425,10 @@ static void chunk_init(moe_cuda_engine_t *engine, cuda_chunk_t *c, int set, cons
     memset(c, 0, sizeof *c);
     c->set = set, c->x = x, c->T = T, c->chunk_max = chunk_max, c->first_token = first_token, c->out = out;
     c->comm_only = comm_only;
-    int *counts = engine->rank_counts + (size_t)set * 4 * R;
+    int *counts = engine->rank_counts + (size_t)set * 8 * R;
     c->send_count = counts, c->recv_count = counts + R, c->send_off = counts + 2 * R, c->recv_off = counts + 3 * R;
+    c->e_send_count = counts + 4 * R, c->e_recv_count = counts + 5 * R;
+    c->e_send_off = counts + 6 * R, c->e_recv_off = counts + 7 * R;
 }
 
 moe_err_t moe_cuda_forward_chunk(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf16 *x, int T, int chunk_max,
@@ -520,7 +581,7 @@ extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, cons
 }
 
 extern "C" moe_err_t moe_cuda_bench(moe_cuda_engine_t *engine, int layer, int n_tokens, int warmup, int iters,
-                                    double *ms_per_iter, char *msg, size_t msg_size) {
+                                    double *ms_per_iter, double *comm_bytes, char *msg, size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
     const size_t H = (size_t)m->hidden, k = (size_t)m->top_k;
     cuda_layer_t *L = find_layer(engine, layer);
@@ -547,6 +608,7 @@ extern "C" moe_err_t moe_cuda_bench(moe_cuda_engine_t *engine, int layer, int n_
                 weights[t * k + i] = 1.0f / (float)k;
             }
     }
+    engine->comm_bytes = 0;
     cudaEvent_t start, stop;
     MOE_CUDA_TRY(cudaEventCreate(&start));
     MOE_CUDA_TRY(cudaEventCreate(&stop));
@@ -568,7 +630,9 @@ extern "C" moe_err_t moe_cuda_bench(moe_cuda_engine_t *engine, int layer, int n_
         if (ret == MOE_OK && slowest[1] > 0)
             ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "bench: another rank failed (see its log)");
         if (it >= warmup) ms_per_iter[it - warmup] = slowest[0];
+        if (it + 1 == warmup) engine->comm_bytes = 0;
     }
+    if (comm_bytes != nullptr) *comm_bytes = iters > 0 ? (double)engine->comm_bytes / iters : 0.0;
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
     free(ids);

@@ -112,14 +112,14 @@ typedef struct {
  * i's experts (main stream) read the other. */
 typedef struct {
     cuda_buffer_t ids, weights, logits, entry_slot, flags, scan, counts, send_rows, send_meta, recv_rows,
-        recv_meta, partial, back, cub_temp, host_ids, host_weights;
+        recv_meta, partial, back, cub_temp, host_ids, host_weights, eflags, escan;
 } cuda_chunk_ws_t;
 
 typedef struct {
     cuda_chunk_ws_t chunk[2];
     cuda_buffer_t x, x_f32, keys, cursor, vals_sorted, inverse, slot_counts, gathered, h13, act, y, out,
         shared_h13, shared_act, shared_y, gate, cub_temp, host_counts, host_x, host_out, host_stats,
-        gemm_ptrs, host_gemm_ptrs, plan;
+        gemm_ptrs, host_gemm_ptrs, plan, entry_valid, entry_pos;
 } cuda_workspace_t;
 
 /* Expert-GEMM implementations (moe.gemm): cuBLAS (host-side group sizes,
@@ -169,6 +169,8 @@ struct moe_cuda_engine {
     cudaEvent_t ev_begin, ev[2][5]; /* per buffer set: front, experts, combine, finish, counted done */
     unsigned long long *d_step_counts; /* [n_slots] (token, expert) entries per slot this step, on balancer */
     bool counting;                     /* this step counts (a trace asked for slot counts) */
+    int64_t comm_bytes;                /* bytes this rank sent to other ranks (dispatch, combine), for moe-bench */
+    bool exact;                        /* moe.combine exact with more than one rank (cuda_exact.cu) */
     int *rank_counts;          /* [2][4·R]: send/recv counts and offsets per buffer set */
     ncclComm_t comm;          /* token traffic */
     ncclComm_t comm_balancer; /* EPLB statistics (its own, so collectives never interleave) */
@@ -227,10 +229,13 @@ moe_err_t moe_cuda_tune_comm(moe_cuda_engine_t *engine, char *msg, size_t msg_si
  * received rows [n_recv, H] with their k entries each -> partial [n_recv,
  * H] (Σ over a row's local entries of weight · expert output, bf16), with
  * implementation `impl`; or, with partial NULL, out [n_recv, H] in float32
- * (one rank, rows = tokens, no shared expert: the layer's output). */
+ * (one rank, rows = tokens, no shared expert: the layer's output); or,
+ * with entry_pos (the exact combine), partial [valid entries, H] holds each
+ * valid entry p's unweighted output at row entry_pos[p] (a tiled form:
+ * never the decode form). */
 moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *layer, moe_gemm_impl_t impl,
                            const bf16 *recv_rows, const cuda_meta_t *recv_meta, int n_recv, bf16 *partial,
-                           float *out, char *msg, size_t msg_size);
+                           float *out, const int32_t *entry_pos, char *msg, size_t msg_size);
 
 /* y[n, N] = x[n, K] · W[N, K]ᵀ with cuBLAS (bf16 operands, f32
  * accumulation; y f32 or bf16 by y_type) on the handle's stream. */
@@ -404,6 +409,18 @@ cudaError_t moe_cuda_gate_launch(const bf16 *x, const float *gate, int n_tokens,
 cudaError_t moe_cuda_finalize_launch(const bf16 *back, const int32_t *flags, const int32_t *scan, int n_tokens,
                                      int hidden, int n_ranks, const float *shared_y, const float *gate,
                                      float *out, cudaStream_t stream);
+/* The exact combine (cuda_exact.cu): entry flags per destination rank, the
+ * received entries' validity, the per-entry rows that go back, and the
+ * token-side sum in entry order. */
+cudaError_t moe_cuda_entry_flags_launch(const int32_t *entry_slot, int n_entries, int slots_per_rank, int n_ranks,
+                                        int32_t *eflags, cudaStream_t stream);
+cudaError_t moe_cuda_entry_valid_launch(const cuda_meta_t *meta, int n_entries, int32_t *valid, cudaStream_t stream);
+cudaError_t moe_cuda_entry_rows_launch(const bf16 *y, const cuda_meta_t *meta, const int32_t *inverse,
+                                       const int32_t *pos, int n_entries, int hidden, bf16 *dst, cudaStream_t stream);
+cudaError_t moe_cuda_finalize_entries_launch(const bf16 *back, const int32_t *entry_slot, const int32_t *escan,
+                                             const float *weights, int n_tokens, int top_k, int slots_per_rank,
+                                             int hidden, const float *shared_y, const float *gate, float *out,
+                                             cudaStream_t stream);
 /* own_meta[t, i] = (global slot, weight) for t < T; (-1, 0) for the
  * padding rows T..Ta (moe.comm allgather). */
 cudaError_t moe_cuda_allgather_meta_launch(const int32_t *entry_slot, const float *weights, int T, int Ta, int top_k,

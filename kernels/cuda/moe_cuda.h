@@ -41,10 +41,11 @@ moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, const float *x,
 
 /* Times `iters` forwards of n_tokens device-resident random tokens per rank
  * (after `warmup` untimed ones) with CUDA events; ms_per_iter receives each
- * iteration's time (the slowest rank's, the same on every rank). For
- * moe-bench. Collective. */
+ * iteration's time (the slowest rank's, the same on every rank), and
+ * *comm_bytes (when not NULL) the bytes this rank sent to the other ranks
+ * per timed iteration. For moe-bench. Collective. */
 moe_err_t moe_cuda_bench(moe_cuda_engine_t *engine, int layer, int n_tokens, int warmup, int iters,
-                         double *ms_per_iter, char *msg, size_t msg_size);
+                         double *ms_per_iter, double *comm_bytes, char *msg, size_t msg_size);
 
 void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config_t *cfg);
 int moe_cuda_slot_count(const moe_cuda_engine_t *engine);
