@@ -8,7 +8,7 @@
 
 #include "../kernels/moe_eplb.h"
 
-static double seconds_now(void) {
+double moe_bench_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
@@ -69,7 +69,7 @@ moe_err_t moe_bench_rebalance(moe_backend_t *backend, const moe_config_t *cfg, m
     if (memcmp(current, next, sizeof(int) * (size_t)n_slots) == 0 ||
         !moe_eplb_should_adopt(result->predicted_before, result->predicted_after, cfg->eplb.min_improvement))
         goto done;
-    const double start = seconds_now();
+    const double start = moe_bench_now();
     ret = backend->ops->migrate_begin(backend->state, layer, next, msg, msg_size);
     int failed = ret != MOE_OK;
     if (ret == MOE_OK) {
@@ -80,7 +80,9 @@ moe_err_t moe_bench_rebalance(moe_backend_t *backend, const moe_config_t *cfg, m
         failed = state != MOE_TASK_DONE;
     }
     moe_err_t agreed = any_rank(ep, &failed, msg, msg_size);
-    if (agreed != MOE_OK) {
+    if (agreed != MOE_OK) { /* no agreement: drop the loads here, never swap alone */
+        char drop_msg[256];
+        if (ret == MOE_OK) (void)backend->ops->migrate_end(backend->state, false, NULL, drop_msg, sizeof drop_msg);
         ret = agreed;
         goto done;
     }
@@ -97,7 +99,7 @@ moe_err_t moe_bench_rebalance(moe_backend_t *backend, const moe_config_t *cfg, m
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "moe-bench: migration bytes (MPI_Allreduce) failed");
     result->migrated = ret == MOE_OK;
     result->bytes = total;
-    result->ms = (seconds_now() - start) * 1e3;
+    result->ms = (moe_bench_now() - start) * 1e3;
 done:
     free(next);
     return ret;

@@ -8,6 +8,9 @@
 
 #include "../kernels/moe_backend.h"
 
+/* Seconds on the monotonic clock (moe-bench's timings). */
+double moe_bench_now(void);
+
 /* One traced forward of n_tokens (x, out: [n_tokens, H]; ids/weights for a
  * client router, else NULL). Adds the step's (token, expert) counts of
  * every rank to expert_load[E] (unless NULL) and writes the imbalance of the step's rank

@@ -130,12 +130,6 @@ static int parse_args(int argc, char **argv, bench_args_t *args) {
     return 0;
 }
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static int compare_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -198,17 +192,20 @@ static moe_err_t bench_size(moe_backend_t *backend, const moe_config_t *cfg, moe
                                            args->iters, times, &comm_bytes, msg, msg_size),
                        ret, done);
         for (int it = 0; it < args->iters; it++) times[it] /= 1e3;
-        if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &comm_bytes, 1, MPI_DOUBLE, MPI_SUM, ep.comm);
+        if (ep.size > 1 && MPI_Allreduce(MPI_IN_PLACE, &comm_bytes, 1, MPI_DOUBLE, MPI_SUM, ep.comm) != MPI_SUCCESS) {
+            ret = moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "moe-bench: comm bytes (MPI_Allreduce) failed");
+            goto done;
+        }
         comm_bytes /= ep.size;
     } else {
         for (int it = 0; it < args->warmup + args->iters; it++) {
             int layer = cfg->model.layer_ids[it % cfg->model.n_layers];
             if (ep.size > 1) MPI_Barrier(ep.comm);
-            double start = now_seconds();
+            double start = moe_bench_now();
             MOE_CHECK_GOTO(backend->ops->forward(backend->state, layer, x, n_tokens, client ? ids : NULL,
                                                  client ? weights : NULL, out, NULL, msg, msg_size),
                            ret, done);
-            double elapsed = now_seconds() - start;
+            double elapsed = moe_bench_now() - start;
             if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &elapsed, 1, MPI_DOUBLE, MPI_MAX, ep.comm);
             if (it >= args->warmup) times[it - args->warmup] = elapsed;
         }
@@ -316,6 +313,14 @@ int main(int argc, char **argv) {
         return 1;
     }
     moe_log_set_level((moe_log_level_t)cfg.log.level);
+    if (args.rebalance && cfg.model.n_layers != 1) {
+        /* the loads are measured on, and the placement moved for, one layer */
+        if (ep.rank == 0)
+            fprintf(stderr, "moe-bench: --rebalance measures and moves one layer: %s has %d (use model.layers: 1)\n",
+                    args.config, cfg.model.n_layers);
+        moe_mpi_shutdown();
+        return 2;
+    }
     if (args.rebalance && cfg.eplb.mode != MOE_EPLB_ONLINE) {
         if (ep.rank == 0)
             fprintf(stderr, "moe-bench: --rebalance needs eplb.mode: online in %s (it is '%s')\n", args.config,
@@ -379,7 +384,7 @@ int main(int argc, char **argv) {
                 moe_mpi_abort_job(1);
                 break;
             }
-            row->rebalanced = pass;
+            row->rebalanced = pass == 1 && rebalance.migrated;
             if (!args.json && ep.rank == 0) {
                 char comm[32] = "-";
                 if (isfinite(row->comm_gbps)) snprintf(comm, sizeof comm, "%.2f", row->comm_gbps);

@@ -439,13 +439,12 @@ static void check_cross_fields(load_ctx_t *ctx) {
                     "%d and %d); use cublas or auto",
                     model->hidden, model->moe_intermediate);
     /* exact combine: one GEMM form at every size, and no reduce-scatter */
-    if (cfg->moe.combine == MOE_COMBINE_EXACT && cfg->moe.gemm != MOE_GEMM_GROUPED &&
-        usable(ctx, "moe.combine", "moe.gemm", NULL))
+    const bool exact_cuda = cfg->moe.combine == MOE_COMBINE_EXACT && cfg->moe.backend == MOE_BACKEND_CUDA;
+    if (exact_cuda && cfg->moe.gemm != MOE_GEMM_GROUPED && usable(ctx, "moe.combine", "moe.gemm", "moe.backend", NULL))
         cross_error(ctx, "moe.combine",
                     "'exact' needs moe.gemm: grouped (one GEMM form at every size; have '%s')",
                     moe_gemm_name(cfg->moe.gemm));
-    if (cfg->moe.combine == MOE_COMBINE_EXACT && cfg->moe.comm == MOE_COMM_ALLGATHER &&
-        usable(ctx, "moe.combine", "moe.comm", NULL))
+    if (exact_cuda && cfg->moe.comm == MOE_COMM_ALLGATHER && usable(ctx, "moe.combine", "moe.comm", "moe.backend", NULL))
         cross_error(ctx, "moe.combine",
                     "'exact' returns a row per expert over alltoall; moe.comm 'allgather' sums "
                     "partial rows in its reduce-scatter (use alltoall or auto)");

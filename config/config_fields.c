@@ -126,7 +126,7 @@ const moe_config_field_t moe_config_fields[] = {
     F_ENUM("moe.combine", moe.combine, combine_names, "partial", false,
            "cuda, more than one rank: partial (each rank returns one summed row per token, bf16); "
            "exact (one row per (token, expert), summed on the token's rank in expert order: outputs "
-           "do not depend on the placement, so EPLB swaps change no bit; up to k/R times the "
+           "do not depend on the placement, so EPLB swaps change no bit; up to k times the "
            "combine bytes; needs moe.gemm grouped, uses alltoall). The cpu backend is always exact"),
     F_INT("moe.max_tokens_per_step", moe.max_tokens_per_step, "8192", 1, K * K, true,
           "tokens one step takes off the queue, at most"),

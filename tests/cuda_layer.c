@@ -93,7 +93,9 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
         failed = 1;
         goto done;
     }
-    for (int l = 0; l < cfg.model.n_layers && !failed; l++) {
+    /* with more ranks every rank runs every layer (the forwards are
+     * collective) whatever its own checks found */
+    for (int l = 0; l < cfg.model.n_layers && (ep.size > 1 || !failed); l++) {
         int layer = cfg.model.layer_ids[l];
         moe_test_fill_random(x, (size_t)n_tokens * H, seed + (uint64_t)l * 7919);
         moe_test_client_routing(seed, n_tokens, k, E, client_ids, client_w);
@@ -202,6 +204,13 @@ done:
     return failed;
 }
 
+/* ok on every rank (MPI_MIN; no MPI on one rank). */
+static bool all_ranks(moe_ep_t ep, bool ok) {
+    int v = ok;
+    if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_MIN, ep.comm);
+    return v != 0;
+}
+
 /* EPLB migration: a forward, a new placement (slots permuted, and the extra
  * slots now replicate the highest experts instead of the lowest: copied on
  * the device, and with more ranks regenerated), the same forward again: on
@@ -240,22 +249,37 @@ static int check_migration(moe_ep_t ep, uint64_t seed, moe_combine_kind_t combin
     moe_test_fill_random(x, (size_t)T * H, seed);
     int64_t bytes = 0;
     /* in two halves, with a forward while the shadow slots fill (it still
-     * serves the current placement) */
-    float *during = malloc(sizeof(float) * (size_t)T * H);
-    bool ok = during != NULL && moe_cuda_forward(gpu, layer, x, T, NULL, NULL, before, NULL, msg, sizeof msg) == MOE_OK &&
-              moe_cuda_migrate_begin(gpu, layer, next, msg, sizeof msg) == MOE_OK &&
-              moe_cuda_forward(gpu, layer, x, T, NULL, NULL, during, NULL, msg, sizeof msg) == MOE_OK;
-    while (ok && moe_cuda_migrate_poll(gpu) == MOE_TASK_RUNNING) usleep(1000);
-    ok = ok && moe_cuda_migrate_poll(gpu) == MOE_TASK_DONE &&
-         moe_cuda_migrate_end(gpu, true, &bytes, msg, sizeof msg) == MOE_OK &&
-         moe_cuda_forward(gpu, layer, x, T, NULL, NULL, after, &trace, msg, sizeof msg) == MOE_OK;
+     * serves the current placement); the ranks agree before each collective
+     * step, so that a failure on one rank ends the check on all of them
+     * instead of leaving the others in a collective */
+    float *during = malloc(sizeof(float) * (size_t)T * H), *one = malloc(sizeof(float) * (size_t)H);
+    bool ok = all_ranks(ep, during != NULL && one != NULL) &&
+              moe_cuda_forward(gpu, layer, x, T, NULL, NULL, before, NULL, msg, sizeof msg) == MOE_OK;
+    const bool begun = all_ranks(ep, ok) && moe_cuda_migrate_begin(gpu, layer, next, msg, sizeof msg) == MOE_OK;
+    ok = all_ranks(ep, begun) && moe_cuda_forward(gpu, layer, x, T, NULL, NULL, during, NULL, msg, sizeof msg) == MOE_OK;
+    while (begun && moe_cuda_migrate_poll(gpu) == MOE_TASK_RUNNING) usleep(1000);
+    ok = all_ranks(ep, ok && begun && moe_cuda_migrate_poll(gpu) == MOE_TASK_DONE);
+    /* commit only when every rank loaded, as the daemon does */
+    if (begun && moe_cuda_migrate_end(gpu, ok, &bytes, msg, sizeof msg) != MOE_OK) ok = false;
+    ok = all_ranks(ep, ok) && moe_cuda_forward(gpu, layer, x, T, NULL, NULL, after, &trace, msg, sizeof msg) == MOE_OK;
+    /* the exact combine runs one GEMM form at every row count: a token's
+     * row from a one-token step (every rank 1 row, here several hundred
+     * times fewer) is the same bits as in the full step */
+    const bool check_one = combine == MOE_COMBINE_EXACT && ep.size > 1;
+    if (check_one)
+        ok = all_ranks(ep, ok) && moe_cuda_forward(gpu, layer, x, 1, NULL, NULL, one, NULL, msg, sizeof msg) == MOE_OK;
     if (ok && exact && memcmp(before, during, sizeof(float) * (size_t)T * H) != 0) {
         fprintf(stderr, "FAIL %s: a forward while loading differs from the one before\n", name);
         failed = 1;
     }
+    if (ok && check_one && memcmp(one, after, sizeof(float) * (size_t)H) != 0) {
+        fprintf(stderr, "FAIL %s: token 0 alone differs from token 0 in a step of %d tokens\n", name, T);
+        failed = 1;
+    }
     free(during);
+    free(one);
     if (!ok) {
-        fprintf(stderr, "FAIL %s: %s\n", name, msg);
+        fprintf(stderr, "FAIL %s: %s\n", name, msg[0] ? msg : "another rank failed");
         failed = 1;
         goto done;
     }
@@ -367,6 +391,7 @@ static void force_tiles(const char *how) {
 static int check_forms(const char *how, const char *what) {
     /* the exact combine: the tiles at every size with more than one rank,
      * the default choice on one (nothing to combine there) */
+    const bool exact = how != NULL && strcmp(how, "exact") == 0 && n_ranks > 1;
     if (how != NULL && strcmp(how, "exact") == 0) how = n_ranks > 1 ? "nodecode" : NULL;
     const bool want_decode_only = how != NULL && strcmp(how, "decode") == 0;
     const bool want_mma = how != NULL && strcmp(how, "mma") == 0;
@@ -378,6 +403,8 @@ static int check_forms(const char *how, const char *what) {
     if (want_decode_only) bad = bad || forms.wgmma != 0 || forms.mma != 0;
     if (want_mma) bad = bad || forms.wgmma != 0 || forms.mma == 0;
     if (want_wgmma) bad = bad || forms.wgmma == 0;
+    /* the exact combine: one form at every row count, so no mma.sync where wgmma runs */
+    if (exact && forms.wgmma_ok) bad = bad || forms.mma != 0;
     if (bad) {
         fprintf(stderr,
                 "FAIL %s (tiles %s): grouped GEMM ran wgmma %lld, mma.sync %lld and decode %lld times (wgmma %s here)\n",
@@ -507,7 +534,7 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
 
 /* With more than one rank (under mpirun, a GPU each): every engine start
  * is an NCCL bootstrap (about a second), so a smaller set that still runs
- * the exchanges, remote entries, an empty rank (size 0) and the exact
+ * the exchanges, remote entries, an empty rank 0 (size 0) and the exact
  * combine: the exact combine on every case at 120 tokens and on a third of
  * them at 0, 1 and 13; the grouped default, cuBLAS and allgather on a third
  * at 1 and 120. Quick (compute-sanitizer): the exact combine alone, on
@@ -539,8 +566,8 @@ static int multi_rank_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
         for (int i = 0; i < moe_test_case_count; i += step)
             for (int s = 0; s < n_sizes; s++) {
                 const int size = quick ? quick_set.sizes[s] : sets[p].sizes[s];
-                /* ranks get different counts; size 0 leaves every rank empty */
-                const int n = size == 0 ? 0 : size + ep.rank * 13;
+                /* ranks get different counts; size 0: rank 0 empty, the others 13 */
+                const int n = size == 0 ? (ep.rank == 0 ? 0 : 13) : size + ep.rank * 13;
                 failures += check_case(&moe_test_cases[i], ep, seed + i * 101 + s * 7 + (uint64_t)ep.rank, n, worst);
                 (*runs)++;
             }

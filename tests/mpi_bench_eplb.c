@@ -47,6 +47,14 @@ static void skewed_routing(uint64_t seed, int T, int32_t *ids, float *w) {
         }
 }
 
+/* true when the call failed on any rank: every rank then stops together
+ * instead of waiting alone in the next collective */
+static bool failed_anywhere(moe_ep_t ep, bool failed_here) {
+    int v = failed_here;
+    MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_MAX, ep.comm);
+    return v != 0;
+}
+
 /* What the test counts itself: the expert histogram of every rank's ids,
  * and max/mean of the rank loads from a traced forward's slot counts. */
 static double counted_imbalance(moe_ep_t ep, const int64_t *slot_counts) {
@@ -77,42 +85,38 @@ int main(int argc, char **argv) {
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)T * K);
     int64_t counts[SLOTS];
     double histogram[E] = {0}, loads[E], imbalance[2] = {0, 0}, predicted_after = 0;
-    if (!x || !out || !first || !w || !ids || ep.size != 2 || cfg.model.experts != E || cfg.model.top_k != K ||
-        moe_backend_create(&cfg, ep, &backend, msg, sizeof msg) != MOE_OK) {
-        FAIL("setup (needs 2 ranks): %s\n", msg);
-        goto done;
-    }
+    bool setup_failed = !x || !out || !first || !w || !ids || ep.size != 2 || cfg.model.experts != E || cfg.model.top_k != K ||
+               moe_backend_create(&cfg, ep, &backend, msg, sizeof msg) != MOE_OK;
+    if (setup_failed) FAIL("setup (needs 2 ranks): %s\n", msg);
+    if (failed_anywhere(ep, setup_failed)) goto done;
     moe_test_fill_random(x, (size_t)T * H, seed + (uint64_t)ep.rank);
     skewed_routing(seed * 31 + (uint64_t)ep.rank, T, ids, w);
     for (int p = 0; p < T * K; p++) histogram[ids[p]] += 1;
     MPI_Allreduce(MPI_IN_PLACE, histogram, E, MPI_DOUBLE, MPI_SUM, ep.comm);
-    for (int round = 0; round < 2 && failures == 0; round++) {
+    for (int round = 0; round < 2; round++) {
         moe_route_trace_t trace = {NULL, NULL, counts, NULL, false};
         memset(counts, 0, sizeof counts);
-        if (backend.ops->forward(backend.state, layer, x, T, ids, w, out, &trace, msg, sizeof msg) != MOE_OK) {
-            FAIL("forward: %s\n", msg);
-            break;
-        }
+        bool bad = backend.ops->forward(backend.state, layer, x, T, ids, w, out, &trace, msg, sizeof msg) != MOE_OK;
+        if (bad) FAIL("forward: %s\n", msg);
+        if (failed_anywhere(ep, bad)) break;
         const double want = counted_imbalance(ep, counts);
         if (round == 0) memcpy(first, out, sizeof(float) * (size_t)T * H);
         else if (memcmp(first, out, sizeof(float) * (size_t)T * H) != 0)
             FAIL("outputs before and after the rebalance differ (seed %llu)\n", seed);
         memset(loads, 0, sizeof loads);
-        if (moe_bench_step_loads(&backend, ep, layer, x, T, ids, w, out, loads, &imbalance[round], msg, sizeof msg) !=
-            MOE_OK) {
-            FAIL("moe_bench_step_loads: %s\n", msg);
-            break;
-        }
+        bad = moe_bench_step_loads(&backend, ep, layer, x, T, ids, w, out, loads, &imbalance[round], msg, sizeof msg) !=
+              MOE_OK;
+        if (bad) FAIL("moe_bench_step_loads: %s\n", msg);
+        if (failed_anywhere(ep, bad)) break;
         if (memcmp(loads, histogram, sizeof loads) != 0)
             FAIL("round %d: expert loads from the slot counts are not the histogram of the routed ids\n", round);
         if (fabs(imbalance[round] - want) > 1e-12)
             FAIL("round %d: imbalance %.6f, the test counts %.6f (seed %llu)\n", round, imbalance[round], want, seed);
         if (round == 1) break;
         moe_bench_rebalance_t result;
-        if (moe_bench_rebalance(&backend, &cfg, ep, layer, loads, &result, msg, sizeof msg) != MOE_OK) {
-            FAIL("moe_bench_rebalance: %s\n", msg);
-            break;
-        }
+        bad = moe_bench_rebalance(&backend, &cfg, ep, layer, loads, &result, msg, sizeof msg) != MOE_OK;
+        if (bad) FAIL("moe_bench_rebalance: %s\n", msg);
+        if (failed_anywhere(ep, bad)) break;
         int expect[SLOTS];
         if (moe_eplb_place(loads, E, SLOTS, 2, cfg.eplb.ranks_per_node, expect, NULL, msg, sizeof msg) != MOE_OK ||
             memcmp(expect, backend.ops->placement(backend.state, layer), sizeof expect) != 0)

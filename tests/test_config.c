@@ -404,9 +404,10 @@ Test(config, cross_field_checks, .timeout = 10) {
     load("model: {experts: 0, top_k: 8}\n");
     cr_expect_eq(errs.count, 1, "%s", errors_text());
     /* the exact combine: one GEMM form (grouped), entries over alltoall */
-    load("moe: {combine: exact}\n");
+    load("moe: {backend: cuda, combine: exact}\n");
     EXPECT_ERROR("moe.combine: 'exact' needs moe.gemm: grouped (one GEMM form at every size; have 'auto')");
-    load("moe: {combine: exact, gemm: grouped, comm: allgather}\n");
+    ASSERT_LOADS("moe: {backend: cpu, combine: exact, comm: allgather}\n"); /* the cpu backend is always exact */
+    load("moe: {backend: cuda, combine: exact, gemm: grouped, comm: allgather}\n");
     EXPECT_ERROR("moe.combine: 'exact' returns a row per expert over alltoall");
     ASSERT_LOADS("moe: {combine: exact, gemm: grouped, comm: auto}\n");
     ASSERT_LOADS("moe: {combine: exact, gemm: grouped, comm: alltoall}\n");

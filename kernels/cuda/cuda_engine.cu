@@ -267,6 +267,9 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
                                engine->wgmma_bn);
     }
     engine->exact = engine->cfg.moe.combine == MOE_COMBINE_EXACT && engine->ep.size > 1;
+    if (engine->exact && engine->cfg.moe.gemm != MOE_GEMM_GROUPED)
+        return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "moe.combine: 'exact' needs moe.gemm: grouped (have '%s')",
+                           moe_gemm_name(engine->cfg.moe.gemm));
     if (engine->exact && !engine->own_grouped_ok)
         return moe_err_fmt(msg, msg_size, MOE_ERR_UNSUPPORTED, "moe.combine: 'exact' needs the grouped kernels, which %s",
                            why);

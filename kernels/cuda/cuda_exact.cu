@@ -10,9 +10,15 @@
  * that live on d, in (token, entry) order. Both ends number them the same
  * way: the token's rank by a scan over eflags[d, t·k + i], the expert's rank
  * by a scan over the valid entries of the rows it received (rows arrive
- * from each rank in that rank's token order, entries in k order). */
+ * from each rank in that rank's token order, entries in k order).
+ *
+ * Covered by tests/cuda_layer.c under mpirun -np 2 (its exact-combine
+ * cases against the CPU reference, and the migration that must leave every
+ * bit in place), also under compute-sanitizer, in scripts/gpu-test.sh. */
 #include "cuda_internal.h"
 
+/* A thread per item, no grid-stride loop (unlike cuda_kernels.cu's clamped
+ * blocks_for): n_entries < 2^31 gives at most 2^23 blocks of 256. */
 static unsigned blocks_of(size_t n, unsigned threads) { return (unsigned)((n + threads - 1) / threads); }
 
 /* eflags[d·n + p] = 1 when entry p's slot lives on rank d (n = T·k). */

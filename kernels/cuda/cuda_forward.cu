@@ -9,6 +9,10 @@
  *   experts (main stream, cuda_experts.cu) -> partial sums per row;
  *   combine (aux) the partials back (send/recv, or reduce-scatter);
  *   finish  (main) shared expert, finalize, routing trace.
+ * moe.combine exact (more than one rank, cuda_exact.cu): the front also
+ * flags and scans every entry's destination and the counts exchange carries
+ * entries too; the experts return one unweighted row per entry instead of a
+ * partial sum per row, and finish sums a token's rows in entry order.
  * With moe.chunking.overlap the host issues chunk i+1's front before chunk
  * i's combine, so chunk i+1's routing and dispatch run beside chunk i's
  * experts; each chunk in flight has its own buffer set (two), and events
@@ -276,6 +280,11 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
             MOE_CUDA_TRY(moe_cuda_counts_launch(c->flags, c->scan, T, R, counts, st.front));
             if (engine->exact) { /* where each entry's row comes back: cuda_exact.cu */
                 const size_t cells = (size_t)R * T * k;
+                if (cells > 0x7fffffffu)
+                    return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL,
+                                       "moe.combine exact: %zu entry flags in one chunk exceed 2^31 (ranks x tokens x "
+                                       "top_k); lower moe.chunking.max_tokens_per_chunk",
+                                       cells);
                 c->eflags = (int32_t *)moe_cuda_reserve(&ws->eflags, sizeof(int32_t) * cells, msg, msg_size);
                 c->escan = (int32_t *)moe_cuda_reserve(&ws->escan, sizeof(int32_t) * cells, msg, msg_size);
                 if (!c->eflags || !c->escan) return MOE_ERR_NOMEM;
@@ -310,6 +319,10 @@ static moe_err_t experts(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_
     if (c->partial == nullptr) return MOE_ERR_NOMEM;
     int32_t *entry_pos = nullptr;
     if (exact) { /* each received entry's row in what goes back (cuda_exact.cu) */
+        if ((int64_t)c->n_rows * engine->cfg.model.top_k > 0x7fffffff)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "moe.combine exact: %d received rows of %d entries "
+                               "exceed 2^31 entries; lower moe.chunking.max_tokens_per_chunk",
+                               c->n_rows, engine->cfg.model.top_k);
         const int n_entries = c->n_rows * engine->cfg.model.top_k;
         int32_t *valid = RESERVE(engine, entry_valid, int32_t, n_entries);
         entry_pos = RESERVE(engine, entry_pos, int32_t, n_entries);

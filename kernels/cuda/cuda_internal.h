@@ -171,7 +171,7 @@ struct moe_cuda_engine {
     bool counting;                     /* this step counts (a trace asked for slot counts) */
     int64_t comm_bytes;                /* bytes this rank sent to other ranks (dispatch, combine), for moe-bench */
     bool exact;                        /* moe.combine exact with more than one rank (cuda_exact.cu) */
-    int *rank_counts;          /* [2][4·R]: send/recv counts and offsets per buffer set */
+    int *rank_counts;          /* [2][8·R]: send/recv counts and offsets per buffer set, rows then entries */
     ncclComm_t comm;          /* token traffic */
     ncclComm_t comm_balancer; /* EPLB statistics (its own, so collectives never interleave) */
     bool have_comm;
