@@ -30,7 +30,11 @@ extern "C" {
  * inputs give the same placement on every rank (ties broken by lower index).
  *   1. replicate: every expert one slot; each remaining slot to the expert with
  *      the largest load per replica (ties: fewer replicas, then lower expert
- *      id — so all-zero loads spread the extra slots round-robin);
+ *      id — so all-zero loads spread the extra slots round-robin), among the
+ *      experts with fewer replicas than the group has ranks (routing sends a
+ *      token to a replica on its own rank first, so a second copy on a rank
+ *      takes no load off the first); only when every expert has one on every
+ *      rank do the remaining slots go to any expert;
  *   2. pack: sort the replicas by load per replica, descending (ties: lower
  *      expert id), put each on the rank with the least load that still has a
  *      free slot (ties: fewer filled slots, then lower rank); a rank never
@@ -46,19 +50,23 @@ extern "C" {
  *      fewer experts than nodes also falls back to flat, as no node may be
  *      left without an expert for its slots.
  * Within a rank, slots are ordered by expert id ascending.
- * Writes slot_expert[n_slots]; predicted rank loads (load split evenly over an
- * expert's replicas, as moe_eplb_imbalance computes them) into
- * rank_load[n_ranks] if not NULL.
+ * Writes slot_expert[n_slots]; predicted rank loads (as moe_eplb_imbalance
+ * computes them) into rank_load[n_ranks] if not NULL.
  * Returns MOE_OK, MOE_ERR_INVAL (bad argument, explained in msg) or
  * MOE_ERR_NOMEM. On error slot_expert and rank_load are unspecified. */
 moe_err_t moe_eplb_place(const double *expert_load, int experts, int n_slots, int n_ranks,
                          int ranks_per_node, int *slot_expert, double *rank_load, char *msg,
                          size_t msg_size);
 
-/* Predicted per-rank loads of an existing placement under expert loads (each
- * expert's load split evenly over its slots; an expert without a slot adds
- * nothing), written to rank_load[n_ranks] when not NULL. Returns the
- * imbalance max / mean rank load, 1.0 when all loads are 0, NAN when the
+/* Predicted per-rank loads of an existing placement under expert loads, as
+ * routing's pick (moe_slots_pick) spreads them when tokens come evenly from
+ * every rank: a rank holding expert e takes its own 1/n_ranks of e's load,
+ * and the share of the ranks holding no replica of e is split over all of
+ * e's replicas. With an expert's replicas on distinct ranks this is its load
+ * split evenly over them; a second replica on one rank adds only foreign
+ * tokens. An expert without a slot adds nothing. Written to
+ * rank_load[n_ranks] when not NULL. Returns the imbalance max / mean rank
+ * load, 1.0 when all loads are 0, NAN when the
  * arguments are invalid (n_ranks < 1, n_slots not divisible by n_ranks, an
  * expert id out of [0, experts)). */
 double moe_eplb_imbalance(const double *expert_load, int experts, const int *slot_expert,

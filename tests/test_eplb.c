@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "../kernels/moe_eplb.h"
+#include "../kernels/moe_slots.h"
 
 static uint64_t rng_next(uint64_t *state) { /* splitmix64 */
     uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
@@ -318,4 +319,73 @@ Test(eplb, file_errors, .timeout = 10) {
                                               msg, sizeof msg),
                  MOE_ERR_IO);
     cr_assert(strstr(msg, "/nonexistent/p.json: cannot open") != NULL, "%s", msg);
+}
+
+/* At most one replica per rank until every expert has one on every rank:
+ * 3 experts, 6 slots on 2 ranks, one hot expert. The even split used to
+ * give expert 0 all three extra slots (two on one rank, where routing's
+ * own-rank pick leaves the second idle); now every expert sits on both. */
+Test(eplb, replicas_one_per_rank_first, .timeout = 10) {
+    char msg[256];
+    int slot_expert[6];
+    double load[3] = {100, 1, 1}, rank_load[2];
+    cr_assert_eq(moe_eplb_place(load, 3, 6, 2, 0, slot_expert, rank_load, msg, sizeof msg), MOE_OK, "%s", msg);
+    int expected[6] = {0, 1, 2, 0, 1, 2};
+    cr_assert_arr_eq(slot_expert, expected, sizeof expected);
+    cr_assert_float_eq(rank_load[0], 51.0, 1e-9);
+    cr_assert_float_eq(rank_load[1], 51.0, 1e-9);
+    /* more slots than experts x ranks: the rest go beyond one per rank */
+    int many[8];
+    double two[2] = {10, 1};
+    cr_assert_eq(moe_eplb_place(two, 2, 8, 2, 0, many, NULL, msg, sizeof msg), MOE_OK, "%s", msg);
+    int count0 = 0;
+    for (int s = 0; s < 8; s++) count0 += many[s] == 0;
+    cr_assert_eq(count0, 6, "expert 0 has %d of 8 slots", count0);
+}
+
+/* The predicted rank loads against routing's own pick (moe_slots_pick),
+ * token by token: on random placements (replicas doubled up on a rank
+ * allowed), every rank sends L_e tokens to expert e, L_e a multiple of 60
+ * so that tokens of ranks without a replica split exactly over up to 6
+ * replicas. The prediction must equal the count. */
+Test(eplb, prediction_follows_the_pick, .timeout = 30) {
+    static moe_slot_table_t table;
+    char msg[256];
+    for (uint64_t seed = 1; seed <= 300; seed++) {
+        uint64_t state = seed * 104729;
+        const int n_ranks = 2 + rng_int(&state, 4), per_rank = 2 + rng_int(&state, 4);
+        /* at least n_slots / 6 experts, so that 6 replicas each fill the slots */
+        const int n_slots = n_ranks * per_rank, min_experts = (n_slots + 5) / 6;
+        const int experts = min_experts + rng_int(&state, n_slots - min_experts + 1);
+        int slot_expert[64], replicas[64] = {0};
+        /* every expert once, the other slots random, at most 6 replicas */
+        for (int s = 0; s < n_slots; s++) {
+            int e = s < experts ? s : rng_int(&state, experts);
+            while (replicas[e] == 6) e = (e + 1) % experts;
+            slot_expert[s] = e, replicas[e]++;
+        }
+        for (int s = n_slots - 1; s > 0; s--) { /* shuffle across ranks */
+            int o = rng_int(&state, s + 1), t = slot_expert[s];
+            slot_expert[s] = slot_expert[o], slot_expert[o] = t;
+        }
+        double load[64], counted[8] = {0}, predicted[8];
+        cr_assert_eq(moe_slots_from_placement(slot_expert, n_slots, experts, n_ranks, &table, msg, sizeof msg),
+                     MOE_OK, "seed %llu: %s", (unsigned long long)seed, msg);
+        for (int e = 0; e < experts; e++) {
+            const int per_source = 60 * (1 + rng_int(&state, 5));
+            load[e] = (double)per_source * n_ranks;
+            for (int r = 0; r < n_ranks; r++)
+                for (int t = 0; t < per_source; t++)
+                    counted[moe_slots_pick(&table, e, r, t) / per_rank] += 1.0;
+        }
+        const double imbalance = moe_eplb_imbalance(load, experts, slot_expert, n_slots, n_ranks, predicted);
+        double most = 0, total = 0;
+        for (int r = 0; r < n_ranks; r++) {
+            cr_assert_float_eq(predicted[r], counted[r], 1e-6 * counted[r] + 1e-9,
+                               "seed %llu: rank %d predicted %g, routing sends %g", (unsigned long long)seed, r,
+                               predicted[r], counted[r]);
+            most = fmax(most, counted[r]), total += counted[r];
+        }
+        cr_assert_float_eq(imbalance, most / (total / n_ranks), 1e-9, "seed %llu", (unsigned long long)seed);
+    }
 }
