@@ -65,12 +65,8 @@ static double counted_imbalance(moe_ep_t ep, const int64_t *slot_counts) {
 }
 
 int main(int argc, char **argv) {
-    MPI_Init(&argc, &argv);
-    moe_ep_t ep = {0, 1, MPI_COMM_WORLD};
-    MPI_Comm_rank(MPI_COMM_WORLD, &ep.rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &ep.size);
-    unsigned long long seed = argc > 1 ? strtoull(argv[1], NULL, 10) : moe_test_fresh_seed();
-    MPI_Bcast(&seed, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
+    unsigned long long seed;
+    moe_ep_t ep = moe_test_mpi_start(&argc, &argv, &seed);
     int failures = 0;
     moe_config_t cfg;
     moe_test_case_config(&moe_test_cases[0], ep.size, &cfg);

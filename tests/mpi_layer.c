@@ -80,13 +80,9 @@ done:
 }
 
 int main(int argc, char **argv) {
-    MPI_Init(&argc, &argv);
-    moe_ep_t ep = {0, 1, MPI_COMM_WORLD};
-    MPI_Comm_rank(MPI_COMM_WORLD, &ep.rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &ep.size);
-    unsigned long long seed = argc > 1 ? strtoull(argv[1], NULL, 10) : moe_test_fresh_seed();
+    unsigned long long seed;
+    moe_ep_t ep = moe_test_mpi_start(&argc, &argv, &seed);
     setenv("MOE_COMM_ALLGATHER_MAX_TOKENS", "5", 1); /* moe.comm auto: a fixed, mixing threshold */
-    MPI_Bcast(&seed, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
     int failures = 0;
     for (int i = 0; i < moe_test_case_count; i++) {
         const moe_test_case_t *c = &moe_test_cases[i];

@@ -133,3 +133,13 @@ done:
     free(x), free(out), free(want), free(ids), free(client_ids), free(weights), free(client_w), free(ref_ids);
     return worst;
 }
+
+moe_ep_t moe_test_mpi_start(int *argc, char ***argv, unsigned long long *seed) {
+    MPI_Init(argc, argv);
+    moe_ep_t ep = {0, 1, MPI_COMM_WORLD};
+    MPI_Comm_rank(MPI_COMM_WORLD, &ep.rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &ep.size);
+    *seed = *argc > 1 ? strtoull((*argv)[1], NULL, 10) : moe_test_fresh_seed();
+    MPI_Bcast(seed, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
+    return ep;
+}

@@ -33,4 +33,8 @@ void moe_test_case_config(const moe_test_case_t *c, int n_ranks, moe_config_t *c
 double moe_test_layer_check(const moe_config_t *cfg, moe_ep_t ep, int n_tokens, uint64_t seed,
                             char *msg, size_t msg_size);
 
+/* The start of an MPI test program (tests/mpi_*.c): MPI_Init, the group of
+ * MPI_COMM_WORLD, and the seed — argv[1], or a fresh one — as rank 0 has it. */
+moe_ep_t moe_test_mpi_start(int *argc, char ***argv, unsigned long long *seed);
+
 #endif
