@@ -2,9 +2,9 @@
  * placement files (see moe_eplb.h, DESIGN §6).
  *
  * Determinism: every rank must compute the same placement from the same
- * counts, so the code uses only IEEE double +, / and comparisons in a fixed
- * order (C11 mode keeps -ffp-contract=off, so no FMA fusing differs between
- * builds), sorts with comparators that are total orders (qsort's instability
+ * counts, so the code uses only IEEE double +, *, / and comparisons in a
+ * fixed order (C11 mode keeps -ffp-contract=off, so no FMA fusing differs
+ * between builds), sorts with comparators that are total orders (qsort's instability
  * cannot show), and breaks every tie by the lower index.
  *
  * Cost: replication is O(extra slots x experts), packing O(n_slots x n_ranks
@@ -34,6 +34,8 @@ typedef struct {
     int *node_of;           /* [experts] node of each expert */
     int *rank_fill;         /* [n_ranks] slots used per rank while packing */
     int *node_count;        /* [n_ranks] experts per node (n_nodes <= n_ranks) */
+    int *other;             /* [n_slots] the placement of the other replication rule */
+    bool spread_first;      /* replicate: one copy per rank of the group before a second */
     double *rank_load;      /* [n_ranks] load per rank while packing */
     double *node_load;      /* [n_ranks] */
     replica_t *replica;     /* [n_slots] */
@@ -73,15 +75,15 @@ static void place_group(const double *load, const int *ids, int n_ids, int group
     /* 1. replicate. Each extra slot halves (thirds, ...) the load of the
      * expert that is currently the hottest per replica: the greedy choice that
      * minimises the largest load per replica, which bounds the best packing.
-     * At most one replica per rank of the group: routing sends a token to a
-     * replica on its own rank first, so a second copy on a rank takes no
-     * load off the first and would only make the even split predicted here
-     * wrong (measured: 1.16 instead of 1.015, README). Only when every
-     * expert has a replica on every rank do the rest go beyond that. */
+     * With spread_first, only experts with fewer replicas than the group has
+     * ranks compete while any does: routing sends a token to a copy on its own
+     * rank first, so a second copy on a rank serves only the tokens of ranks
+     * that hold none, and a copy on a new rank is usually worth more
+     * (moe_eplb_place keeps whichever rule predicts the lower imbalance). */
     for (int i = 0; i < n_ids; i++) replicas[ids[i]] = 1;
     for (int extra = group_slots - n_ids; extra > 0; extra--) {
         int best = -1;
-        for (int pass = 0; pass < 2 && best < 0; pass++)
+        for (int pass = scratch->spread_first ? 0 : 1; pass < 2 && best < 0; pass++) {
             for (int i = 0; i < n_ids; i++) {
                 int e = ids[i];
                 if (pass == 0 && replicas[e] >= group_ranks) continue;
@@ -89,14 +91,16 @@ static void place_group(const double *load, const int *ids, int n_ids, int group
                     best = e;
                     continue;
                 }
-            /* Ties: fewer replicas first, so that equal (e.g. all-zero) loads
-             * spread the extra slots round-robin instead of piling them all
-             * on the lowest id; then the lower id (ids ascend, strict <). */
+                /* Ties: fewer replicas first, so that equal (e.g. all-zero)
+                 * loads spread the extra slots round-robin instead of piling
+                 * them all on the lowest id; then the lower id (ids ascend,
+                 * strict <). */
                 double per_replica = load[e] / replicas[e], best_per_replica = load[best] / replicas[best];
                 if (per_replica > best_per_replica ||
                     (per_replica == best_per_replica && replicas[e] < replicas[best]))
                     best = e;
             }
+        }
         replicas[best]++;
     }
 
@@ -119,8 +123,9 @@ static void place_group(const double *load, const int *ids, int n_ids, int group
         for (int r = 0; r < group_ranks; r++) {
             if (scratch->rank_fill[r] == slots_per_rank) continue;
             if (best_any < 0 || rank_before(scratch, r, best_any)) best_any = r;
-            /* A second copy on one rank serves no token that the first could
-             * not, so it only helps when no other rank has room. */
+            /* A second copy on one rank serves only the tokens of ranks
+             * without a copy, so it goes there only when no other rank has
+             * room. */
             bool holds = false;
             for (int k = 0; k < scratch->rank_fill[r] && !holds; k++)
                 holds = out[r * slots_per_rank + k] == e;
@@ -208,7 +213,7 @@ moe_err_t moe_eplb_place(const double *expert_load, int experts, int n_slots, in
                                "eplb: load of expert %d is %g (need a finite value >= 0)", e,
                                expert_load[e]);
 
-    size_t ints = 4 * (size_t)experts + 2 * (size_t)n_ranks;
+    size_t ints = 4 * (size_t)experts + 2 * (size_t)n_ranks + (size_t)n_slots;
     size_t doubles = 2 * (size_t)n_ranks;
     /* replica_t first: it has the strictest alignment of the three. */
     char *block = malloc((size_t)n_slots * sizeof(replica_t) + doubles * sizeof(double) +
@@ -224,16 +229,25 @@ moe_err_t moe_eplb_place(const double *expert_load, int experts, int n_slots, in
     scratch.node_of = scratch.expert_order + experts;
     scratch.rank_fill = scratch.node_of + experts;
     scratch.node_count = scratch.rank_fill + n_ranks;
+    scratch.other = scratch.node_count + n_ranks;
 
     int n_nodes = ranks_per_node > 0 && ranks_per_node < n_ranks ? n_ranks / ranks_per_node : 1;
-    if (n_nodes > 1 && experts >= n_nodes) {
-        place_hierarchical(expert_load, experts, n_slots, n_nodes, ranks_per_node, slot_expert,
-                           &scratch);
-    } else {
-        for (int e = 0; e < experts; e++) scratch.group_experts[e] = e;
-        place_group(expert_load, scratch.group_experts, experts, n_ranks, n_slots / n_ranks,
-                    slot_expert, &scratch);
+    /* Both replication rules (one copy per rank first, or the hottest per
+     * copy regardless), keeping the lower predicted imbalance; ties keep
+     * one-per-rank. Each rule alone loses on some loads. */
+    for (int rule = 0; rule < 2; rule++) {
+        int *out = rule == 0 ? slot_expert : scratch.other;
+        scratch.spread_first = rule == 0;
+        if (n_nodes > 1 && experts >= n_nodes) {
+            place_hierarchical(expert_load, experts, n_slots, n_nodes, ranks_per_node, out, &scratch);
+        } else {
+            for (int e = 0; e < experts; e++) scratch.group_experts[e] = e;
+            place_group(expert_load, scratch.group_experts, experts, n_ranks, n_slots / n_ranks, out, &scratch);
+        }
     }
+    if (moe_eplb_imbalance(expert_load, experts, scratch.other, n_slots, n_ranks, NULL) <
+        moe_eplb_imbalance(expert_load, experts, slot_expert, n_slots, n_ranks, NULL))
+        memcpy(slot_expert, scratch.other, sizeof(int) * (size_t)n_slots);
     free(block);
     /* Reported from the finished table through the same function callers use
      * to judge it, so the two figures can never disagree. */
@@ -271,6 +285,10 @@ double moe_eplb_imbalance(const double *expert_load, int experts, const int *slo
             const int e = slot_expert[s];
             const bool first_here = last_rank[e] != r;
             last_rank[e] = r;
+            if (holders[e] == replicas[e]) { /* copies on distinct ranks: the even split, exactly */
+                sum += expert_load[e] / replicas[e];
+                continue;
+            }
             const double foreign = (double)(n_ranks - holders[e]) / n_ranks / replicas[e];
             sum += expert_load[e] * ((first_here ? 1.0 / n_ranks : 0.0) + foreign);
         }

@@ -30,11 +30,12 @@ extern "C" {
  * inputs give the same placement on every rank (ties broken by lower index).
  *   1. replicate: every expert one slot; each remaining slot to the expert with
  *      the largest load per replica (ties: fewer replicas, then lower expert
- *      id — so all-zero loads spread the extra slots round-robin), among the
- *      experts with fewer replicas than the group has ranks (routing sends a
- *      token to a replica on its own rank first, so a second copy on a rank
- *      takes no load off the first); only when every expert has one on every
- *      rank do the remaining slots go to any expert;
+ *      id — so all-zero loads spread the extra slots round-robin). Done by two
+ *      rules, and the placement with the lower predicted imbalance is kept
+ *      (ties: the first): (a) only experts with fewer replicas than the group
+ *      has ranks compete while any does (routing sends a token to a copy on
+ *      its own rank first, so a second copy on a rank serves only the tokens
+ *      of ranks holding none); (b) every expert competes;
  *   2. pack: sort the replicas by load per replica, descending (ties: lower
  *      expert id), put each on the rank with the least load that still has a
  *      free slot (ties: fewer filled slots, then lower rank); a rank never

@@ -343,6 +343,18 @@ Test(eplb, replicas_one_per_rank_first, .timeout = 10) {
     cr_assert_eq(count0, 6, "expert 0 has %d of 8 slots", count0);
 }
 
+/* Neither replication rule wins everywhere: on these loads one copy per
+ * rank first predicts 1.133 and the hottest-per-copy rule 1.000 (found by a
+ * review); the placement must keep the better one. */
+Test(eplb, keeps_the_better_replication_rule, .timeout = 10) {
+    char msg[256];
+    int slot_expert[12];
+    double load[5] = {1, 1, 0, 3, 0};
+    cr_assert_eq(moe_eplb_place(load, 5, 12, 4, 0, slot_expert, NULL, msg, sizeof msg), MOE_OK, "%s", msg);
+    const double imbalance = moe_eplb_imbalance(load, 5, slot_expert, 12, 4, NULL);
+    cr_assert_leq(imbalance, 1.0 + 1e-12, "predicted imbalance %.4f", imbalance);
+}
+
 /* The predicted rank loads against routing's own pick (moe_slots_pick),
  * token by token: on random placements (replicas doubled up on a rank
  * allowed), every rank sends L_e tokens to expert e, L_e a multiple of 60
