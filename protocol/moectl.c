@@ -199,8 +199,12 @@ static void print_stats(const cJSON *r, FILE *out) {
         int n = cJSON_GetArraySize(loads);
         double total = 0;
         cJSON_ArrayForEach(item, loads) total += item->valuedouble;
-        fprintf(out, "layer %3.0f  steps %.0f  imbalance %.3f  rebalances %.0f  migrated %.0f B%s\n",
-                num(layer, "layer"), num(layer, "steps"), num(layer, "imbalance"),
+        /* null: no load in the window yet, nothing to compare */
+        char imbalance[32] = "-";
+        if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(layer, "imbalance")))
+            snprintf(imbalance, sizeof imbalance, "%.3f", num(layer, "imbalance"));
+        fprintf(out, "layer %3.0f  steps %.0f  imbalance %s  rebalances %.0f  migrated %.0f B%s\n",
+                num(layer, "layer"), num(layer, "steps"), imbalance,
                 num(layer, "rebalances"), num(layer, "migration_bytes"),
                 cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(layer, "loading")) ? "  (new placement loading)" : "");
         fprintf(out, "           top experts:");
