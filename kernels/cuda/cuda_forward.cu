@@ -280,8 +280,8 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
             MOE_CUDA_TRY(moe_cuda_counts_launch(c->flags, c->scan, T, R, counts, st.front));
             if (engine->exact) { /* where each entry's row comes back: cuda_exact.cu */
                 const size_t cells = (size_t)R * T * k;
-                if (cells > 0x7fffffffu)
-                    return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL,
+                if (cells > 0x7fffffffu) /* RANGE, not INVAL: the ranks agreed on this step already */
+                    return moe_err_fmt(msg, msg_size, MOE_ERR_RANGE,
                                        "moe.combine exact: %zu entry flags in one chunk exceed 2^31 (ranks x tokens x "
                                        "top_k); lower moe.chunking.max_tokens_per_chunk",
                                        cells);
@@ -320,7 +320,7 @@ static moe_err_t experts(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_
     int32_t *entry_pos = nullptr;
     if (exact) { /* each received entry's row in what goes back (cuda_exact.cu) */
         if ((int64_t)c->n_rows * engine->cfg.model.top_k > 0x7fffffff)
-            return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "moe.combine exact: %d received rows of %d entries "
+            return moe_err_fmt(msg, msg_size, MOE_ERR_RANGE, "moe.combine exact: %d received rows of %d entries "
                                "exceed 2^31 entries; lower moe.chunking.max_tokens_per_chunk",
                                c->n_rows, engine->cfg.model.top_k);
         const int n_entries = c->n_rows * engine->cfg.model.top_k;
