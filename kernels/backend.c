@@ -75,17 +75,19 @@ static moe_err_t cuda_migrate_end(void *state, bool commit, int64_t *bytes_loade
 static const char *cuda_device(const void *state) { return moe_cuda_device_name(state); }
 static const char *cuda_gemm(const void *state) { return moe_cuda_gemm_table(state); }
 static moe_err_t cuda_check(void *state, char *msg, size_t msg_size) { return moe_cuda_check(state, msg, msg_size); }
+static void *cuda_host_alloc(void *state, size_t bytes) { return moe_cuda_host_alloc(state, bytes); }
+static void cuda_host_free(void *state, void *ptr) { moe_cuda_host_free(state, ptr); }
 static void cuda_destroy(void *state) { moe_cuda_destroy(state); }
 #endif
 
 static const moe_backend_ops_t backends[] = {
     {"cpu", MOE_BACKEND_CPU, cpu_create, cpu_forward, cpu_reconfigure, cpu_slot_count,
      cpu_placement, cpu_migrate_begin, cpu_migrate_poll, cpu_migrate_end, NULL, NULL, cpu_device, false, NULL,
-     cpu_destroy},
+     NULL, NULL, cpu_destroy},
 #ifdef MOE_WITH_CUDA
     {"cuda", MOE_BACKEND_CUDA, cuda_create, cuda_forward, cuda_reconfigure, cuda_slot_count,
      cuda_placement, cuda_migrate_begin, cuda_migrate_poll, cuda_migrate_end, cuda_bench, cuda_check, cuda_device, true,
-     cuda_gemm, cuda_destroy},
+     cuda_gemm, cuda_host_alloc, cuda_host_free, cuda_destroy},
 #endif
 };
 

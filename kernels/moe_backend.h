@@ -51,6 +51,12 @@ typedef struct {
     /* The expert-GEMM choice per token-count bucket (moe.gemm), as text;
      * NULL: the backend has one implementation (cpu). */
     const char *(*gemm)(const void *state);
+    /* Host memory for a step's inputs and outputs that forward moves
+     * fastest (cuda: pinned, so the copies to and from the GPU go by DMA
+     * straight from it, with no pass through a staging buffer); NULL on
+     * failure. NULL ops: malloc and free serve as well (cpu). */
+    void *(*host_alloc)(void *state, size_t bytes);
+    void (*host_free)(void *state, void *ptr);
     void (*destroy)(void *state);
 } moe_backend_ops_t;
 

@@ -425,6 +425,21 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
     return MOE_OK;
 }
 
+extern "C" void *moe_cuda_host_alloc(moe_cuda_engine_t *engine, size_t bytes) {
+    void *ptr = nullptr;
+    if (cudaSetDevice(engine->device) != cudaSuccess ||
+        cudaHostAlloc(&ptr, bytes > 0 ? bytes : 16, cudaHostAllocPortable) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return nullptr;
+    }
+    return ptr;
+}
+
+extern "C" void moe_cuda_host_free(moe_cuda_engine_t *engine, void *ptr) {
+    (void)engine;
+    if (ptr != nullptr) cudaFreeHost(ptr);
+}
+
 extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
     if (engine == nullptr) return;
     if (engine->migration.active) { /* wait for the loader before freeing what it reads */

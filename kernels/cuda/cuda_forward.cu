@@ -540,6 +540,17 @@ static moe_err_t step_counts(moe_cuda_engine_t *engine, moe_route_trace_t *trace
     return MOE_OK;
 }
 
+/* Page-locked host memory that the GPU reaches by DMA (cudaHostAlloc or
+ * registered); plain malloc'd memory is not. */
+static bool is_pinned(const void *ptr) {
+    cudaPointerAttributes attr;
+    if (ptr == nullptr || cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return attr.type == cudaMemoryTypeHost;
+}
+
 extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, const float *x, int n_tokens,
                                       const int32_t *routed_ids, const float *routed_weights, float *out,
                                       moe_route_trace_t *trace, char *msg, size_t msg_size) {
@@ -567,17 +578,21 @@ extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, cons
     MOE_TRY(agree(engine, local, n_tokens, layer, &max_tokens, msg, msg_size));
     cudaStream_t stream = engine->stream;
     size_t values = (size_t)n_tokens * H;
-    float *staging = RESERVE(engine, host_x, float, values);
+    /* pinned x and out (the daemon's step buffers): DMA straight from and
+     * to them; else through the pinned staging buffers */
+    const bool x_pinned = is_pinned(x), out_pinned = is_pinned(out);
+    float *staging = x_pinned ? nullptr : RESERVE(engine, host_x, float, values);
     float *x_f32 = RESERVE(engine, x_f32, float, values);
     bf16 *x_bf16 = RESERVE(engine, x, bf16, values);
     float *d_out = RESERVE(engine, out, float, values);
-    float *h_out = RESERVE(engine, host_out, float, values);
-    if (!staging || !x_f32 || !x_bf16 || !d_out || !h_out) return MOE_ERR_NOMEM;
+    float *h_out = out_pinned ? out : RESERVE(engine, host_out, float, values);
+    if ((!x_pinned && !staging) || !x_f32 || !x_bf16 || !d_out || !h_out) return MOE_ERR_NOMEM;
     if (engine->poison_out && values > 0) /* tests: an element nothing writes shows as NaN */
         MOE_CUDA_TRY(cudaMemsetAsync(d_out, 0xff, sizeof(float) * values, stream));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-    if (values > 0) memcpy(staging, x, sizeof(float) * values);
-    MOE_CUDA_TRY(cudaMemcpyAsync(x_f32, staging, sizeof(float) * values, cudaMemcpyHostToDevice, stream));
+    if (!x_pinned && values > 0) memcpy(staging, x, sizeof(float) * values);
+    MOE_CUDA_TRY(cudaMemcpyAsync(x_f32, x_pinned ? x : staging, sizeof(float) * values, cudaMemcpyHostToDevice,
+                                 stream));
     MOE_CUDA_TRY(moe_cuda_f32_to_bf16_launch(x_f32, x_bf16, values, stream));
     engine->counting = trace != nullptr && trace->slot_counts != nullptr;
     moe_err_t ret = run_chunks(engine, L, x_bf16, n_tokens, max_tokens, routed_ids, routed_weights, d_out, trace, msg,
@@ -589,7 +604,7 @@ extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, cons
     if (ret != MOE_OK) return ret;
     MOE_CUDA_TRY(cudaMemcpyAsync(h_out, d_out, sizeof(float) * values, cudaMemcpyDeviceToHost, stream));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-    if (values > 0) memcpy(out, h_out, sizeof(float) * values);
+    if (!out_pinned && values > 0) memcpy(out, h_out, sizeof(float) * values);
     return MOE_OK;
 }
 

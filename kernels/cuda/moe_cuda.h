@@ -32,9 +32,15 @@ moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_cuda_engine_
                           size_t msg_size);
 void moe_cuda_destroy(moe_cuda_engine_t *engine);
 
+/* Pinned host memory (portable across devices) for a step's inputs and
+ * outputs; NULL when the driver refuses. Free with moe_cuda_host_free. */
+void *moe_cuda_host_alloc(moe_cuda_engine_t *engine, size_t bytes);
+void moe_cuda_host_free(moe_cuda_engine_t *engine, void *ptr);
+
 /* The layer forward from host float32 to host float32 (what the daemon
  * uses; conversion to bf16 happens on the device). Same contract as
- * moe_cpu_forward. */
+ * moe_cpu_forward. x and out in pinned memory (moe_cuda_host_alloc) go to
+ * and from the GPU directly; others pass through pinned staging buffers. */
 moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, const float *x, int n_tokens,
                            const int32_t *routed_ids, const float *routed_weights, float *out,
                            moe_route_trace_t *trace, char *msg, size_t msg_size);
