@@ -182,8 +182,12 @@ void moe_dtype_to_f32(uint8_t dtype, const void *src, float *dst, size_t n) {
     const uint8_t *p = src;
     switch (dtype) {
     case MOE_DTYPE_F32: memcpy(dst, src, n * 4); break;
-    case MOE_DTYPE_BF16:
-        for (size_t i = 0; i < n; i++) dst[i] = moe_bf16_to_f32(get16(p + 2 * i));
+    case MOE_DTYPE_BF16: /* in SIMD lanes (a request's 2M values: 0.7 ms one at a time) */
+#pragma omp simd
+        for (size_t i = 0; i < n; i++) {
+            const uint32_t bits = (uint32_t)(p[2 * i] | (p[2 * i + 1] << 8)) << 16;
+            memcpy(dst + i, &bits, 4);
+        }
         break;
     case MOE_DTYPE_F16:
         for (size_t i = 0; i < n; i++) dst[i] = moe_f16_to_f32(get16(p + 2 * i));
@@ -196,8 +200,15 @@ void moe_dtype_from_f32(uint8_t dtype, const float *src, void *dst, size_t n) {
     uint8_t *p = dst;
     switch (dtype) {
     case MOE_DTYPE_F32: memcpy(dst, src, n * 4); break;
-    case MOE_DTYPE_BF16:
-        for (size_t i = 0; i < n; i++) put16(p + 2 * i, moe_f32_to_bf16(src[i]));
+    case MOE_DTYPE_BF16: /* moe_f32_to_bf16 in SIMD lanes (2M values: 1.7 ms one at a time) */
+#pragma omp simd
+        for (size_t i = 0; i < n; i++) {
+            uint32_t bits;
+            memcpy(&bits, src + i, 4);
+            const uint32_t nan = (bits & 0x7fffffffu) > 0x7f800000u;
+            const uint32_t v = nan ? (bits >> 16) | 0x40u : (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+            p[2 * i] = (uint8_t)v, p[2 * i + 1] = (uint8_t)(v >> 8);
+        }
         break;
     case MOE_DTYPE_F16:
         for (size_t i = 0; i < n; i++) put16(p + 2 * i, moe_f32_to_f16(src[i]));

@@ -360,6 +360,43 @@ Test(frame, bf16_known_values, .timeout = 5) {
     cr_assert(isinf(moe_bf16_to_f32(0xFF80)) && moe_bf16_to_f32(0xFF80) < 0);
 }
 
+/* The bulk bf16 conversions (in SIMD lanes) give exactly what the scalar
+ * ones give, value by value, little-endian on the wire, on random bit
+ * patterns (NaNs with low payloads, infinities, subnormals, ties among
+ * them), an odd count, at an odd byte offset. */
+Test(frame, bf16_bulk_matches_scalar, .timeout = 10) {
+    const unsigned seed = (unsigned)time(NULL);
+    srand(seed);
+    const size_t n = 100003;
+    float *src = malloc(sizeof(float) * n), *back = malloc(sizeof(float) * n);
+    uint8_t *wire = malloc(2 * n + 1);
+    cr_assert(src && back && wire);
+    const uint32_t special[] = {0x7F800001u, 0xFF800000u, 0x7F800000u, 0x00018000u, 0x3F808000u, 0x3F818000u,
+                                0x7F7FFFFFu, 0x80010000u, 0x7FC00000u, 0x00000000u, 0x80000000u};
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits = ((uint32_t)rand() << 16) ^ (uint32_t)rand();
+        if (i % 7 == 0) bits = special[(i / 7) % (sizeof special / sizeof special[0])];
+        if (i % 11 == 0) bits = (bits & 0xFFFF0000u) | 0x8000u; /* a tie */
+        memcpy(&src[i], &bits, 4);
+    }
+    moe_dtype_from_f32(MOE_DTYPE_BF16, src, wire + 1, n);
+    for (size_t i = 0; i < n; i++) {
+        const uint16_t want = moe_f32_to_bf16(src[i]), got = (uint16_t)(wire[1 + 2 * i] | (wire[2 + 2 * i] << 8));
+        uint32_t bits;
+        memcpy(&bits, &src[i], 4);
+        cr_assert_eq(got, want, "seed %u: value %zu (bits %08x): bulk %04x, scalar %04x", seed, i, (unsigned)bits,
+                     got, want);
+    }
+    moe_dtype_to_f32(MOE_DTYPE_BF16, wire + 1, back, n);
+    for (size_t i = 0; i < n; i++) {
+        const float want = moe_bf16_to_f32((uint16_t)(wire[1 + 2 * i] | (wire[2 + 2 * i] << 8)));
+        cr_assert(memcmp(&back[i], &want, 4) == 0, "seed %u: value %zu back to float32 differs", seed, i);
+    }
+    free(src);
+    free(back);
+    free(wire);
+}
+
 Test(frame, f16_known_values, .timeout = 5) {
     cr_assert_eq(moe_f32_to_f16(1.0f), 0x3C00);
     cr_assert_eq(moe_f32_to_f16(-2.0f), 0xC000);
