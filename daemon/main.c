@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "../config/moe_config.h"
+#include "../config/moe_heap.h"
 #include "../config/moe_log.h"
 #include "moe_daemon.h"
 #include "moe_mpi_boot.h"
@@ -122,6 +123,7 @@ done:
 }
 
 int main(int argc, char **argv) {
+    moe_heap_keep_large_buffers(); /* before MPI, libuv or CUDA start threads */
     static const struct option options[] = {
         {"config", required_argument, NULL, 'c'},
         {"check-config", required_argument, NULL, 'k'},

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "../config/moe_config.h"
+#include "../config/moe_heap.h"
 #include "moe_control_client.h"
 #include "moe_frame.h"
 #include "moectl.h"
@@ -330,6 +331,7 @@ static int load_config(const char *path, moectl_opts_t *opts, const char **token
 }
 
 int main(int argc, char **argv) {
+    moe_heap_keep_large_buffers(); /* bench's requests and answers, as in moed */
     moectl_opts_t opts = {.control = "unix:/tmp/moed-control.sock", .data = "127.0.0.1:7600"};
     const char *control = NULL, *data = NULL, *rank = NULL, *token_file = NULL, *config = NULL;
     int i = 1;
