@@ -79,6 +79,38 @@ __global__ void route_kernel(moe_route_token_params_t p, const float *logits, co
  * token was latency-bound: 66 us for 16 tokens of 128 experts on an H200,
  * most of a decode step. */
 #define ROUTE_WARP_MAX_PER_LANE 32 /* experts <= 1024 */
+/* The warp's top_k of its experts' values (expert lane + 32·i in lane's
+ * v[i]; experts past n_experts ignored), largest first, ties to the lower
+ * id: lane r (< top_k) receives the r-th choice in *value and *id (other
+ * lanes: -inf and 0). Each round takes every lane's best untaken, then the
+ * warp's by shuffles; the chosen one's lane marks it taken. */
+template <int PER_LANE>
+__device__ __forceinline__ void warp_top_k(const float *v, int lane, int n_experts, int top_k, float *value,
+                                           int *id) {
+    float my_value = -INFINITY;
+    int my_id = 0;
+    uint32_t taken = 0; /* bit i: expert lane + 32·i is chosen already */
+    for (int r = 0; r < top_k; r++) {
+        float best = -INFINITY;
+        int best_id = 0x7fffffff;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; i++) {
+            const int e = lane + 32 * i;
+            if (e < n_experts && !(taken >> i & 1u) && (v[i] > best || (v[i] == best && e < best_id)))
+                best = v[i], best_id = e;
+        }
+        for (int off = 16; off > 0; off /= 2) {
+            float other = __shfl_xor_sync(0xffffffffu, best, off);
+            int other_id = __shfl_xor_sync(0xffffffffu, best_id, off);
+            if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
+        }
+        if (lane == r) my_value = best, my_id = best_id;
+        if (best_id % 32 == lane) taken |= 1u << (best_id / 32);
+    }
+    *value = my_value;
+    *id = my_id;
+}
+
 /* PER_LANE logits per lane (experts <= 32·PER_LANE), so a 128-expert
  * router loops over 4, not 32; the r-th choice stays in lane r's
  * registers (no per-thread arrays indexed at run time, which live in
@@ -114,27 +146,9 @@ __global__ void route_warp_kernel(moe_route_token_params_t p, const float *logit
             if (lane + 32 * i < p.experts) sum += expf(v[i] - max);
         for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     }
-    float my_value = -INFINITY; /* lane r: the r-th choice */
-    int my_id = 0;
-    uint32_t taken = 0; /* bit i: expert lane + 32·i is chosen already */
-    for (int r = 0; r < p.top_k; r++) {
-        /* this lane's best untaken (largest value, then lowest id), then the warp's */
-        float best = -INFINITY;
-        int best_id = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < PER_LANE; i++) {
-            const int e = lane + 32 * i;
-            if (e < p.experts && !(taken >> i & 1u) && (v[i] > best || (v[i] == best && e < best_id)))
-                best = v[i], best_id = e;
-        }
-        for (int off = 16; off > 0; off /= 2) {
-            float other = __shfl_xor_sync(0xffffffffu, best, off);
-            int other_id = __shfl_xor_sync(0xffffffffu, best_id, off);
-            if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
-        }
-        if (lane == r) my_value = best, my_id = best_id;
-        if (best_id % 32 == lane) taken |= 1u << (best_id / 32);
-    }
+    float my_value;
+    int my_id;
+    warp_top_k<PER_LANE>(v, lane, p.experts, p.top_k, &my_value, &my_id);
     const float first = __shfl_sync(0xffffffffu, my_value, 0);
     const bool mine = lane < p.top_k;
     const float w = !mine ? 0.0f
@@ -221,26 +235,9 @@ __global__ void __launch_bounds__(ROUTE_GROUP_WARPS * 32)
         const int e = lane + 32 * i;
         if (e >= p.experts || !(allowed >> (e / group_size) & 1u) || isnan(v[i])) v[i] = -INFINITY;
     }
-    float my_value = -INFINITY; /* lane r: the r-th choice */
-    int my_id = 0;
-    uint32_t taken = 0;
-    for (int r = 0; r < p.top_k; r++) {
-        float best = -INFINITY;
-        int best_id = 0x7fffffff;
-#pragma unroll
-        for (int i = 0; i < PER_LANE; i++) {
-            const int e = lane + 32 * i;
-            if (e < p.experts && !(taken >> i & 1u) && (v[i] > best || (v[i] == best && e < best_id)))
-                best = v[i], best_id = e;
-        }
-        for (int off = 16; off > 0; off /= 2) {
-            float other = __shfl_xor_sync(0xffffffffu, best, off);
-            int other_id = __shfl_xor_sync(0xffffffffu, best_id, off);
-            if (other > best || (other == best && other_id < best_id)) best = other, best_id = other_id;
-        }
-        if (lane == r) my_value = best, my_id = best_id;
-        if (best_id % 32 == lane) taken |= 1u << (best_id / 32);
-    }
+    float my_value;
+    int my_id;
+    warp_top_k<PER_LANE>(v, lane, p.experts, p.top_k, &my_value, &my_id);
     (void)my_value;
     const bool mine = lane < p.top_k;
     float w = mine ? moe_route_sigmoid(l[my_id]) : 0.0f;
