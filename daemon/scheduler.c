@@ -34,6 +34,8 @@ typedef struct {
     long long *records;    /* every rank's */
     size_t step_capacity;  /* tokens the step buffers hold */
     float *step_x, *step_out;
+    bool x_pinned, out_pinned; /* from the backend's host_alloc (else malloc) */
+    bool pin_warned;           /* a refused host_alloc was logged */
     int32_t *step_ids;
     float *step_weights;
     int64_t *slot_loads, *slot_loads_sum;
@@ -338,14 +340,27 @@ static moe_err_t finish_migration(scheduler_t *s, bool commit) {
 
 /* The activations of a step, in and out, in the backend's host memory
  * (cuda: pinned, so they go to and from the GPU by DMA with no staging
- * pass; measured in the README), else malloc's. */
-static void *step_alloc(scheduler_t *s, size_t bytes) {
+ * pass; measured in the README), else malloc's — also when the backend's
+ * is refused (logged once: forward still works, through its staging). */
+static void *step_alloc(scheduler_t *s, size_t bytes, bool *pinned) {
     const moe_backend_t *b = &s->daemon->backend;
-    return b->ops->host_alloc != NULL ? b->ops->host_alloc(b->state, bytes) : malloc(bytes);
+    *pinned = false;
+    if (b->ops->host_alloc != NULL) {
+        char msg[256];
+        void *ptr = NULL;
+        if (b->ops->host_alloc(b->state, bytes, &ptr, msg, sizeof msg) == MOE_OK) {
+            *pinned = true;
+            return ptr;
+        }
+        if (!s->pin_warned)
+            moe_log(MOE_LOG_WARN, "step", "%s; the step buffers use ordinary memory (slower copies)", msg);
+        s->pin_warned = true;
+    }
+    return malloc(bytes);
 }
-static void step_free(scheduler_t *s, void *ptr) {
+static void step_free(scheduler_t *s, void *ptr, bool pinned) {
     const moe_backend_t *b = &s->daemon->backend;
-    if (b->ops->host_free != NULL) b->ops->host_free(b->state, ptr);
+    if (pinned) b->ops->host_free(b->state, ptr);
     else free(ptr);
 }
 
@@ -371,11 +386,16 @@ static bool grow_step_buffers(scheduler_t *s, size_t tokens) {
     if (tokens <= s->step_capacity) return true;
     const moe_model_config_t *m = &s->daemon->cfg.model;
     size_t H = (size_t)m->hidden, k = (size_t)m->top_k;
-    /* new buffers, not realloc: nothing in them outlives a step */
-    float *x = step_alloc(s, sizeof(float) * tokens * H);
-    if (x != NULL) step_free(s, s->step_x), s->step_x = x;
-    float *out = step_alloc(s, sizeof(float) * tokens * H);
-    if (out != NULL) step_free(s, s->step_out), s->step_out = out;
+    /* 1.5x ahead, up to a full step (pinning is slow: not on every new
+     * largest step); new buffers, not realloc: nothing in them outlives a step */
+    size_t full = (size_t)s->daemon->cfg.moe.max_tokens_per_step, ahead = s->step_capacity * 3 / 2;
+    if (ahead > full) ahead = full;
+    if (tokens < ahead) tokens = ahead;
+    bool pinned;
+    float *x = step_alloc(s, sizeof(float) * tokens * H, &pinned);
+    if (x != NULL) step_free(s, s->step_x, s->x_pinned), s->step_x = x, s->x_pinned = pinned;
+    float *out = step_alloc(s, sizeof(float) * tokens * H, &pinned);
+    if (out != NULL) step_free(s, s->step_out, s->out_pinned), s->step_out = out, s->out_pinned = pinned;
     int32_t *ids = realloc(s->step_ids, sizeof(int32_t) * tokens * k);
     if (ids != NULL) s->step_ids = ids;
     float *w = realloc(s->step_weights, sizeof(float) * tokens * k);
@@ -505,8 +525,8 @@ static void scheduler_free(scheduler_t *s) {
     free(s->fifos);
     free(s->record);
     free(s->records);
-    step_free(s, s->step_x);
-    step_free(s, s->step_out);
+    step_free(s, s->step_x, s->x_pinned);
+    step_free(s, s->step_out, s->out_pinned);
     free(s->step_ids);
     free(s->step_weights);
     free(s->slot_loads);

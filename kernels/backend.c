@@ -75,7 +75,9 @@ static moe_err_t cuda_migrate_end(void *state, bool commit, int64_t *bytes_loade
 static const char *cuda_device(const void *state) { return moe_cuda_device_name(state); }
 static const char *cuda_gemm(const void *state) { return moe_cuda_gemm_table(state); }
 static moe_err_t cuda_check(void *state, char *msg, size_t msg_size) { return moe_cuda_check(state, msg, msg_size); }
-static void *cuda_host_alloc(void *state, size_t bytes) { return moe_cuda_host_alloc(state, bytes); }
+static moe_err_t cuda_host_alloc(void *state, size_t bytes, void **ptr, char *msg, size_t msg_size) {
+    return moe_cuda_host_alloc(state, bytes, ptr, msg, msg_size);
+}
 static void cuda_host_free(void *state, void *ptr) { moe_cuda_host_free(state, ptr); }
 static void cuda_destroy(void *state) { moe_cuda_destroy(state); }
 #endif

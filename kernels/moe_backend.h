@@ -53,9 +53,10 @@ typedef struct {
     const char *(*gemm)(const void *state);
     /* Host memory for a step's inputs and outputs that forward moves
      * fastest (cuda: pinned, so the copies to and from the GPU go by DMA
-     * straight from it, with no pass through a staging buffer); NULL on
-     * failure. NULL ops: malloc and free serve as well (cpu). */
-    void *(*host_alloc)(void *state, size_t bytes);
+     * straight from it, with no pass through a staging buffer); an error
+     * with its message when the driver refuses (plain memory works too,
+     * only slower). NULL ops: malloc and free serve as well (cpu). */
+    moe_err_t (*host_alloc)(void *state, size_t bytes, void **ptr, char *msg, size_t msg_size);
     void (*host_free)(void *state, void *ptr);
     void (*destroy)(void *state);
 } moe_backend_ops_t;

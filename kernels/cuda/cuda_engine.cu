@@ -286,6 +286,7 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->balancer, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaStreamCreateWithFlags(&engine->migration_stream, cudaStreamNonBlocking));
     MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev_begin, cudaEventDisableTiming));
+    MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev_input, cudaEventDisableTiming));
     for (int set = 0; set < 2; set++)
         for (int e = 0; e < 5; e++) MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev[set][e], cudaEventDisableTiming));
     engine->rank_counts = (int *)calloc((size_t)16 * engine->ep.size, sizeof(int));
@@ -425,14 +426,18 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
     return MOE_OK;
 }
 
-extern "C" void *moe_cuda_host_alloc(moe_cuda_engine_t *engine, size_t bytes) {
-    void *ptr = nullptr;
-    if (cudaSetDevice(engine->device) != cudaSuccess ||
-        cudaHostAlloc(&ptr, bytes > 0 ? bytes : 16, cudaHostAllocPortable) != cudaSuccess) {
+extern "C" moe_err_t moe_cuda_host_alloc(moe_cuda_engine_t *engine, size_t bytes, void **ptr, char *msg,
+                                         size_t msg_size) {
+    *ptr = nullptr;
+    cudaError_t e = cudaSetDevice(engine->device);
+    if (e == cudaSuccess) e = cudaHostAlloc(ptr, bytes > 0 ? bytes : 16, cudaHostAllocPortable);
+    if (e != cudaSuccess) {
         (void)cudaGetLastError();
-        return nullptr;
+        *ptr = nullptr;
+        return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: cannot pin %zu bytes of host memory: %s", bytes,
+                           cudaGetErrorString(e));
     }
-    return ptr;
+    return MOE_OK;
 }
 
 extern "C" void moe_cuda_host_free(moe_cuda_engine_t *engine, void *ptr) {
@@ -473,6 +478,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
     if (engine->aux != nullptr) cudaStreamSynchronize(engine->aux);
     if (engine->balancer != nullptr) cudaStreamSynchronize(engine->balancer);
     if (engine->ev_begin != nullptr) cudaEventDestroy(engine->ev_begin);
+    if (engine->ev_input != nullptr) cudaEventDestroy(engine->ev_input);
     for (int set = 0; set < 2; set++)
         for (int e = 0; e < 5; e++)
             if (engine->ev[set][e] != nullptr) cudaEventDestroy(engine->ev[set][e]);

@@ -593,15 +593,30 @@ extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, cons
     if (!x_pinned && values > 0) memcpy(staging, x, sizeof(float) * values);
     MOE_CUDA_TRY(cudaMemcpyAsync(x_f32, x_pinned ? x : staging, sizeof(float) * values, cudaMemcpyHostToDevice,
                                  stream));
-    MOE_CUDA_TRY(moe_cuda_f32_to_bf16_launch(x_f32, x_bf16, values, stream));
-    engine->counting = trace != nullptr && trace->slot_counts != nullptr;
-    moe_err_t ret = run_chunks(engine, L, x_bf16, n_tokens, max_tokens, routed_ids, routed_weights, d_out, trace, msg,
-                               msg_size);
+    MOE_CUDA_TRY(cudaEventRecord(engine->ev_input, stream));
+    moe_err_t ret = MOE_OK;
+    cudaError_t e = moe_cuda_f32_to_bf16_launch(x_f32, x_bf16, values, stream);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda: the input's conversion to bf16: %s",
+                          cudaGetErrorString(e));
+    }
+    engine->counting = ret == MOE_OK && trace != nullptr && trace->slot_counts != nullptr;
+    if (ret == MOE_OK)
+        ret = run_chunks(engine, L, x_bf16, n_tokens, max_tokens, routed_ids, routed_weights, d_out, trace, msg,
+                         msg_size);
     if (ret == MOE_OK && engine->counting) ret = step_counts(engine, trace, msg, msg_size);
     if (ret != MOE_OK && engine->counting) /* a failed step's partial counts must not reach the next one */
         cudaMemsetAsync(engine->d_step_counts, 0, sizeof(unsigned long long) * engine->slots.n_slots, engine->balancer);
     engine->counting = false;
-    if (ret != MOE_OK) return ret;
+    if (ret != MOE_OK) {
+        /* x may be the caller's pinned buffer, still being read by the
+         * copy: the caller may refill or free it once this returns (the
+         * event, not the stream: a failed step's collectives may never end) */
+        (void)cudaEventSynchronize(engine->ev_input);
+        (void)cudaGetLastError();
+        return ret;
+    }
     MOE_CUDA_TRY(cudaMemcpyAsync(h_out, d_out, sizeof(float) * values, cudaMemcpyDeviceToHost, stream));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
     if (!out_pinned && values > 0) memcpy(out, h_out, sizeof(float) * values);

@@ -167,6 +167,7 @@ struct moe_cuda_engine {
         int64_t bytes;
     } migration;
     cudaEvent_t ev_begin, ev[2][5]; /* per buffer set: front, experts, combine, finish, counted done */
+    cudaEvent_t ev_input;           /* a forward's input is on the device (its host copy may be reused) */
     unsigned long long *d_step_counts; /* [n_slots] (token, expert) entries per slot this step, on balancer */
     bool counting;                     /* this step counts (a trace asked for slot counts) */
     int64_t comm_bytes;                /* bytes this rank sent to other ranks (dispatch, combine), for moe-bench */

@@ -33,8 +33,9 @@ moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_cuda_engine_
 void moe_cuda_destroy(moe_cuda_engine_t *engine);
 
 /* Pinned host memory (portable across devices) for a step's inputs and
- * outputs; NULL when the driver refuses. Free with moe_cuda_host_free. */
-void *moe_cuda_host_alloc(moe_cuda_engine_t *engine, size_t bytes);
+ * outputs into *ptr, or MOE_ERR_NOMEM with the driver's reason. Free with
+ * moe_cuda_host_free. */
+moe_err_t moe_cuda_host_alloc(moe_cuda_engine_t *engine, size_t bytes, void **ptr, char *msg, size_t msg_size);
 void moe_cuda_host_free(moe_cuda_engine_t *engine, void *ptr);
 
 /* The layer forward from host float32 to host float32 (what the daemon
