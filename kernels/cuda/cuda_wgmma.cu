@@ -157,6 +157,20 @@ __device__ __forceinline__ void wg_mma(float *d, uint64_t desc_a, uint64_t desc_
     else wgmma_m64n256k16(d, desc_a, desc_b, 1);
 }
 
+/* The epilogue's two output values at the thread's fragment column pair j
+ * (columns 8j + 2t, +1) of row half h: SwiGLU of the gate and up
+ * accumulators (SWIGLU: up at column j + BN/16), or the accumulators. */
+template <int BN, bool SWIGLU>
+__device__ __forceinline__ __nv_bfloat162 epi_pair(const float *d, int j, int h) {
+    float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
+    if (SWIGLU) {
+        const float u0 = d[4 * (j + BN / 16) + 2 * h], u1 = d[4 * (j + BN / 16) + 2 * h + 1];
+        v0 = v0 / (1.0f + expf(-v0)) * u0;
+        v1 = v1 / (1.0f + expf(-v1)) * u1;
+    }
+    return __floats2bfloat162_rn(v0, v1);
+}
+
 /* barrier.sync, not the .aligned bar.sync of __syncthreads(): the two
  * warpgroups reach it from different copies of the loop (with and without
  * their MMAs). */
@@ -301,15 +315,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 for (int h = 0; h < 2; h++)
 #pragma unroll
                     for (int jj = 0; jj < EPI_COLS / 8; jj++) {
-                        const int j = pass * (EPI_COLS / 8) + jj;
-                        float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
-                        if (SWIGLU) {
-                            const float u0 = d[4 * (j + BN / 16) + 2 * h], u1 = d[4 * (j + BN / 16) + 2 * h + 1];
-                            v0 = v0 / (1.0f + expf(-v0)) * u0;
-                            v1 = v1 / (1.0f + expf(-v1)) * u1;
-                        }
                         *reinterpret_cast<__nv_bfloat162 *>(patch + (8 * h + g) * EPI_PITCH + (8 * jj + 2 * t) * 2) =
-                            __floats2bfloat162_rn(v0, v1);
+                            epi_pair<BN, SWIGLU>(d, pass * (EPI_COLS / 8) + jj, h);
                     }
                 __syncwarp();
                 constexpr int PIECES = EPI_COLS / 8; /* 16-byte pieces per row */
@@ -332,14 +339,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 for (int j = 0; j < COLS / 8; j++) {
                     const int col = it.col0 + 8 * j + 2 * t;
                     if (col >= n_out) continue;
-                    float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
-                    if (SWIGLU) {
-                        const float u0 = d[4 * (j + BN / 16) + 2 * h], u1 = d[4 * (j + BN / 16) + 2 * h + 1];
-                        v0 = v0 / (1.0f + expf(-v0)) * u0;
-                        v1 = v1 / (1.0f + expf(-v1)) * u1;
-                    }
-                    *reinterpret_cast<__nv_bfloat162 *>(out + (size_t)r * n_out + col) =
-                        __floats2bfloat162_rn(v0, v1);
+                    *reinterpret_cast<__nv_bfloat162 *>(out + (size_t)r * n_out + col) = epi_pair<BN, SWIGLU>(d, j, h);
                 }
             }
         }
@@ -394,6 +394,8 @@ cudaError_t moe_cuda_wgmma_gemm_launch(const bf16 *W, const bf16 *A, const int32
     if (n_entries <= 0) return cudaSuccess;
     if (K % 8 != 0 || n_out % 8 != 0 || a_index_div <= 0 || (bn != 0 && bn != 64 && bn != 128 && bn != 256))
         return cudaErrorInvalidValue;
+    /* 16-byte copies of A and W rows, 16-byte stores of out rows */
+    if (((uintptr_t)W | (uintptr_t)A | (uintptr_t)out) % 16 != 0) return cudaErrorInvalidValue;
     static int sms = 0; /* one CTA per multiprocessor (its shared memory allows no second) */
     if (sms == 0) {
         int device = 0;
