@@ -375,8 +375,8 @@ Test(frame, bf16_bulk_matches_scalar, .timeout = 10) {
                                 0x7F7FFFFFu, 0x80010000u, 0x7FC00000u, 0x00000000u, 0x80000000u};
     for (size_t i = 0; i < n; i++) {
         uint32_t bits = ((uint32_t)rand() << 16) ^ (uint32_t)rand();
-        if (i % 7 == 0) bits = special[(i / 7) % (sizeof special / sizeof special[0])];
         if (i % 11 == 0) bits = (bits & 0xFFFF0000u) | 0x8000u; /* a tie */
+        if (i % 7 == 0) bits = special[(i / 7) % (sizeof special / sizeof special[0])];
         memcpy(&src[i], &bits, 4);
     }
     moe_dtype_from_f32(MOE_DTYPE_BF16, src, wire + 1, n);
