@@ -44,8 +44,10 @@ typedef struct moe_request {
     uint64_t request_id;  /* the client's, echoed */
     int layer;            /* model layer index */
     int n_tokens;
-    uint8_t dtype;        /* the client's dtype; x and out are float32 */
-    float *x;             /* [n_tokens, H]; overwritten with the output */
+    uint8_t dtype;        /* the client's dtype, x's */
+    uint8_t *x;           /* [n_tokens, H] in dtype: the frame's payload as it came (routed ids and
+                             weights after it); the step loop writes the output over it, and it goes
+                             back to the client as the RESULT's payload */
     int32_t *routed_ids;  /* [n_tokens, k] or NULL */
     float *routed_weights;
     double arrival;       /* moe_now() at admission */

@@ -17,6 +17,7 @@
 
 #include "../config/moe_log.h"
 #include "../kernels/moe_eplb.h"
+#include "../protocol/moe_frame.h"
 #include "moe_daemon.h"
 
 typedef struct {
@@ -364,20 +365,20 @@ static void step_free(scheduler_t *s, void *ptr, bool pinned) {
     else free(ptr);
 }
 
-/* Large copies on OpenMP's threads: a step's activations are tens of MB
- * (16.8 MB for 2048 tokens of H = 2048 in float32), a millisecond or more
- * on one core. */
-static void copy_parallel(void *dst, const void *src, size_t bytes) {
-    const size_t block = (size_t)1 << 20;
-    if (bytes < 4 * block) {
-        memcpy(dst, src, bytes);
-        return;
-    }
-    const long n = (long)((bytes + block - 1) / block);
-#pragma omp parallel for schedule(static)
+/* A request's activations, in its dtype as they came, into the step's
+ * float32 rows (to_f32), or the step's output rows back over them: in
+ * blocks of 256K values on OpenMP's threads (a step's activations are
+ * tens of MB: 16.8 MB for 2048 tokens of H = 2048 in float32, a
+ * millisecond or more on one core). One pass each way: the I/O thread
+ * neither decodes nor encodes. */
+static void convert_rows(uint8_t dtype, bool to_f32, uint8_t *wire, float *f32, size_t values) {
+    const size_t block = (size_t)1 << 18, esize = moe_dtype_size(dtype);
+    const long n = (long)((values + block - 1) / block);
+#pragma omp parallel for schedule(static) if (n > 1)
     for (long i = 0; i < n; i++) {
-        const size_t off = (size_t)i * block, len = bytes - off < block ? bytes - off : block;
-        memcpy((char *)dst + off, (const char *)src + off, len);
+        const size_t off = (size_t)i * block, len = values - off < block ? values - off : block;
+        if (to_f32) moe_dtype_to_f32(dtype, wire + off * esize, f32 + off, len);
+        else moe_dtype_from_f32(dtype, f32 + off, wire + off * esize, len);
     }
 }
 
@@ -429,7 +430,7 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
     size_t at = 0;
     bool routed = cfg->model.routing.method == MOE_ROUTE_CLIENT;
     for (moe_request_t *r = taken; ok && r != NULL; r = r->next) {
-        copy_parallel(s->step_x + at * H, r->x, sizeof(float) * r->n_tokens * H);
+        convert_rows(r->dtype, true, r->x, s->step_x + at * H, (size_t)r->n_tokens * H);
         if (routed) {
             memcpy(s->step_ids + at * k, r->routed_ids, sizeof(int32_t) * r->n_tokens * k);
             memcpy(s->step_weights + at * k, r->routed_weights, sizeof(float) * r->n_tokens * k);
@@ -465,7 +466,7 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
         size_t n_tokens = (size_t)r->n_tokens;
         taken = r->next;
         if (err == MOE_OK && ok) {
-            copy_parallel(r->x, s->step_out + at * H, sizeof(float) * n_tokens * H);
+            convert_rows(r->dtype, false, r->x, s->step_out + at * H, n_tokens * H);
             answer(daemon, r, MOE_STATUS_OK, NULL);
         } else {
             answer(daemon, r, MOE_STATUS_INTERNAL, msg);

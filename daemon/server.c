@@ -271,7 +271,8 @@ static uint32_t check_routing(const moe_config_t *cfg, const moe_frame_header_t 
     return MOE_STATUS_OK;
 }
 
-/* A FORWARD whose header was accepted (tokens reserved) and whose payload is in. */
+/* A FORWARD whose header was accepted (tokens reserved) and whose payload
+ * is in; the payload is this function's (kept in the request, or freed). */
 static void handle_forward(moe_conn_t *conn, const moe_frame_header_t *h, uint8_t *payload) {
     moe_daemon_t *daemon = conn->server->daemon;
     char msg[200];
@@ -282,23 +283,25 @@ static void handle_forward(moe_conn_t *conn, const moe_frame_header_t *h, uint8_
     moe_request_t *r = NULL;
     if (status == MOE_STATUS_OK) {
         r = calloc(1, sizeof *r);
-        if (r != NULL) r->x = malloc(sizeof(float) * values);
         if (r != NULL && (h->flags & MOE_FRAME_FLAG_ROUTED)) {
             r->routed_ids = malloc(sizeof(int32_t) * h->n_tokens * k);
             r->routed_weights = malloc(sizeof(float) * h->n_tokens * k);
         }
-        if (r == NULL || r->x == NULL || ((h->flags & MOE_FRAME_FLAG_ROUTED) && (!r->routed_ids || !r->routed_weights))) {
+        if (r == NULL || ((h->flags & MOE_FRAME_FLAG_ROUTED) && (!r->routed_ids || !r->routed_weights))) {
             status = MOE_STATUS_OVERLOADED;
             snprintf(msg, sizeof msg, "out of memory for this request");
         }
     }
     if (status != MOE_STATUS_OK) {
         moe_request_free(r);
+        free(payload);
         reserve_tokens(conn, -(long long)h->n_tokens);
         send_error(conn, h->request_id, h->layer, status, msg);
         return;
     }
-    moe_dtype_to_f32(h->dtype, payload, r->x, values);
+    /* the activations stay as they came: the step loop converts them into
+     * its float32 rows, and the output back over them, on its threads */
+    r->x = payload;
     if (h->flags & MOE_FRAME_FLAG_ROUTED) {
         const uint8_t *ids = payload + values * moe_dtype_size(h->dtype);
         memcpy(r->routed_ids, ids, sizeof(int32_t) * h->n_tokens * k);
@@ -330,7 +333,7 @@ static void handle_frame(moe_conn_t *conn, const moe_frame_header_t *h, uint8_t 
         return;
     }
     switch (h->type) {
-    case MOE_FRAME_FORWARD: handle_forward(conn, h, payload); break;
+    case MOE_FRAME_FORWARD: handle_forward(conn, h, payload); return; /* payload handed over */
     case MOE_FRAME_PING: {
         moe_frame_header_t pong = *h;
         pong.type = MOE_FRAME_PONG;
@@ -504,14 +507,8 @@ static void deliver_result(moe_server_t *server, moe_request_t *r) {
     }
     const moe_config_t *cfg = &server->daemon->io_cfg;
     size_t values = (size_t)r->n_tokens * cfg->model.hidden, bytes = values * moe_dtype_size(r->dtype);
-    void *payload = r->dtype == MOE_DTYPE_F32 ? (void *)r->x : malloc(bytes);
-    if (payload == NULL) {
-        send_error(conn, r->request_id, (uint32_t)r->layer, MOE_STATUS_INTERNAL, "out of memory for the result");
-        moe_request_free(r);
-        return;
-    }
-    if (payload != r->x) moe_dtype_from_f32(r->dtype, r->x, payload, values);
-    else r->x = NULL; /* handed to the write */
+    void *payload = r->x; /* the output in the client's dtype, written over its input */
+    r->x = NULL;          /* handed to the write */
     moe_frame_header_t h = {MOE_FRAME_VERSION, MOE_FRAME_RESULT, r->request_id, (uint32_t)r->layer,
                             (uint32_t)r->n_tokens, (uint32_t)cfg->model.hidden, r->dtype, 0, 0, 0, bytes};
     uint8_t header[MOE_FRAME_HEADER_SIZE];
