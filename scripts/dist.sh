@@ -8,7 +8,7 @@
 #   dist/moed/lib/         libuv, libyaml, libcjson, libgomp, libcriterion and
 #                          everything those need that the target may lack
 #   dist/moed/config/      moed.example.yaml and examples/
-#   dist/moed/scripts/     gpu-test.sh, peer_torch.py, eplb_bench.sh, serve_bench.sh
+#   dist/moed/scripts/     gpu-test.sh, peer_torch.py, eplb_bench.sh, serve_bench.sh (+ bench_env.sh)
 #
 # Every binary gets RUNPATH $ORIGIN/../lib (bin/tests/*: $ORIGIN/../../lib;
 # then any absolute entry it had and /usr/local/cuda/lib64) and
@@ -122,7 +122,7 @@ for f in "${tests[@]}"; do set_rpath "$f" '$ORIGIN/../../lib'; done
 
 cp config/moed.example.yaml "$DIST/config/"
 cp config/examples/*.yaml "$DIST/config/examples/"
-for s in gpu-test.sh peer_torch.py eplb_bench.sh serve_bench.sh; do
+for s in gpu-test.sh peer_torch.py bench_env.sh eplb_bench.sh serve_bench.sh; do
     if [ -f "scripts/$s" ]; then cp "scripts/$s" "$DIST/scripts/"; fi
 done
 chmod +x "$DIST"/scripts/* 2>/dev/null || true

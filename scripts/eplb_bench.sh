@@ -17,20 +17,11 @@
 #   RANKS=8 EXPERTS=256 TOP_K=8 HIDDEN=128 INTER=64 EXTRA_SLOTS=32 bash scripts/eplb_bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUILD=${BUILD:-build}
-[ -x "$BUILD/bin/moed" ] || BUILD=.   # a dist bundle: bin/ at its root
+. scripts/bench_env.sh eplb
 SECONDS_PER_RUN=${1:-6}
 RANKS=${RANKS:-2} EXPERTS=${EXPERTS:-16} TOP_K=${TOP_K:-2} HIDDEN=${HIDDEN:-256} INTER=${INTER:-256}
 EXTRA_SLOTS=${EXTRA_SLOTS:-4} TOKENS=${TOKENS:-256} BACKEND=${BACKEND:-cpu}
 WINDOW=${WINDOW:-400} EVERY=${EVERY:-100}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-dir=$(mktemp -d /tmp/moed-eplb.XXXXXX)
-job=""
-cleanup() {
-    [ -n "$job" ] && kill "$job" 2>/dev/null || true
-    rm -rf "$dir"
-}
-trap cleanup EXIT
 
 write_config() { # MODE SLOTS
     cat > "$dir/moed.yaml" <<YAML
@@ -51,7 +42,6 @@ log: {level: info}
 YAML
 }
 
-ctl=("$BUILD/bin/moectl" --control "unix:$dir/control.sock" --data "unix:$dir/data-%r.sock")
 
 measure() { # LABEL: one bench run, then the stats it left
     local label=$1 out

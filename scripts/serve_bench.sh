@@ -17,20 +17,11 @@
 #     BASELINE=/tmp/old/bin/moed bash scripts/serve_bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUILD=${BUILD:-build}
-[ -x "$BUILD/bin/moed" ] || BUILD=.   # a dist bundle: bin/ at its root
+. scripts/bench_env.sh serve
 SECONDS_PER_LOAD=${1:-4}
 BACKEND=${BACKEND:-cpu} RANKS=${RANKS:-1} HIDDEN=${HIDDEN:-256} INTER=${INTER:-256} EXPERTS=${EXPERTS:-16}
 TOP_K=${TOP_K:-2} GEMM=${GEMM:-grouped} DTYPE=${DTYPE:-bf16} LOADS=${LOADS:-"1x16x1 1x1024x1 2x1024x2"}
 BASELINE=${BASELINE:-}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-dir=$(mktemp -d /tmp/moed-serve.XXXXXX)
-job=""
-cleanup() {
-    [ -n "$job" ] && kill "$job" 2>/dev/null || true
-    rm -rf "$dir"
-}
-trap cleanup EXIT
 
 max_tokens=0
 for load in $LOADS; do
@@ -64,7 +55,6 @@ serve:
 log: {level: warn}
 YAML
 
-ctl=("$BUILD/bin/moectl" --control "unix:$dir/control.sock" --data "unix:$dir/data-%r.sock")
 
 run_daemon() { # LABEL MOED
     local label=$1 moed=$2
