@@ -56,6 +56,8 @@ static struct {
     int hidden, inter, experts, top_k;
 } shape;
 
+#define ZERO_TOKEN_EVERY 13 /* tokens 5, 18, 31, ... are all zeros */
+
 static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int n_tokens, double *worst_out) {
     moe_config_t cfg, ref_cfg;
     moe_test_case_config(c, ep.size, &cfg);
@@ -98,6 +100,10 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
     for (int l = 0; l < cfg.model.n_layers && (ep.size > 1 || !failed); l++) {
         int layer = cfg.model.layer_ids[l];
         moe_test_fill_random(x, (size_t)n_tokens * H, seed + (uint64_t)l * 7919);
+        /* every 13th token all zeros: its logits are all +0 or -0, a
+         * complete tie that the routing must break to experts 0..k-1 as
+         * the host does */
+        for (int t = 5; t < n_tokens; t += ZERO_TOKEN_EVERY) memset(x + (size_t)t * H, 0, sizeof(float) * H);
         moe_test_client_routing(seed, n_tokens, k, E, client_ids, client_w);
         int client = cfg.model.routing.method == MOE_ROUTE_CLIENT;
         for (size_t i = 0; i < (size_t)n_tokens * H; i++) out[i] = NAN; /* poison */
@@ -153,16 +159,24 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
             moe_route_tokens(&params, needs_logits ? logits : NULL, NULL, NULL, n_tokens, 0, 0, cpu_ids, cpu_w, msg,
                              sizeof msg);
             free(bias);
-            int same = 0;
+            int same = 0, tie_differs = -1;
             double worst_w = 0;
+            const bool softmax = cfg.model.routing.method == MOE_ROUTE_SOFTMAX_TOPK ||
+                                 cfg.model.routing.method == MOE_ROUTE_RENORMALIZE;
             for (int t = 0; t < n_tokens; t++) {
                 bool equal = memcmp(ids + t * k, cpu_ids + t * k, sizeof(int32_t) * k) == 0;
                 same += equal;
+                if (!equal && softmax && t % ZERO_TOKEN_EVERY == 5 && tie_differs < 0) tie_differs = t;
                 for (int i = 0; equal && i < k; i++)
                     worst_w = fmax(worst_w, fabs(w[t * k + i] - cpu_w[t * k + i]) / fmax(fabs(cpu_w[t * k + i]), 1e-6));
             }
             /* device and host expf may differ in the last bit: a decision may
              * differ only on an exact near-tie, about never */
+            if (tie_differs >= 0) {
+                fprintf(stderr, "FAIL %s layer %d: token %d (all zeros, every logit tied) routed to expert %d first, "
+                        "the host to %d\n", c->name, layer, tie_differs, ids[tie_differs * k], cpu_ids[tie_differs * k]);
+                failed = 1;
+            }
             if (n_tokens - same > n_tokens / 1000 || worst_w > 1e-5) {
                 fprintf(stderr, "FAIL %s layer %d: routing on the GPU's logits differs from the host routing for "
                         "%d of %d tokens (weights within %g)\n", c->name, layer, n_tokens - same, n_tokens, worst_w);

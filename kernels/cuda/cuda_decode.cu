@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32)
         if (!used[j]) continue;
         const float gate = warp_sum(acc_g[j]), up = warp_sum(acc_u[j]);
         if (lane == 0)
-            act[((size_t)r * top_k + j0 + j) * I + col] = __float2bfloat16(gate / (1.0f + expf(-gate)) * up);
+            act[((size_t)r * top_k + j0 + j) * I + col] = __float2bfloat16(moe_cuda_swiglu(gate, up));
     }
 }
 

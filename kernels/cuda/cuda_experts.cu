@@ -137,18 +137,19 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         moe_cuda_mark(engine, 5);
         return MOE_OK;
     }
-    int32_t *keys = RESERVE(engine, keys, int32_t, n_entries), *cursor = RESERVE(engine, cursor, int32_t, S);
+    const size_t hist_ints = moe_cuda_group_hist_ints(n_entries, S);
+    int32_t *hist = RESERVE(engine, hist, int32_t, hist_ints > 0 ? hist_ints : 1);
     int32_t *vals_sorted = RESERVE(engine, vals_sorted, int32_t, n_entries);
     int32_t *slot_counts = RESERVE(engine, slot_counts, int32_t, S);
     int32_t *inverse = RESERVE(engine, inverse, int32_t, n_entries);
     int32_t *plan = RESERVE(engine, plan, int32_t, 2 * (size_t)S + 2);
-    if (!keys || !cursor || !vals_sorted || !slot_counts || !inverse || !plan) return MOE_ERR_NOMEM;
+    if (!hist || !vals_sorted || !slot_counts || !inverse || !plan) return MOE_ERR_NOMEM;
     /* wgmma's 128-row tiles where the GPU has them (sm_90; measured faster
      * than the mma.sync tiles at every size on an H200, README), from
      * MOE_CUDA_WGMMA_MIN_ROWS entries per slot on average (default 1) */
     const bool wgmma = grouped && engine->wgmma_ok && (long)n_entries >= (long)engine->wgmma_min_rows * S;
     const int tile_rows = wgmma ? MOE_WGMMA_TILE_ROWS : moe_cuda_grouped_tile_rows(n_entries, S, engine->max_smem);
-    MOE_CUDA_TRY(moe_cuda_group_entries_launch(recv_meta, n_entries, S, tile_rows, keys, slot_counts, plan, cursor,
+    MOE_CUDA_TRY(moe_cuda_group_entries_launch(recv_meta, n_entries, S, tile_rows, hist, slot_counts, plan,
                                                vals_sorted, inverse, stream));
     bf16 *y = nullptr;
     if (grouped) {

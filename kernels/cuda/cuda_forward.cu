@@ -301,7 +301,8 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     if (engine->counting && T > 0) {
         /* EPLB statistics on aux_balancer: the forward never waits for them */
         MOE_CUDA_TRY(cudaStreamWaitEvent(engine->balancer, engine->ev[c->set][EV_FRONT], 0));
-        MOE_CUDA_TRY(moe_cuda_slot_stats_launch(c->entry_slot, T * k, engine->d_step_counts, engine->balancer));
+        MOE_CUDA_TRY(moe_cuda_slot_stats_launch(c->entry_slot, T * k, engine->slots.n_slots,
+                                                     engine->d_step_counts, engine->balancer));
         MOE_CUDA_TRY(cudaEventRecord(engine->ev[c->set][EV_COUNTED], engine->balancer));
     }
     return MOE_OK;

@@ -117,7 +117,7 @@ typedef struct {
 
 typedef struct {
     cuda_chunk_ws_t chunk[2];
-    cuda_buffer_t x, x_f32, keys, cursor, vals_sorted, inverse, slot_counts, gathered, h13, act, y, out,
+    cuda_buffer_t x, x_f32, hist, vals_sorted, inverse, slot_counts, gathered, h13, act, y, out,
         shared_h13, shared_act, shared_y, gate, cub_temp, host_counts, host_x, host_out, host_stats,
         gemm_ptrs, host_gemm_ptrs, plan, entry_valid, entry_pos;
 } cuda_workspace_t;
@@ -263,11 +263,13 @@ bool moe_cuda_grouped_supported(int hidden, int inter, int cc_major, size_t max_
 int moe_cuda_grouped_tile_rows(int n_entries, int S, size_t max_smem);
 /* Groups the entries by local slot (meta[p].local_slot; -1: elsewhere):
  * slot_counts, plan (row offsets and tile starts, tiles of tile_rows),
- * order[pos] = entry, inverse[entry] = pos. keys (n_entries) and cursor
- * (S) are scratch. One launch for few entries, else counts, plan, scatter. */
-cudaError_t moe_cuda_group_entries_launch(const cuda_meta_t *meta, int n_entries, int S, int tile_rows, int32_t *keys,
-                                          int32_t *slot_counts, int32_t *plan, int32_t *cursor, int32_t *order,
-                                          int32_t *inverse, cudaStream_t stream);
+ * order[pos] = entry, inverse[entry] = pos. hist is scratch of
+ * moe_cuda_group_hist_ints ints (0 for few entries: one launch; else two,
+ * counts by CTA, then plan and scatter). */
+size_t moe_cuda_group_hist_ints(int n_entries, int S);
+cudaError_t moe_cuda_group_entries_launch(const cuda_meta_t *meta, int n_entries, int S, int tile_rows, int32_t *hist,
+                                          int32_t *slot_counts, int32_t *plan, int32_t *order, int32_t *inverse,
+                                          cudaStream_t stream);
 cudaError_t moe_cuda_grouped_gemm_launch(const bf16 *W, const bf16 *A, const int32_t *a_index, int a_index_div,
                                          const int32_t *plan, int S, int tile_rows, bool swiglu, int n_out, int K,
                                          int n_entries, bf16 *out, cudaStream_t stream);
@@ -328,6 +330,16 @@ bool moe_cuda_route_pdl_built(void);
  * full ones. */
 static inline long moe_cuda_tile_bound(int n_entries, int S, int tile_rows) {
     return (long)(n_entries < S ? n_entries : S) + n_entries / tile_rows;
+}
+
+/* SwiGLU's silu(gate)·up in float for every CUDA kernel: __expf and a
+ * fast division, two MUFU operations and a few ulp (the result is then
+ * rounded to bf16, 2^-8 relative). The accurate expf and IEEE division
+ * are some 20 instructions per value, issued while the tensor cores idle
+ * in the wgmma gate/up epilogue. Large negative gates give -0: the
+ * division by an infinite 1 + e^-gate returns 0. */
+__device__ __forceinline__ float moe_cuda_swiglu(float gate, float up) {
+    return __fdividef(gate, 1.0f + __expf(-gate)) * up;
 }
 
 /* The work tile `tile` of a grouping plan (plan[0..S]: row offsets,
@@ -396,8 +408,6 @@ cudaError_t moe_cuda_pack_launch(const bf16 *x, const int32_t *entry_slot, const
                                  const int32_t *flags, const int32_t *scan, int n_tokens, int hidden, int top_k,
                                  int n_ranks, int slots_per_rank, bf16 *send_rows, cuda_meta_t *send_meta,
                                  cudaStream_t stream);
-cudaError_t moe_cuda_pair_keys_launch(const cuda_meta_t *meta, int n_entries, int slots_per_rank,
-                                      int32_t *keys, int32_t *slot_counts, cudaStream_t stream);
 cudaError_t moe_cuda_gather_launch(const bf16 *rows, const int32_t *vals_sorted, int n_valid, int hidden,
                                    int top_k, bf16 *gathered, cudaStream_t stream);
 cudaError_t moe_cuda_swiglu_launch(const float *h13, int n_rows, int inter, bf16 *act, cudaStream_t stream);
@@ -429,7 +439,8 @@ cudaError_t moe_cuda_allgather_meta_launch(const int32_t *entry_slot, const floa
 /* Global slots -> this rank's local slot, or -1 (weight 0) elsewhere. */
 cudaError_t moe_cuda_localize_meta_launch(cuda_meta_t *meta, size_t n, int rank, int slots_per_rank,
                                           cudaStream_t stream);
-cudaError_t moe_cuda_slot_stats_launch(const int32_t *entry_slot, int n_entries, unsigned long long *counts,
-                                       cudaStream_t stream);
+/* counts[slot] += the entries with that slot (n_slots counters: the EPLB statistics). */
+cudaError_t moe_cuda_slot_stats_launch(const int32_t *entry_slot, int n_entries, int n_slots,
+                                       unsigned long long *counts, cudaStream_t stream);
 
 #endif
