@@ -165,8 +165,8 @@ __device__ __forceinline__ __nv_bfloat162 epi_pair(const float *d, int j, int h)
     float v0 = d[4 * j + 2 * h], v1 = d[4 * j + 2 * h + 1];
     if (SWIGLU) {
         const float u0 = d[4 * (j + BN / 16) + 2 * h], u1 = d[4 * (j + BN / 16) + 2 * h + 1];
-        v0 = v0 / (1.0f + expf(-v0)) * u0;
-        v1 = v1 / (1.0f + expf(-v1)) * u1;
+        v0 = moe_cuda_swiglu(v0, u0);
+        v1 = moe_cuda_swiglu(v1, u1);
     }
     return __floats2bfloat162_rn(v0, v1);
 }
@@ -239,6 +239,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         }
     };
     point();
+    bool repoint = false; /* the copies moved on to item li: point() before the next issue() */
     auto issue = [&]() {
         if (li < n_items) {
             const int kk = lk * WG_BK;
@@ -253,7 +254,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             if (++lk == n_k) {
                 lk = 0;
                 li += gridDim.x;
-                if (li < n_items) point();
+                repoint = li < n_items;
             }
         }
         moe_cuda_copy_commit(); /* an empty group past the end keeps the count uniform */
@@ -263,12 +264,23 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
      * of this thread's copies holds the j-th block it multiplies, so
      * waiting until STAGES-3 groups are pending finds it landed; the block
      * issued at that step goes into the buffer read two blocks ago, whose
-     * wgmma both warpgroups have finished (wait_group 1, then the barrier). */
+     * wgmma both warpgroups have finished (wait_group 1, then the barrier).
+     * The copies go out before this block's MMAs, but where they move on
+     * to the next item, its location (a binary search) and entry indices,
+     * dependent loads, are fetched after them, and so is the MMA side's own
+     * search for its next item: those loads then wait while the tensor
+     * cores work instead of before their next block (README, "Qwen3 at
+     * 4096 tokens"). */
     const int wg = tid / 128, warp = (tid % 128) / 32, g = (tid % 32) / 4, t = tid % 4;
     uint32_t q_use = 0;
+    int next_item = 0;
+    item_t next = locate(blockIdx.x); /* the MMA side's next item */
     float d[ACC];
 #pragma unroll
-    for (int p = 0; p < STAGES - 2; p++) issue();
+    for (int p = 0; p < STAGES - 2; p++) {
+        issue();
+        if (repoint) repoint = false, point();
+    }
     /* the loop twice: with this warpgroup's MMAs, and without them when a
      * partial tile leaves it no rows (a branch around the wgmma inside the
      * loop would make the compiler serialise them) */
@@ -285,12 +297,15 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
                 for (int ks = 0; ks < WG_BK / 16; ks++)
                     wg_mma<BN>(d, wg_desc(sa + wg * 64 * 128 + ks * 32), wg_desc(sb + ks * 32));
                 wg_commit();
-                wg_wait<1>();
             }
+            if (repoint) repoint = false, point();
+            if (kb == 0 && next_item < n_items) next = locate(next_item);
+            if constexpr (decltype(with_mma)::value) wg_wait<1>();
         }
     };
     for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
-        const item_t it = locate(item);
+        const item_t it = next;
+        next_item = item + gridDim.x;
 #pragma unroll
         for (int i = 0; i < ACC; i++) d[i] = 0.0f;
         if (it.row0 + wg * 64 < it.row_end) loop(std::true_type{});
