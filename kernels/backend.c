@@ -23,6 +23,13 @@ static moe_err_t cpu_forward(void *state, int layer, const float *x, int n_token
                            msg_size);
 }
 
+static moe_err_t cpu_forward_bf16(void *state, int layer, const uint16_t *x, int n_tokens,
+                                  const int32_t *routed_ids, const float *routed_weights, uint16_t *out,
+                                  moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    return moe_cpu_forward_bf16(state, layer, x, n_tokens, routed_ids, routed_weights, out, trace, msg,
+                                msg_size);
+}
+
 static void cpu_reconfigure(void *state, const moe_config_t *cfg) { moe_cpu_reconfigure(state, cfg); }
 static int cpu_slot_count(const void *state) { return moe_cpu_slot_count(state); }
 static const int *cpu_placement(const void *state, int layer) { return moe_cpu_placement(state, layer); }
@@ -57,6 +64,13 @@ static moe_err_t cuda_forward(void *state, int layer, const float *x, int n_toke
                             msg_size);
 }
 
+static moe_err_t cuda_forward_bf16(void *state, int layer, const uint16_t *x, int n_tokens,
+                                   const int32_t *routed_ids, const float *routed_weights, uint16_t *out,
+                                   moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    return moe_cuda_forward_bf16(state, layer, x, n_tokens, routed_ids, routed_weights, out, trace, msg,
+                                 msg_size);
+}
+
 static moe_err_t cuda_bench(void *state, int layer, int n_tokens, int warmup, int iters,
                             double *ms_per_iter, double *comm_bytes, char *msg, size_t msg_size) {
     return moe_cuda_bench(state, layer, n_tokens, warmup, iters, ms_per_iter, comm_bytes, msg, msg_size);
@@ -83,13 +97,40 @@ static void cuda_destroy(void *state) { moe_cuda_destroy(state); }
 #endif
 
 static const moe_backend_ops_t backends[] = {
-    {"cpu", MOE_BACKEND_CPU, cpu_create, cpu_forward, cpu_reconfigure, cpu_slot_count,
-     cpu_placement, cpu_migrate_begin, cpu_migrate_poll, cpu_migrate_end, NULL, NULL, cpu_device, false, NULL,
-     NULL, NULL, cpu_destroy},
+    {.name = "cpu",
+     .kind = MOE_BACKEND_CPU,
+     .create = cpu_create,
+     .forward = cpu_forward,
+     .reconfigure = cpu_reconfigure,
+     .slot_count = cpu_slot_count,
+     .placement = cpu_placement,
+     .migrate_begin = cpu_migrate_begin,
+     .migrate_poll = cpu_migrate_poll,
+     .migrate_end = cpu_migrate_end,
+     .device = cpu_device,
+     .counts_summed = false,
+     .forward_bf16 = cpu_forward_bf16,
+     .destroy = cpu_destroy},
 #ifdef MOE_WITH_CUDA
-    {"cuda", MOE_BACKEND_CUDA, cuda_create, cuda_forward, cuda_reconfigure, cuda_slot_count,
-     cuda_placement, cuda_migrate_begin, cuda_migrate_poll, cuda_migrate_end, cuda_bench, cuda_check, cuda_device, true,
-     cuda_gemm, cuda_host_alloc, cuda_host_free, cuda_destroy},
+    {.name = "cuda",
+     .kind = MOE_BACKEND_CUDA,
+     .create = cuda_create,
+     .forward = cuda_forward,
+     .reconfigure = cuda_reconfigure,
+     .slot_count = cuda_slot_count,
+     .placement = cuda_placement,
+     .migrate_begin = cuda_migrate_begin,
+     .migrate_poll = cuda_migrate_poll,
+     .migrate_end = cuda_migrate_end,
+     .bench = cuda_bench,
+     .check = cuda_check,
+     .device = cuda_device,
+     .counts_summed = true,
+     .gemm = cuda_gemm,
+     .host_alloc = cuda_host_alloc,
+     .host_free = cuda_host_free,
+     .forward_bf16 = cuda_forward_bf16,
+     .destroy = cuda_destroy},
 #endif
 };
 

@@ -58,6 +58,15 @@ typedef struct {
      * only slower). NULL ops: malloc and free serve as well (cpu). */
     moe_err_t (*host_alloc)(void *state, size_t bytes, void **ptr, char *msg, size_t msg_size);
     void (*host_free)(void *state, void *ptr);
+    /* forward with bf16 activations in and out (uint16_t bit patterns): its
+     * output is forward's rounded to nearest even (cuda: rounded on the
+     * device, half the bytes over PCIe each way; cpu: widened and rounded
+     * around its float32 forward, what the edge does for a bf16 request).
+     * The step loop uses it for steps of bf16 requests only (a bf16 payload
+     * then goes into the step and back as it is). NULL: forward always. */
+    moe_err_t (*forward_bf16)(void *state, int layer, const uint16_t *x, int n_tokens, const int32_t *routed_ids,
+                              const float *routed_weights, uint16_t *out, moe_route_trace_t *trace, char *msg,
+                              size_t msg_size);
     void (*destroy)(void *state);
 } moe_backend_ops_t;
 

@@ -34,6 +34,7 @@
 #include "../kernels/moe_slots.h"
 #include "../kernels/moe_task.h"
 #include "../kernels/moe_synth.h"
+#include "../protocol/moe_frame.h"
 #include "support/dense_ref.h"
 #include "support/layer_check.h"
 
@@ -223,6 +224,81 @@ static bool all_ranks(moe_ep_t ep, bool ok) {
     int v = ok;
     if (ep.size > 1) MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_MIN, ep.comm);
     return v != 0;
+}
+
+/* The bf16 form the daemon's steps use (moe_cuda_forward_bf16): from x
+ * rounded to bf16 on the host, its output must be, bit for bit, the
+ * float32 forward's output (on the same values widened) rounded to
+ * nearest even — from malloc'd buffers (the staging path) and from pinned
+ * ones (DMA). Every case whose routing depends on the tokens alone (the
+ * benchmark routers draw anew at every step), at 37 and 300 tokens (the
+ * decode form's and the tiles' sizes), one rank. */
+static int check_bf16_io(moe_ep_t ep, uint64_t seed, int *runs) {
+    int failed = 0;
+    for (int i = 0; i < moe_test_case_count && !failed; i++) {
+        const moe_test_case_t *c = &moe_test_cases[i];
+        moe_config_t cfg;
+        moe_test_case_config(c, ep.size, &cfg);
+        const moe_route_method_t method = cfg.model.routing.method;
+        if (method != MOE_ROUTE_SOFTMAX_TOPK && method != MOE_ROUTE_RENORMALIZE &&
+            method != MOE_ROUTE_SIGMOID_GROUP_TOPK && method != MOE_ROUTE_CLIENT)
+            continue;
+        cfg.moe.gemm = MOE_GEMM_GROUPED;
+        const int H = cfg.model.hidden, k = cfg.model.top_k, T_max = 300, layer = cfg.model.layer_ids[0];
+        const size_t n_max = (size_t)T_max * H;
+        char msg[512] = "";
+        moe_cuda_engine_t *gpu = NULL;
+        float *x = malloc(sizeof(float) * n_max), *out = malloc(sizeof(float) * n_max);
+        uint16_t *xb = malloc(2 * n_max), *outb = malloc(2 * n_max), *xp = NULL, *outp = NULL;
+        int32_t *ids = malloc(sizeof(int32_t) * (size_t)T_max * k);
+        float *w = malloc(sizeof(float) * (size_t)T_max * k);
+        if (!x || !out || !xb || !outb || !ids || !w || moe_cuda_create(&cfg, ep, &gpu, msg, sizeof msg) != MOE_OK ||
+            moe_cuda_host_alloc(gpu, 2 * n_max, (void **)&xp, msg, sizeof msg) != MOE_OK ||
+            moe_cuda_host_alloc(gpu, 2 * n_max, (void **)&outp, msg, sizeof msg) != MOE_OK) {
+            fprintf(stderr, "FAIL bf16 io %s setup: %s\n", c->name, msg);
+            failed = 1;
+        }
+        const int sizes[] = {37, 300};
+        for (int si = 0; si < 2 && !failed; si++) {
+            const int T = sizes[si];
+            const size_t n = (size_t)T * H;
+            moe_test_fill_random(x, n, seed + (uint64_t)i * 31 + (uint64_t)si);
+            moe_test_client_routing(seed + (uint64_t)i, T, k, cfg.model.experts, ids, w);
+            const bool client = cfg.model.routing.method == MOE_ROUTE_CLIENT;
+            for (size_t v = 0; v < n; v++) {
+                xb[v] = xp[v] = moe_f32_to_bf16(x[v]);
+                x[v] = moe_bf16_to_f32(xb[v]);
+                outb[v] = outp[v] = 0xFFFF; /* NaN: an element nothing writes shows */
+            }
+            if (moe_cuda_forward(gpu, layer, x, T, client ? ids : NULL, client ? w : NULL, out, NULL, msg,
+                                 sizeof msg) != MOE_OK ||
+                moe_cuda_forward_bf16(gpu, layer, xb, T, client ? ids : NULL, client ? w : NULL, outb, NULL, msg,
+                                      sizeof msg) != MOE_OK ||
+                moe_cuda_forward_bf16(gpu, layer, xp, T, client ? ids : NULL, client ? w : NULL, outp, NULL, msg,
+                                      sizeof msg) != MOE_OK) {
+                fprintf(stderr, "FAIL bf16 io %s, %d tokens: %s\n", c->name, T, msg);
+                failed = 1;
+                break;
+            }
+            for (size_t v = 0; v < n; v++) {
+                const uint16_t want = moe_f32_to_bf16(out[v]);
+                if (outb[v] != want || outp[v] != want) {
+                    fprintf(stderr, "FAIL bf16 io %s, %d tokens: value %zu is %04x (pinned %04x), the float32 "
+                            "forward's %a rounds to %04x\n", c->name, T, v, outb[v], outp[v], (double)out[v], want);
+                    failed = 1;
+                    break;
+                }
+            }
+            (*runs)++;
+        }
+        if (gpu != NULL) {
+            moe_cuda_host_free(gpu, xp);
+            moe_cuda_host_free(gpu, outp);
+            moe_cuda_destroy(gpu);
+        }
+        free(x), free(out), free(xb), free(outb), free(ids), free(w);
+    }
+    return failed;
 }
 
 /* EPLB migration: a forward, a new placement (slots permuted, and the extra
@@ -541,6 +617,7 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
     }
     memset(&shape, 0, sizeof shape);
     failures += check_cache(ep);
+    failures += check_bf16_io(ep, seed + 777, &runs);
     *runs_out += runs;
     if (worst > *worst_out) *worst_out = worst;
     return failures;

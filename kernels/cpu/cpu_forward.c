@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "../../config/moe_log.h"
+#include "../../protocol/moe_frame.h"
 #include "cpu_internal.h"
 
 #define ROWS_PER_TASK 16
@@ -401,17 +402,22 @@ static moe_err_t route_all(moe_cpu_engine_t *engine, moe_cpu_layer_t *layer, con
                             ids, weights, msg, msg_size);
 }
 
-moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer_id, const float *x, int n_tokens,
-                          const int32_t *routed_ids, const float *routed_weights, float *out,
-                          moe_route_trace_t *trace, char *msg, size_t msg_size) {
+/* The forward; `failed` (msg set): this rank's input could not be
+ * prepared, which it reports into the step agreement like any other
+ * local error, so that no rank enters the exchanges alone. */
+static moe_err_t forward(moe_cpu_engine_t *engine, int layer_id, const float *x, int n_tokens,
+                         const int32_t *routed_ids, const float *routed_weights, float *out,
+                         moe_route_trace_t *trace, moe_err_t failed, char *msg, size_t msg_size) {
     const int H = engine->cfg.model.hidden, k = engine->cfg.model.top_k;
     moe_cpu_layer_t *layer = NULL;
     for (int i = 0; i < engine->n_layers; i++)
         if (engine->layers[i].layer == layer_id) layer = &engine->layers[i];
-    moe_err_t local = MOE_OK;
+    moe_err_t local = failed;
     int32_t *ids = NULL;
     float *weights = NULL;
-    if (layer == NULL || n_tokens < 0) {
+    if (local != MOE_OK) {
+        /* msg holds the reason */
+    } else if (layer == NULL || n_tokens < 0) {
         local = moe_err_fmt(msg, msg_size, MOE_ERR_INVAL,
                             "layer %d is not served, or bad token count %d", layer_id, n_tokens);
     } else {
@@ -461,6 +467,28 @@ moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer_id, const float *x
                                 count, begin, chunk_max, out + row * H, false, msg, msg_size));
     }
     return MOE_OK;
+}
+
+moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer_id, const float *x, int n_tokens,
+                          const int32_t *routed_ids, const float *routed_weights, float *out,
+                          moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    return forward(engine, layer_id, x, n_tokens, routed_ids, routed_weights, out, trace, MOE_OK, msg, msg_size);
+}
+
+moe_err_t moe_cpu_forward_bf16(moe_cpu_engine_t *engine, int layer_id, const uint16_t *x, int n_tokens,
+                               const int32_t *routed_ids, const float *routed_weights, uint16_t *out,
+                               moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    const size_t values = n_tokens > 0 ? (size_t)n_tokens * (size_t)engine->cfg.model.hidden : 0;
+    float *x_f32 = RESERVE(engine, bf16_x, float, values), *out_f32 = RESERVE(engine, bf16_out, float, values);
+    moe_err_t failed = MOE_OK;
+    if (x_f32 == NULL || out_f32 == NULL)
+        failed = moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "bf16 rows: out of memory for %zu values", values);
+    else
+        moe_dtype_to_f32(MOE_DTYPE_BF16, x, x_f32, values); /* exact */
+    moe_err_t err = forward(engine, layer_id, x_f32, n_tokens, routed_ids, routed_weights, out_f32, trace, failed,
+                            msg, msg_size);
+    if (err == MOE_OK) moe_dtype_from_f32(MOE_DTYPE_BF16, out_f32, out, values); /* to nearest even */
+    return err;
 }
 
 /* Median seconds of `reps` comm-only chunks of n tokens per rank with the

@@ -35,7 +35,7 @@ typedef struct {
 typedef struct {
     moe_cpu_buffer_t step_ids, step_weights, logits, slot, send_token, send_rows, send_meta,
         recv_rows, recv_meta, slot_start, slot_fill, pair_order, tasks, pair_out, partial, back,
-        per_entry, scratch;
+        per_entry, scratch, bf16_x, bf16_out;
 } moe_cpu_workspace_t;
 
 /* One routed (token, expert) entry as it travels to the expert's rank. */

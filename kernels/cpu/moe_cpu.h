@@ -56,6 +56,14 @@ moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer, const float *x, i
                           const int32_t *routed_ids, const float *routed_weights, float *out,
                           moe_route_trace_t *trace, char *msg, size_t msg_size);
 
+/* The same with bf16 rows in and out (uint16_t bit patterns): x widened
+ * exactly, the float32 output rounded to nearest even — what the daemon's
+ * edge does for a bf16 request, so a bf16 client gets the same bits
+ * either way. The daemon's steps of bf16 requests take this form. */
+moe_err_t moe_cpu_forward_bf16(moe_cpu_engine_t *engine, int layer, const uint16_t *x, int n_tokens,
+                               const int32_t *routed_ids, const float *routed_weights, uint16_t *out,
+                               moe_route_trace_t *trace, char *msg, size_t msg_size);
+
 /* Applies the reloadable fields of cfg (chunking; the rest is the
  * daemon's). The model, slots and backend must be unchanged. */
 void moe_cpu_reconfigure(moe_cpu_engine_t *engine, const moe_config_t *cfg);

@@ -552,9 +552,15 @@ static bool is_pinned(const void *ptr) {
     return attr.type == cudaMemoryTypeHost;
 }
 
-extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, const float *x, int n_tokens,
-                                      const int32_t *routed_ids, const float *routed_weights, float *out,
-                                      moe_route_trace_t *trace, char *msg, size_t msg_size) {
+/* The forward with host activations in float32 (bf16_io false) or bf16
+ * (true; uint16_t bit patterns), in and out. bf16 in goes to the device as
+ * it is; float32 in is converted there (the same rounding). The output is
+ * made in float32 on the device, and for bf16 rounded there (to nearest
+ * even, as the wire's own conversion), so both forms give the same values
+ * up to that rounding, and bf16 moves half the bytes over PCIe. */
+static moe_err_t forward_io(moe_cuda_engine_t *engine, int layer, const void *x, bool bf16_io, int n_tokens,
+                            const int32_t *routed_ids, const float *routed_weights, void *out,
+                            moe_route_trace_t *trace, char *msg, size_t msg_size) {
     const moe_model_config_t *m = &engine->cfg.model;
     const size_t H = (size_t)m->hidden, k = (size_t)m->top_k;
     cuda_layer_t *L = find_layer(engine, layer);
@@ -578,25 +584,27 @@ extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, cons
     int max_tokens = 0;
     MOE_TRY(agree(engine, local, n_tokens, layer, &max_tokens, msg, msg_size));
     cudaStream_t stream = engine->stream;
-    size_t values = (size_t)n_tokens * H;
+    const size_t values = (size_t)n_tokens * H, io_bytes = (bf16_io ? sizeof(bf16) : sizeof(float)) * values;
     /* pinned x and out (the daemon's step buffers): DMA straight from and
      * to them; else through the pinned staging buffers */
     const bool x_pinned = is_pinned(x), out_pinned = is_pinned(out);
-    float *staging = x_pinned ? nullptr : RESERVE(engine, host_x, float, values);
-    float *x_f32 = RESERVE(engine, x_f32, float, values);
+    void *staging = x_pinned ? nullptr : RESERVE(engine, host_x, uint8_t, io_bytes);
+    float *x_f32 = bf16_io ? nullptr : RESERVE(engine, x_f32, float, values);
     bf16 *x_bf16 = RESERVE(engine, x, bf16, values);
     float *d_out = RESERVE(engine, out, float, values);
-    float *h_out = out_pinned ? out : RESERVE(engine, host_out, float, values);
-    if ((!x_pinned && !staging) || !x_f32 || !x_bf16 || !d_out || !h_out) return MOE_ERR_NOMEM;
+    bf16 *d_out_bf16 = bf16_io ? RESERVE(engine, out_bf16, bf16, values) : nullptr;
+    void *h_out = out_pinned ? out : RESERVE(engine, host_out, uint8_t, io_bytes);
+    if ((!x_pinned && !staging) || (!bf16_io && !x_f32) || !x_bf16 || !d_out || (bf16_io && !d_out_bf16) || !h_out)
+        return MOE_ERR_NOMEM;
     if (engine->poison_out && values > 0) /* tests: an element nothing writes shows as NaN */
         MOE_CUDA_TRY(cudaMemsetAsync(d_out, 0xff, sizeof(float) * values, stream));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-    if (!x_pinned && values > 0) memcpy(staging, x, sizeof(float) * values);
-    MOE_CUDA_TRY(cudaMemcpyAsync(x_f32, x_pinned ? x : staging, sizeof(float) * values, cudaMemcpyHostToDevice,
-                                 stream));
+    if (!x_pinned && values > 0) memcpy(staging, x, io_bytes);
+    MOE_CUDA_TRY(cudaMemcpyAsync(bf16_io ? (void *)x_bf16 : (void *)x_f32, x_pinned ? x : staging, io_bytes,
+                                 cudaMemcpyHostToDevice, stream));
     MOE_CUDA_TRY(cudaEventRecord(engine->ev_input, stream));
     moe_err_t ret = MOE_OK;
-    cudaError_t e = moe_cuda_f32_to_bf16_launch(x_f32, x_bf16, values, stream);
+    cudaError_t e = bf16_io ? cudaSuccess : moe_cuda_f32_to_bf16_launch(x_f32, x_bf16, values, stream);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda: the input's conversion to bf16: %s",
@@ -610,6 +618,14 @@ extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, cons
     if (ret != MOE_OK && engine->counting) /* a failed step's partial counts must not reach the next one */
         cudaMemsetAsync(engine->d_step_counts, 0, sizeof(unsigned long long) * engine->slots.n_slots, engine->balancer);
     engine->counting = false;
+    if (ret == MOE_OK && bf16_io) {
+        e = moe_cuda_f32_to_bf16_launch(d_out, d_out_bf16, values, stream);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda: the output's conversion to bf16: %s",
+                              cudaGetErrorString(e));
+        }
+    }
     if (ret != MOE_OK) {
         /* x may be the caller's pinned buffer, still being read by the
          * copy: the caller may refill or free it once this returns (the
@@ -618,10 +634,23 @@ extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, cons
         (void)cudaGetLastError();
         return ret;
     }
-    MOE_CUDA_TRY(cudaMemcpyAsync(h_out, d_out, sizeof(float) * values, cudaMemcpyDeviceToHost, stream));
+    MOE_CUDA_TRY(cudaMemcpyAsync(h_out, bf16_io ? (const void *)d_out_bf16 : (const void *)d_out, io_bytes,
+                                 cudaMemcpyDeviceToHost, stream));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));
-    if (!out_pinned && values > 0) memcpy(out, h_out, sizeof(float) * values);
+    if (!out_pinned && values > 0) memcpy(out, h_out, io_bytes);
     return MOE_OK;
+}
+
+extern "C" moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, const float *x, int n_tokens,
+                                      const int32_t *routed_ids, const float *routed_weights, float *out,
+                                      moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    return forward_io(engine, layer, x, false, n_tokens, routed_ids, routed_weights, out, trace, msg, msg_size);
+}
+
+extern "C" moe_err_t moe_cuda_forward_bf16(moe_cuda_engine_t *engine, int layer, const uint16_t *x, int n_tokens,
+                                           const int32_t *routed_ids, const float *routed_weights, uint16_t *out,
+                                           moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    return forward_io(engine, layer, x, true, n_tokens, routed_ids, routed_weights, out, trace, msg, msg_size);
 }
 
 extern "C" moe_err_t moe_cuda_bench(moe_cuda_engine_t *engine, int layer, int n_tokens, int warmup, int iters,

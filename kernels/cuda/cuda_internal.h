@@ -117,7 +117,7 @@ typedef struct {
 
 typedef struct {
     cuda_chunk_ws_t chunk[2];
-    cuda_buffer_t x, x_f32, hist, vals_sorted, inverse, slot_counts, gathered, h13, act, y, out,
+    cuda_buffer_t x, x_f32, hist, vals_sorted, inverse, slot_counts, gathered, h13, act, y, out, out_bf16,
         shared_h13, shared_act, shared_y, gate, cub_temp, host_counts, host_x, host_out, host_stats,
         gemm_ptrs, host_gemm_ptrs, plan, entry_valid, entry_pos;
 } cuda_workspace_t;

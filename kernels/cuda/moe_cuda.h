@@ -45,6 +45,14 @@ void moe_cuda_host_free(moe_cuda_engine_t *engine, void *ptr);
 moe_err_t moe_cuda_forward(moe_cuda_engine_t *engine, int layer, const float *x, int n_tokens,
                            const int32_t *routed_ids, const float *routed_weights, float *out,
                            moe_route_trace_t *trace, char *msg, size_t msg_size);
+/* The same with bf16 activations in and out (uint16_t bit patterns):
+ * half the bytes each way over PCIe and no conversion kernel for the
+ * input; out = the float32 forward's output rounded to nearest even on
+ * the device, bit for bit (cuda_layer checks it). The daemon's step
+ * buffers take this form. */
+moe_err_t moe_cuda_forward_bf16(moe_cuda_engine_t *engine, int layer, const uint16_t *x, int n_tokens,
+                                const int32_t *routed_ids, const float *routed_weights, uint16_t *out,
+                                moe_route_trace_t *trace, char *msg, size_t msg_size);
 
 /* Times `iters` forwards of n_tokens device-resident random tokens per rank
  * (after `warmup` untimed ones) with CUDA events; ms_per_iter receives each
