@@ -19,6 +19,7 @@
 #include "../kernels/moe_eplb.h"
 #include "../protocol/moe_frame.h"
 #include "moe_daemon.h"
+#include "moe_step_rows.h"
 
 typedef struct {
     moe_request_t *head, *tail;
@@ -34,7 +35,8 @@ typedef struct {
     long long *record;     /* this rank's agreement record */
     long long *records;    /* every rank's */
     size_t step_capacity;  /* tokens the step buffers hold */
-    float *step_x, *step_out;
+    bool bf16_capable;     /* the backend has forward_bf16: steps of bf16 requests use bf16 rows */
+    void *step_x, *step_out;
     bool x_pinned, out_pinned; /* from the backend's host_alloc (else malloc) */
     bool pin_warned;           /* a refused host_alloc was logged */
     int32_t *step_ids;
@@ -365,23 +367,6 @@ static void step_free(scheduler_t *s, void *ptr, bool pinned) {
     else free(ptr);
 }
 
-/* A request's activations, in its dtype as they came, into the step's
- * float32 rows (to_f32), or the step's output rows back over them: in
- * blocks of 256K values on OpenMP's threads (a step's activations are
- * tens of MB: 16.8 MB for 2048 tokens of H = 2048 in float32, a
- * millisecond or more on one core). One pass each way: the I/O thread
- * neither decodes nor encodes. */
-static void convert_rows(uint8_t dtype, bool to_f32, uint8_t *wire, float *f32, size_t values) {
-    const size_t block = (size_t)1 << 18, esize = moe_dtype_size(dtype);
-    const long n = (long)((values + block - 1) / block);
-#pragma omp parallel for schedule(static) if (n > 1)
-    for (long i = 0; i < n; i++) {
-        const size_t off = (size_t)i * block, len = values - off < block ? values - off : block;
-        if (to_f32) moe_dtype_to_f32(dtype, wire + off * esize, f32 + off, len);
-        else moe_dtype_from_f32(dtype, f32 + off, wire + off * esize, len);
-    }
-}
-
 static bool grow_step_buffers(scheduler_t *s, size_t tokens) {
     if (tokens == 0) tokens = 1; /* a rank without tokens still passes real buffers */
     if (tokens <= s->step_capacity) return true;
@@ -393,9 +378,10 @@ static bool grow_step_buffers(scheduler_t *s, size_t tokens) {
     if (ahead > full) ahead = full;
     if (tokens < ahead) tokens = ahead;
     bool pinned;
-    float *x = step_alloc(s, sizeof(float) * tokens * H, &pinned);
+    const size_t bytes = sizeof(float) * tokens * H; /* float32 rows; bf16 rows use half */
+    void *x = step_alloc(s, bytes, &pinned);
     if (x != NULL) step_free(s, s->step_x, s->x_pinned), s->step_x = x, s->x_pinned = pinned;
-    float *out = step_alloc(s, sizeof(float) * tokens * H, &pinned);
+    void *out = step_alloc(s, bytes, &pinned);
     if (out != NULL) step_free(s, s->step_out, s->out_pinned), s->step_out = out, s->out_pinned = pinned;
     int32_t *ids = realloc(s->step_ids, sizeof(int32_t) * tokens * k);
     if (ids != NULL) s->step_ids = ids;
@@ -429,8 +415,18 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
     if (!ok) tokens = 0; /* still join the collective, with nothing */
     size_t at = 0;
     bool routed = cfg->model.routing.method == MOE_ROUTE_CLIENT;
+    /* bf16 rows when every request is bf16 (half the bytes to and from the
+     * GPU, each payload copied as it is); float32 rows otherwise: rounding
+     * f32 requests to bf16 on the host and widening their answers cost
+     * more than the copies save (1024-token f32 requests, one run on an
+     * H200: 156k -> 142k tokens/s), they keep their float32 output, and
+     * f16 ones their precision on the CPU backend */
+    bool bf16 = s->bf16_capable;
+    for (moe_request_t *r = taken; r != NULL; r = r->next)
+        if (r->dtype != MOE_DTYPE_BF16) bf16 = false;
+    const size_t row_bytes = moe_step_value_size(bf16) * H;
     for (moe_request_t *r = taken; ok && r != NULL; r = r->next) {
-        convert_rows(r->dtype, true, r->x, s->step_x + at * H, (size_t)r->n_tokens * H);
+        moe_step_rows_in(r->dtype, r->x, bf16, (uint8_t *)s->step_x + at * row_bytes, (size_t)r->n_tokens * H);
         if (routed) {
             memcpy(s->step_ids + at * k, r->routed_ids, sizeof(int32_t) * r->n_tokens * k);
             memcpy(s->step_weights + at * k, r->routed_weights, sizeof(float) * r->n_tokens * k);
@@ -442,10 +438,14 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
     double start = moe_now();
     /* with peers, a step that never ends is a peer gone: the watchdog's to see */
     if (daemon->ep.size > 1) daemon->collective_since = start;
-    moe_err_t err = daemon->backend.ops->forward(daemon->backend.state, cfg->model.layer_ids[pos], s->step_x,
-                                                 (int)tokens, routed ? s->step_ids : NULL,
-                                                 routed ? s->step_weights : NULL, s->step_out, &trace,
-                                                 msg, sizeof msg);
+    const moe_backend_ops_t *ops = daemon->backend.ops;
+    const int layer = cfg->model.layer_ids[pos];
+    moe_err_t err = bf16 ? ops->forward_bf16(daemon->backend.state, layer, s->step_x, (int)tokens,
+                                                     routed ? s->step_ids : NULL, routed ? s->step_weights : NULL,
+                                                     s->step_out, &trace, msg, sizeof msg)
+                                 : ops->forward(daemon->backend.state, layer, s->step_x, (int)tokens,
+                                                routed ? s->step_ids : NULL, routed ? s->step_weights : NULL,
+                                                s->step_out, &trace, msg, sizeof msg);
     daemon->collective_since = 0;
     double elapsed = moe_now() - start;
     if (err != MOE_OK) {
@@ -466,7 +466,7 @@ static moe_err_t run_step(scheduler_t *s, int pos) {
         size_t n_tokens = (size_t)r->n_tokens;
         taken = r->next;
         if (err == MOE_OK && ok) {
-            convert_rows(r->dtype, false, r->x, s->step_out + at * H, n_tokens * H);
+            moe_step_rows_out(r->dtype, r->x, bf16, (uint8_t *)s->step_out + at * row_bytes, n_tokens * H);
             answer(daemon, r, MOE_STATUS_OK, NULL);
         } else {
             answer(daemon, r, MOE_STATUS_INTERNAL, msg);
@@ -538,6 +538,7 @@ moe_err_t moe_scheduler_run(moe_daemon_t *daemon) {
     scheduler_t s;
     memset(&s, 0, sizeof s);
     s.daemon = daemon;
+    s.bf16_capable = daemon->backend.ops->forward_bf16 != NULL;
     s.n_layers = daemon->cfg.model.n_layers;
     int count = REC_FIXED + 2 * s.n_layers, n_slots = daemon->backend.ops->slot_count(daemon->backend.state);
     s.fifos = calloc((size_t)s.n_layers, sizeof *s.fifos);

@@ -6,6 +6,8 @@
 #include <signal.h>
 #include <string.h>
 
+#include "../protocol/moe_client.h"
+#include "../protocol/moe_frame.h"
 #include "support/daemon_harness.h"
 #include "support/dense_ref.h"
 
@@ -73,5 +75,42 @@ Test(single_rank, sigterm_exits_0, .timeout = 120, .fini = fini) {
     cr_assert(pid > 0);
     cr_assert_eq(kill(pid, SIGTERM), 0);
     cr_assert_eq(moe_test_daemon_wait_exit(&daemon_, 20000, msg, sizeof msg), 0, "after SIGTERM: %s", msg);
+    moe_test_daemon_destroy(&daemon_);
+}
+
+/* A step of bf16 requests runs on bf16 rows (the backend's forward_bf16),
+ * one with a float32 request on float32 rows: the same input, widened, must
+ * come back from the bf16 request as the float32 answer rounded to bf16,
+ * bit for bit (one request at a time, so each is its own step). */
+Test(single_rank, bf16_rows_give_the_float32_answer_rounded, .timeout = 120, .fini = fini) {
+    moe_test_daemon_opts_t opts = {0};
+    char msg[4096], address[400];
+    uint64_t seed = moe_test_fresh_seed();
+    cr_assert_eq(moe_test_daemon_start(&daemon_, &opts, 1, false, msg, sizeof msg), 0, "%s", msg);
+    const int H = daemon_.cfg.model.hidden, T = 37;
+    float *x = malloc(sizeof(float) * T * H), *out32 = malloc(sizeof(float) * T * H);
+    float *out16 = malloc(sizeof(float) * T * H);
+    cr_assert(x && out32 && out16);
+    moe_test_fill_random(x, (size_t)T * H, seed);
+    for (int i = 0; i < T * H; i++) x[i] = moe_bf16_to_f32(moe_f32_to_bf16(x[i])); /* exact in bf16 */
+    snprintf(address, sizeof address, "unix:%s", daemon_.data_path[0]);
+    moe_client_t *c = NULL;
+    cr_assert_eq(moe_client_connect(address, 0, &c, msg, sizeof msg), MOE_OK, "%s", msg);
+    uint32_t status = 0;
+    for (int round = 0; round < 2; round++) { /* twice: the step buffers grown once, then reused */
+        cr_assert_eq(moe_client_forward(c, 0, x, T, H, MOE_DTYPE_F32, NULL, NULL, 0, out32, &status, msg, sizeof msg),
+                     MOE_OK, "%s", msg);
+        cr_assert_eq(moe_client_forward(c, 0, x, T, H, MOE_DTYPE_BF16, NULL, NULL, 0, out16, &status, msg,
+                                        sizeof msg),
+                     MOE_OK, "%s", msg);
+        for (int i = 0; i < T * H; i++) {
+            const float want = moe_bf16_to_f32(moe_f32_to_bf16(out32[i]));
+            cr_assert(memcmp(&out16[i], &want, 4) == 0, "seed %llu: value %d: bf16 request %a, float32 answer %a "
+                      "rounds to %a", (unsigned long long)seed, i, (double)out16[i], (double)out32[i], (double)want);
+        }
+    }
+    moe_client_close(c);
+    free(x), free(out32), free(out16);
+    cr_assert_eq(moe_test_daemon_stop(&daemon_, 20000, msg, sizeof msg), 0, "shutdown: %s", msg);
     moe_test_daemon_destroy(&daemon_);
 }
