@@ -40,6 +40,8 @@
 #   MOED_GPU_TEST_BACKEND=cpu   dry run without a GPU: the "cuda" daemon and
 #                               moe-bench use the cpu backend (2-rank runs too)
 #   MOED_GPU_TEST_TOKENS=1,16   token counts of bench/peer; MOED_GPU_TEST_ITERS=20
+#   MOED_GPU_TEST_DTYPE=bf16    the daemon forwards' wire dtype (f32, f16; bf16
+#                               takes the CUDA daemon's bf16 step rows)
 #   MOED_GPU_TEST_GEMMS=cublas,grouped  the single-implementation bench runs
 #                               (empty: none)
 #   MOED_MPIRUN_ARGS="..."      extra mpirun options (e.g. --mca btl ^openib)
@@ -70,6 +72,7 @@ BACKEND=${MOED_GPU_TEST_BACKEND:-cuda}
 case "$BACKEND" in cuda | cpu) ;; *) echo "MOED_GPU_TEST_BACKEND must be cuda or cpu" >&2; exit 2 ;; esac
 if [ $QUICK = 1 ]; then TOKENS=${MOED_GPU_TEST_TOKENS:-1,128,4096}; else TOKENS=${MOED_GPU_TEST_TOKENS:-1,16,128,1024,4096}; fi
 ITERS=${MOED_GPU_TEST_ITERS:-20}
+DTYPE=${MOED_GPU_TEST_DTYPE:-bf16}
 PYTHON=${PYTHON:-python3}
 LOGDIR=${OUT:-$ROOT/gpu-test-logs}
 D=$LOGDIR/detail
@@ -208,13 +211,13 @@ daemon_run() {
     local frc=0 s
     for s in $(seq 1 "$warm"); do
         timeout 300 "${ctl[@]}" forward --layer 0 --tokens 64 --seed "$((100 + s))" --hidden "$hidden" \
-            --output "$TMP/$tag-warm.npy" >> "$log" 2>&1 || frc=1
+            --dtype "$DTYPE" --output "$TMP/$tag-warm.npy" >> "$log" 2>&1 || frc=1
     done
     if [ "$warm" -gt 0 ]; then
         { echo "== rebalance"; "${ctl[@]}" rebalance; } >> "$log" 2>&1 || frc=1
     fi
-    timeout 300 "${ctl[@]}" forward --layer 0 --tokens 64 --seed 5 --hidden "$hidden" --output "$out" >> "$log" 2>&1 ||
-        frc=1
+    timeout 300 "${ctl[@]}" forward --layer 0 --tokens 64 --seed 5 --hidden "$hidden" --dtype "$DTYPE" \
+        --output "$out" >> "$log" 2>&1 || frc=1
     "${ctl[@]}" stats --json > "$TMP/$tag-stats.json" 2>> "$log"
     cat "$TMP/$tag-stats.json" >> "$log"
     if [ "$warm" -gt 0 ] && ! "$PYTHON" -c 'import json,sys; d=json.load(open(sys.argv[1])); d=d.get("result", d)
