@@ -555,7 +555,7 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
     force_tiles(NULL);
     /* wider shapes for moed's grouped kernel: K = 264 (several pipeline
      * stages and a tail), I = 136 and H = 264 (several column blocks and a
-     * partial one), 320 slots (the plan kernel's runs of slots), 16
+     * partial one), 320 slots (a plan scan over many slots), 16
      * experts with 600 tokens (32- and 64-row tiles), 16 experts with
      * 2000 tokens of 8 entries (8 wgmma tiles per slot, more work items
      * than multiprocessors; 2100 tokens: the grouping's multi-CTA path),

@@ -138,7 +138,7 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         return MOE_OK;
     }
     const size_t hist_ints = moe_cuda_group_hist_ints(n_entries, S);
-    int32_t *hist = RESERVE(engine, hist, int32_t, hist_ints > 0 ? hist_ints : 1);
+    int32_t *hist = RESERVE(engine, hist, int32_t, hist_ints); /* 0: a few bytes all the same */
     int32_t *vals_sorted = RESERVE(engine, vals_sorted, int32_t, n_entries);
     int32_t *slot_counts = RESERVE(engine, slot_counts, int32_t, S);
     int32_t *inverse = RESERVE(engine, inverse, int32_t, n_entries);

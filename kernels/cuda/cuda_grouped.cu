@@ -86,12 +86,32 @@ __device__ void plan_block(const int32_t *counts, int S, int tile_rows, int32_t 
     }
 }
 
+/* Entries [begin, end) with a local slot (< S) counted per slot into
+ * shared memory (zeroed by the caller), and then placed: each takes the
+ * next position of its slot's cursor, order[pos] = entry, inverse[entry]
+ * = pos. By the whole CTA. */
+__device__ __forceinline__ void count_block(const cuda_meta_t *meta, int begin, int end, int S, int32_t *counts) {
+    for (int p = begin + threadIdx.x; p < end; p += blockDim.x) {
+        const int slot = meta[p].local_slot;
+        if (slot >= 0 && slot < S) atomicAdd(&counts[slot], 1);
+    }
+}
+
+__device__ __forceinline__ void scatter_block(const cuda_meta_t *meta, int begin, int end, int S, int32_t *cursor,
+                                              int32_t *order, int32_t *inverse) {
+    for (int p = begin + threadIdx.x; p < end; p += blockDim.x) {
+        const int slot = meta[p].local_slot;
+        if (slot < 0 || slot >= S) continue;
+        const int pos = atomicAdd(&cursor[slot], 1);
+        order[pos] = p;
+        inverse[p] = pos;
+    }
+}
+
 /* The whole grouping in one CTA for few entries (decode): counts in
  * shared memory, the plan, the scatter — one launch instead of two. */
 #define GROUP_SMALL_THREADS 1024
-#ifndef GROUP_SMALL_MAX_ENTRIES /* a build may move it, to compare the two forms */
 #define GROUP_SMALL_MAX_ENTRIES 16384
-#endif
 __global__ void __launch_bounds__(GROUP_SMALL_THREADS)
     group_small_kernel(const cuda_meta_t *meta, int n_entries, int S, int tile_rows, int32_t *slot_counts,
                        int32_t *plan, int32_t *order, int32_t *inverse) {
@@ -99,21 +119,12 @@ __global__ void __launch_bounds__(GROUP_SMALL_THREADS)
     int32_t *counts = group_shared, *cursor = group_shared + S;
     for (int s = threadIdx.x; s < S; s += blockDim.x) counts[s] = 0;
     __syncthreads();
-    for (int p = threadIdx.x; p < n_entries; p += blockDim.x) {
-        const int slot = meta[p].local_slot;
-        if (slot >= 0 && slot < S) atomicAdd(&counts[slot], 1);
-    }
+    count_block(meta, 0, n_entries, S, counts);
     __syncthreads();
     for (int s = threadIdx.x; s < S; s += blockDim.x) slot_counts[s] = counts[s];
     plan_block<GROUP_SMALL_THREADS>(counts, S, tile_rows, plan, cursor);
     __syncthreads();
-    for (int p = threadIdx.x; p < n_entries; p += blockDim.x) {
-        const int slot = meta[p].local_slot;
-        if (slot < 0 || slot >= S) continue;
-        const int pos = atomicAdd(&cursor[slot], 1);
-        order[pos] = p;
-        inverse[p] = pos;
-    }
+    scatter_block(meta, 0, n_entries, S, cursor, order, inverse);
 }
 
 /* The grouping of many entries in two launches, without global atomics
@@ -143,10 +154,7 @@ __global__ void __launch_bounds__(GROUP_THREADS)
     for (int s = threadIdx.x; s < S; s += blockDim.x) group_shared[s] = 0;
     __syncthreads();
     const int begin = blockIdx.x * per, end = min(begin + per, n_entries);
-    for (int p = begin + threadIdx.x; p < end; p += blockDim.x) {
-        const int slot = meta[p].local_slot;
-        if (slot >= 0 && slot < S) atomicAdd(&group_shared[slot], 1);
-    }
+    count_block(meta, begin, end, S, group_shared);
     __syncthreads();
     for (int s = threadIdx.x; s < S; s += blockDim.x) hist[(size_t)blockIdx.x * S + s] = group_shared[s];
 }
@@ -173,13 +181,7 @@ __global__ void __launch_bounds__(GROUP_THREADS)
     }
     __syncthreads();
     const int begin = blockIdx.x * per, end = min(begin + per, n_entries);
-    for (int p = begin + threadIdx.x; p < end; p += blockDim.x) {
-        const int slot = meta[p].local_slot;
-        if (slot < 0 || slot >= S) continue;
-        const int pos = atomicAdd(&cursor[slot], 1);
-        order[pos] = p;
-        inverse[p] = pos;
-    }
+    scatter_block(meta, begin, end, S, cursor, order, inverse);
 }
 
 size_t moe_cuda_group_hist_ints(int n_entries, int S) {

@@ -336,8 +336,9 @@ static inline long moe_cuda_tile_bound(int n_entries, int S, int tile_rows) {
  * fast division, two MUFU operations and a few ulp (the result is then
  * rounded to bf16, 2^-8 relative). The accurate expf and IEEE division
  * are some 20 instructions per value, issued while the tensor cores idle
- * in the wgmma gate/up epilogue. Large negative gates give -0: the
- * division by an infinite 1 + e^-gate returns 0. */
+ * in the wgmma gate/up epilogue. Gates below about -87 give ±0 (1 +
+ * e^-gate past 2^126, where the fast division returns 0; the exact value
+ * is below 1e-36 there). */
 __device__ __forceinline__ float moe_cuda_swiglu(float gate, float up) {
     return __fdividef(gate, 1.0f + __expf(-gate)) * up;
 }

@@ -55,6 +55,8 @@ cudaError_t moe_cuda_f32_to_bf16_launch(const float *src, bf16 *dst, size_t n, c
     return cudaGetLastError();
 }
 
+/* Synthetic weights: the same moe_synth_value as the CPU backend (IEEE
+ * sqrt and division on both sides), so values agree before rounding. */
 __global__ void synth_kernel(bf16 *dst_bf16, float *dst_f32, size_t n, uint64_t seed, int layer, int kind,
                              int expert, int fan_in, size_t offset) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -110,22 +112,17 @@ __device__ __forceinline__ float key_value(uint32_t key) {
     return __uint_as_float(key & 0x80000000u ? key & 0x7fffffffu : ~key);
 }
 
-/* The warp's largest and smallest 32-bit values: one redux.sync from
+/* The warp's largest (MAX) or smallest 32-bit value: one redux.sync from
  * sm_80, shuffles before. */
-__device__ __forceinline__ uint32_t warp_max_u32(uint32_t v) {
+template <bool MAX>
+__device__ __forceinline__ uint32_t warp_extreme_u32(uint32_t v) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    return __reduce_max_sync(0xffffffffu, v);
+    return MAX ? __reduce_max_sync(0xffffffffu, v) : __reduce_min_sync(0xffffffffu, v);
 #else
-    for (int off = 16; off > 0; off /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, off));
-    return v;
-#endif
-}
-
-__device__ __forceinline__ uint32_t warp_min_u32(uint32_t v) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-    return __reduce_min_sync(0xffffffffu, v);
-#else
-    for (int off = 16; off > 0; off /= 2) v = min(v, __shfl_xor_sync(0xffffffffu, v, off));
+    for (int off = 16; off > 0; off /= 2) {
+        const uint32_t other = __shfl_xor_sync(0xffffffffu, v, off);
+        v = MAX ? max(v, other) : min(v, other);
+    }
     return v;
 #endif
 }
@@ -152,8 +149,8 @@ __device__ __forceinline__ void warp_top_k(const float *v, int lane, int n_exper
 #pragma unroll
         for (int i = 0; i < PER_LANE; i++)
             if (key[i] > best) best = key[i], best_i = i; /* strict: the lane's lowest id among equals */
-        const uint32_t top = warp_max_u32(best);
-        const int winner = (int)warp_min_u32(best == top ? (uint32_t)(lane + 32 * best_i) : 0xffffffffu);
+        const uint32_t top = warp_extreme_u32<true>(best);
+        const int winner = (int)warp_extreme_u32<false>(best == top ? (uint32_t)(lane + 32 * best_i) : 0xffffffffu);
         if (lane == r) my_value = key_value(top), my_id = winner;
 #pragma unroll
         for (int i = 0; i < PER_LANE; i++)

@@ -407,7 +407,8 @@ cudaError_t moe_cuda_wgmma_gemm_launch(const bf16 *W, const bf16 *A, const int32
                                        const int32_t *plan, int S, bool swiglu, int n_out, int K, int n_entries,
                                        int bn, bf16 *out, cudaStream_t stream) {
     if (n_entries <= 0) return cudaSuccess;
-    if (K % 8 != 0 || n_out % 8 != 0 || a_index_div <= 0 || (bn != 0 && bn != 64 && bn != 128 && bn != 256))
+    /* K > 0: each item's k loop is what moves the MMA side on to its next item */
+    if (K <= 0 || K % 8 != 0 || n_out % 8 != 0 || a_index_div <= 0 || (bn != 0 && bn != 64 && bn != 128 && bn != 256))
         return cudaErrorInvalidValue;
     /* 16-byte copies of A and W rows, 16-byte stores of out rows */
     if (((uintptr_t)W | (uintptr_t)A | (uintptr_t)out) % 16 != 0) return cudaErrorInvalidValue;
