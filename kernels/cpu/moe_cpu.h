@@ -59,7 +59,9 @@ moe_err_t moe_cpu_forward(moe_cpu_engine_t *engine, int layer, const float *x, i
 /* The same with bf16 rows in and out (uint16_t bit patterns): x widened
  * exactly, the float32 output rounded to nearest even — what the daemon's
  * edge does for a bf16 request, so a bf16 client gets the same bits
- * either way. The daemon's steps of bf16 requests take this form. */
+ * either way. The daemon's steps of bf16 requests take this form, so its
+ * bf16-row path (the one the CUDA backend serves with) runs, and is
+ * tested, on every machine. */
 moe_err_t moe_cpu_forward_bf16(moe_cpu_engine_t *engine, int layer, const uint16_t *x, int n_tokens,
                                const int32_t *routed_ids, const float *routed_weights, uint16_t *out,
                                moe_route_trace_t *trace, char *msg, size_t msg_size);
