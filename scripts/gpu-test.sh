@@ -14,7 +14,8 @@
 #           bit-identical EPLB swap)
 #   daemon  moed under mpirun with 1 rank (and 2 with >= 2 GPUs) on the tiny
 #           config with moe.backend cuda, the same with cpu; the same
-#           moectl forward (64 tokens, seed 5) on both; outputs must agree
+#           moectl forward (64 tokens, seed 5) on both, in bf16 and in f32
+#           (the daemons' bf16 and float32 step rows); outputs must agree
 #           (max|a-b|/max|b| <= 2e-2, no NaN); shutdown, every rank exits 0.
 #           Without --quick also a Qwen3-shaped 1-layer model with 1 rank.
 #           With 2 GPUs also eplb online (12 slots, zipf router): 6
@@ -40,8 +41,9 @@
 #   MOED_GPU_TEST_BACKEND=cpu   dry run without a GPU: the "cuda" daemon and
 #                               moe-bench use the cpu backend (2-rank runs too)
 #   MOED_GPU_TEST_TOKENS=1,16   token counts of bench/peer; MOED_GPU_TEST_ITERS=20
-#   MOED_GPU_TEST_DTYPE=bf16    the daemon forwards' wire dtype (f32, f16; bf16
-#                               takes the CUDA daemon's bf16 step rows)
+#   MOED_GPU_TEST_DTYPE=bf16,f32  the compared daemon forwards' wire dtypes,
+#                               each compared (bf16: the daemons' bf16 step
+#                               rows; f32 and f16: float32 rows)
 #   MOED_GPU_TEST_GEMMS=cublas,grouped  the single-implementation bench runs
 #                               (empty: none)
 #   MOED_MPIRUN_ARGS="..."      extra mpirun options (e.g. --mca btl ^openib)
@@ -72,7 +74,8 @@ BACKEND=${MOED_GPU_TEST_BACKEND:-cuda}
 case "$BACKEND" in cuda | cpu) ;; *) echo "MOED_GPU_TEST_BACKEND must be cuda or cpu" >&2; exit 2 ;; esac
 if [ $QUICK = 1 ]; then TOKENS=${MOED_GPU_TEST_TOKENS:-1,128,4096}; else TOKENS=${MOED_GPU_TEST_TOKENS:-1,16,128,1024,4096}; fi
 ITERS=${MOED_GPU_TEST_ITERS:-20}
-DTYPE=${MOED_GPU_TEST_DTYPE:-bf16}
+DTYPES=$(echo "${MOED_GPU_TEST_DTYPE:-bf16,f32}" | tr ',' ' ')
+DTYPE=${DTYPES%% *} # the warm-up forwards' dtype
 PYTHON=${PYTHON:-python3}
 LOGDIR=${OUT:-$ROOT/gpu-test-logs}
 D=$LOGDIR/detail
@@ -182,8 +185,9 @@ make_config() {
     "$BIN/moed" --check-config "$file" > "$file.check" 2>&1 || { cat "$file.check" >&2; return 1; }
 }
 
-# daemon_run TAG NP CONFIG SOCKDIR HIDDEN OUT.npy: mpirun -np NP moed, wait for
-# health, one forward, shutdown; 0 when all of it worked and every rank exited 0.
+# daemon_run TAG NP CONFIG SOCKDIR HIDDEN OUT: mpirun -np NP moed, wait for
+# health, the same forward in each of DTYPES (into OUT.<dtype>.npy),
+# shutdown; 0 when all of it worked and every rank exited 0.
 # WARM (optional): that many forwards first, then `moectl rebalance`, and
 # after the compared forward the stats must show a rebalance of layer 0.
 daemon_run() {
@@ -216,8 +220,11 @@ daemon_run() {
     if [ "$warm" -gt 0 ]; then
         { echo "== rebalance"; "${ctl[@]}" rebalance; } >> "$log" 2>&1 || frc=1
     fi
-    timeout 300 "${ctl[@]}" forward --layer 0 --tokens 64 --seed 5 --hidden "$hidden" --dtype "$DTYPE" \
-        --output "$out" >> "$log" 2>&1 || frc=1
+    local dt
+    for dt in $DTYPES; do
+        timeout 300 "${ctl[@]}" forward --layer 0 --tokens 64 --seed 5 --hidden "$hidden" --dtype "$dt" \
+            --output "$out.$dt.npy" >> "$log" 2>&1 || frc=1
+    done
     "${ctl[@]}" stats --json > "$TMP/$tag-stats.json" 2>> "$log"
     cat "$TMP/$tag-stats.json" >> "$log"
     if [ "$warm" -gt 0 ] && ! "$PYTHON" -c 'import json,sys; d=json.load(open(sys.argv[1])); d=d.get("result", d)
@@ -298,20 +305,23 @@ daemon_compare() {
         fi
         local start took
         start=$(date +%s)
-        if daemon_run "$tag" "$np" "$TMP/$tag.yaml" "$sock" "$h" "$TMP/$tag.npy" "$warm"; then
+        if daemon_run "$tag" "$np" "$TMP/$tag.yaml" "$sock" "$h" "$TMP/$tag" "$warm"; then
             took=$(($(date +%s) - start))
-            pass "$tag (backend $b): start, health, forward, shutdown, every rank exit 0 (${took}s)"
-            cp "$TMP/$tag.npy" "$D/"
+            pass "$tag (backend $b): start, health, forward ($DTYPES), shutdown, every rank exit 0 (${took}s)"
+            cp "$TMP/$tag".*.npy "$D/"
         else
             fail "$tag (backend $b): see detail/$tag.log"; tail_log "$D/$tag.log"; ok=0
         fi
     done
-    if [ $ok = 1 ]; then
-        compare_npy "daemon-$name-np$np-compare-$BACKEND-vs-cpu" \
-            "$TMP/daemon-$name-np$np-test.npy" "$TMP/daemon-$name-np$np-ref.npy"
-    else
-        skip "daemon-$name-np$np-compare-$BACKEND-vs-cpu: a daemon run failed"
-    fi
+    local dt
+    for dt in $DTYPES; do
+        if [ $ok = 1 ]; then
+            compare_npy "daemon-$name-np$np-compare-$BACKEND-vs-cpu-$dt" \
+                "$TMP/daemon-$name-np$np-test.$dt.npy" "$TMP/daemon-$name-np$np-ref.$dt.npy"
+        else
+            skip "daemon-$name-np$np-compare-$BACKEND-vs-cpu-$dt: a daemon run failed"
+        fi
+    done
 }
 
 # bench SHAPE NP H I E K [GEMM]: moe-bench JSON into $D/moed-SHAPE-npNP.json
