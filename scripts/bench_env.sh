@@ -15,3 +15,18 @@ bench_cleanup() {
 }
 trap bench_cleanup EXIT
 ctl=("$BUILD/bin/moectl" --control "unix:$dir/control.sock" --data "unix:$dir/data-%r.sock")
+
+# The config's model: a synthetic one-layer model of HIDDEN, INTER,
+# EXPERTS and TOP_K (the caller's), routed by $1 (a YAML mapping).
+model_yaml() {
+    cat <<YAML
+model:
+  weights: {format: synthetic, seed: 3}
+  layers: 1
+  hidden: $HIDDEN
+  moe_intermediate: $INTER
+  experts: $EXPERTS
+  top_k: $TOP_K
+  routing: $1
+YAML
+}

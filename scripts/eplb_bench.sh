@@ -24,15 +24,7 @@ EXTRA_SLOTS=${EXTRA_SLOTS:-4} TOKENS=${TOKENS:-256} BACKEND=${BACKEND:-cpu}
 WINDOW=${WINDOW:-400} EVERY=${EVERY:-100}
 
 write_config() { # MODE SLOTS
-    cat > "$dir/moed.yaml" <<YAML
-model:
-  weights: {format: synthetic, seed: 3}
-  layers: 1
-  hidden: $HIDDEN
-  moe_intermediate: $INTER
-  experts: $EXPERTS
-  top_k: $TOP_K
-  routing: {method: zipf, zipf_s: 1.2, seed: 5}
+    { model_yaml "{method: zipf, zipf_s: 1.2, seed: 5}"; cat <<YAML; } > "$dir/moed.yaml"
 moe: {backend: $BACKEND}
 eplb: {mode: $1, num_slots: $2, window_steps: $WINDOW, rebalance_every_steps: $EVERY, min_improvement: 0.05}
 serve:

@@ -34,15 +34,7 @@ for load in $LOADS; do
 done
 gemm_line=""
 [ "$BACKEND" = cuda ] && gemm_line="  gemm: $GEMM"
-cat > "$dir/moed.yaml" <<YAML
-model:
-  weights: {format: synthetic, seed: 3}
-  layers: 1
-  hidden: $HIDDEN
-  moe_intermediate: $INTER
-  experts: $EXPERTS
-  top_k: $TOP_K
-  routing: {method: softmax_topk, norm_topk_prob: true}
+{ model_yaml "{method: softmax_topk, norm_topk_prob: true}"; cat <<YAML; } > "$dir/moed.yaml"
 moe:
   backend: $BACKEND
 $gemm_line
