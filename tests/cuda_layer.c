@@ -593,6 +593,14 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
         failures += check_forms(wide_bn[v], "wide shapes");
     }
     force_tiles(NULL);
+    /* 1024 experts, 2100 tokens of 8 entries: the multi-CTA grouping's
+     * plan scan with two slots per thread (its 512 threads), and the
+     * routing kernel's widest form (32 logits per lane) */
+    if (!quick) {
+        shape.hidden = 64, shape.inter = 32, shape.experts = 1024, shape.top_k = 8;
+        failures += check_case(&moe_test_cases[0], ep, seed + 4242, 2100, &worst);
+        runs++;
+    }
     /* the group routing (DeepSeek-V3's method) at a wider shape: 256
      * experts in 4 groups of 64, 2 groups chosen, k = 8 (8 scores per lane
      * of its warp kernel), with a shared expert; the decode form at 1 and
