@@ -20,8 +20,9 @@ else
 CUDA ?= 1
 endif
 CUDA_ARCH ?= -gencode=arch=compute_90,code=sm_90
-# cuda_wgmma.cu holds Hopper-only instructions (wgmma): it alone is built
-# for sm_90a, and on other GPUs its kernels have no image (the engine then
+# cuda_wgmma.cu and cuda_wgmma_ws.cu hold Hopper-only instructions (wgmma,
+# setmaxnreg): they alone are built
+# for sm_90a, and on other GPUs their kernels have no image (the engine then
 # uses the other GEMMs).
 WGMMA_ARCH ?= -gencode=arch=compute_90a,code=sm_90a
 
@@ -86,7 +87,7 @@ $(BUILD)/obj/%.o: %.cu $(FLAGS_STAMP)
 	@$(if $(Q),echo "  NVCC    $<")
 	$(Q)$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
-$(BUILD)/obj/kernels/cuda/cuda_wgmma.o: override CUDA_ARCH = $(WGMMA_ARCH)
+$(BUILD)/obj/kernels/cuda/cuda_wgmma.o $(BUILD)/obj/kernels/cuda/cuda_wgmma_ws.o: override CUDA_ARCH = $(WGMMA_ARCH)
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)

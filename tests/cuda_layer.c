@@ -45,7 +45,7 @@ static char worst_l2_case[200];
 /* expert stages run by each form of the grouped GEMM since the last
  * check_forms (moe_cuda_grouped_forms), and whether wgmma can run here */
 static struct {
-    long long wgmma, mma, decode;
+    long long wgmma, ws, mma, decode;
     bool wgmma_ok;
 } forms;
 static moe_comm_kind_t comm_kind = MOE_COMM_AUTO;
@@ -208,9 +208,9 @@ static int check_case(const moe_test_case_t *c, moe_ep_t ep, uint64_t seed, int 
                moe_cuda_gemm_table(gpu));
 done:
     if (gpu != NULL) {
-        long long wgmma = 0, mma = 0, decode = 0;
-        moe_cuda_grouped_forms(gpu, &wgmma, &mma, &decode, &forms.wgmma_ok);
-        forms.wgmma += wgmma, forms.mma += mma, forms.decode += decode;
+        long long wgmma = 0, ws = 0, mma = 0, decode = 0;
+        moe_cuda_grouped_forms(gpu, &wgmma, &ws, &mma, &decode, &forms.wgmma_ok);
+        forms.wgmma += wgmma, forms.ws += ws, forms.mma += mma, forms.decode += decode;
     }
     moe_cuda_destroy(gpu);
     moe_test_ref_destroy(ref);
@@ -453,13 +453,18 @@ static int check_cache(moe_ep_t ep) {
  * then wgmma on sm_90, widths by size), "mma" the mma.sync kernel alone
  * (what other GPUs run beyond decode sizes), "decode" the decode form at
  * every size (several tiles per slot), "nodecode" the tiles from one row
- * on, "64", "128", "256": wgmma with that many weight rows per work item
- * (and no decode form), or "exact": the engine's own choice under
+ * on, "64", "128", "256": wgmma's classic form with that many weight rows
+ * per work item (and no decode form), "ws64", "ws128", "ws256": the same
+ * in its warp-specialised form, "wsweight": that form at its own widths
+ * with each slot's items by weight tile (the order it picks for many column
+ * blocks; these shapes have few), or "exact": the engine's own choice under
  * moe.combine exact (with more than one rank: tiles at every size). */
 static void force_tiles(const char *how) {
     tiles_now = how;
     unsetenv("MOE_CUDA_NO_WGMMA");
     unsetenv("MOE_CUDA_WGMMA_BN");
+    unsetenv("MOE_CUDA_WGMMA_WS");
+    unsetenv("MOE_CUDA_WGMMA_ORDER");
     unsetenv("MOE_CUDA_WGMMA_MIN_ROWS");
     unsetenv("MOE_CUDA_DECODE_ROWS");
     unsetenv("MOE_CUDA_NO_PDL");
@@ -468,8 +473,14 @@ static void force_tiles(const char *how) {
     else if (how != NULL && strcmp(how, "mma") == 0) setenv("MOE_CUDA_NO_WGMMA", "1", 1);
     else if (how != NULL && strcmp(how, "decode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "1000000", 1);
     else if (how != NULL && strcmp(how, "nodecode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
-    else if (how != NULL && combine_kind != MOE_COMBINE_EXACT)
-        setenv("MOE_CUDA_WGMMA_BN", how, 1), setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
+    else if (how != NULL && strcmp(how, "wsweight") == 0) {
+        setenv("MOE_CUDA_WGMMA_WS", "1", 1), setenv("MOE_CUDA_WGMMA_ORDER", "weight", 1);
+        setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
+    } else if (how != NULL && combine_kind != MOE_COMBINE_EXACT) {
+        const bool ws = strncmp(how, "ws", 2) == 0;
+        setenv("MOE_CUDA_WGMMA_BN", ws ? how + 2 : how, 1), setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
+        setenv("MOE_CUDA_WGMMA_WS", ws ? "1" : "0", 1);
+    }
     memset(&forms, 0, sizeof forms);
 }
 
@@ -477,7 +488,9 @@ static void force_tiles(const char *how) {
  * "decode" only decode; "mma" mma.sync and no wgmma; "nodecode" and the
  * widths no decode; the default some decode (the 1-token size) and, where
  * wgmma can run, some wgmma; the widths and "nodecode" there some wgmma
- * (fewer entries than slots stay on mma.sync). */
+ * (fewer entries than slots stay on mma.sync), in the warp-specialised
+ * form for "wsNN" and for the default choice, in the classic form for
+ * the bare widths. */
 static int check_forms(const char *how, const char *what) {
     /* the exact combine: the tiles at every size with more than one rank,
      * the default choice on one (nothing to combine there) */
@@ -493,12 +506,17 @@ static int check_forms(const char *how, const char *what) {
     if (want_decode_only) bad = bad || forms.wgmma != 0 || forms.mma != 0;
     if (want_mma) bad = bad || forms.wgmma != 0 || forms.mma == 0;
     if (want_wgmma) bad = bad || forms.wgmma == 0;
+    /* the form: warp-specialised by default and for "wsNN", classic for a bare width */
+    const bool bare_width = how != NULL && (strcmp(how, "64") == 0 || strcmp(how, "128") == 0 || strcmp(how, "256") == 0);
+    if (want_wgmma && bare_width) bad = bad || forms.ws != 0;
+    else if (want_wgmma) bad = bad || forms.ws == 0;
     /* the exact combine: one form at every row count, so no mma.sync where wgmma runs */
     if (exact && forms.wgmma_ok) bad = bad || forms.mma != 0;
     if (bad) {
         fprintf(stderr,
-                "FAIL %s (tiles %s): grouped GEMM ran wgmma %lld, mma.sync %lld and decode %lld times (wgmma %s here)\n",
-                what, how != NULL ? how : "default", forms.wgmma, forms.mma, forms.decode,
+                "FAIL %s (tiles %s): grouped GEMM ran wgmma %lld (warp-specialised %lld), mma.sync %lld and decode %lld "
+                "times (wgmma %s here)\n",
+                what, how != NULL ? how : "default", forms.wgmma, forms.ws, forms.mma, forms.decode,
                 forms.wgmma_ok ? "available" : "unavailable");
         return 1;
     }
@@ -533,6 +551,10 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "64"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "128"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "256"},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "ws64"},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "ws128"},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "ws256"},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "wsweight"},
                  {MOE_GEMM_AUTO, false, MOE_COMM_AUTO, NULL},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_ALLGATHER, NULL},
                  {MOE_GEMM_CUBLAS, false, MOE_COMM_ALLTOALL, NULL}};
@@ -577,7 +599,7 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
      * kernel, and wgmma at each width (K tails, partial column blocks,
      * partial row tiles, several tiles per slot) */
     gemm_kind = MOE_GEMM_GROUPED, comm_kind = MOE_COMM_AUTO;
-    const char *wide_bn[] = {NULL, "mma", "decode", "64", "128", "256"};
+    const char *wide_bn[] = {NULL, "mma", "decode", "64", "128", "256", "ws64", "ws128", "ws256", "wsweight"};
     for (size_t v = 0; v < sizeof wide_bn / sizeof wide_bn[0]; v++) {
         force_tiles(wide_bn[v]);
         for (size_t w = 0; w < sizeof wide / sizeof wide[0]; w++) {

@@ -46,12 +46,12 @@ static void key_of(const moe_cuda_engine_t *engine, char *key, size_t size) {
     const moe_model_config_t *m = &engine->cfg.model;
     int cublas_version = 0;
     cublasGetVersion(engine->cublas, &cublas_version);
-    char wgmma[96] = "";
+    char wgmma[128] = "";
     if (engine->own_grouped_ok)
         snprintf(wgmma, sizeof wgmma, "+decode(rows=%d)%s", engine->decode_rows, engine->wgmma_ok ? "" : "+mma");
     if (engine->wgmma_ok)
-        snprintf(wgmma + strlen(wgmma), sizeof wgmma - strlen(wgmma), "+wgmma(min_rows=%d bn=%d)",
-                 engine->wgmma_min_rows, engine->wgmma_bn);
+        snprintf(wgmma + strlen(wgmma), sizeof wgmma - strlen(wgmma), "+wgmma(min_rows=%d bn=%d%s order=%d)",
+                 engine->wgmma_min_rows, engine->wgmma_bn, engine->wgmma_ws ? " ws" : "", engine->wgmma_order);
     snprintf(key, size,
              "%s | H=%d I=%d E=%d k=%d | bf16 | ep=%d slots/rank=%d | impls=cublas%s%s%s%s | cublas %d | max_rows=%d | %s",
              engine->device_name, m->hidden, m->moe_intermediate, m->experts, m->top_k, engine->ep.size,

@@ -258,13 +258,25 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
                            moe_cuda_wgmma_supported(engine->max_smem, wg_why, sizeof wg_why);
         if (!engine->wgmma_ok && getenv("MOE_CUDA_NO_WGMMA") == nullptr)
             moe_log(MOE_LOG_INFO, "cuda", "grouped GEMM: mma.sync tiles only (wgmma %s)", wg_why);
+        int ws = 1;
         if (!env_int("MOE_CUDA_WGMMA_MIN_ROWS", 1, 1, 1 << 30, &engine->wgmma_min_rows, msg, msg_size) ||
+            !env_int("MOE_CUDA_WGMMA_WS", 1, 0, 1, &ws, msg, msg_size) ||
             !env_int("MOE_CUDA_WGMMA_BN", 0, 0, 256, &engine->wgmma_bn, msg, msg_size) ||
             !env_int("MOE_CUDA_DECODE_ROWS", -1, 0, 1 << 30, &engine->decode_rows, msg, msg_size))
             return MOE_ERR_CONFIG;
         if (engine->wgmma_bn != 0 && engine->wgmma_bn != 64 && engine->wgmma_bn != 128 && engine->wgmma_bn != 256)
             return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "MOE_CUDA_WGMMA_BN must be 64, 128 or 256 (have %d)",
                                engine->wgmma_bn);
+        /* the warp-specialised wgmma form where it loads and the driver
+         * encodes tensor maps (MOE_CUDA_WGMMA_WS=0: the classic form) */
+        engine->wgmma_ws = engine->wgmma_ok && ws == 1 && moe_cuda_wgmma_ws_supported();
+        const char *order = getenv("MOE_CUDA_WGMMA_ORDER");
+        if (order == nullptr || strcmp(order, "auto") == 0) engine->wgmma_order = MOE_WGMMA_ORDER_AUTO;
+        else if (strcmp(order, "tile") == 0) engine->wgmma_order = MOE_WGMMA_ORDER_TILE;
+        else if (strcmp(order, "weight") == 0) engine->wgmma_order = MOE_WGMMA_ORDER_WEIGHT;
+        else
+            return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "MOE_CUDA_WGMMA_ORDER must be auto, tile or weight (have '%s')",
+                               order);
     }
     engine->exact = engine->cfg.moe.combine == MOE_COMBINE_EXACT && engine->ep.size > 1;
     if (engine->exact && engine->cfg.moe.gemm != MOE_GEMM_GROUPED)
@@ -514,9 +526,10 @@ extern "C" void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config
 
 extern "C" const char *moe_cuda_gemm_table(const moe_cuda_engine_t *engine) { return engine->gemm_text; }
 
-extern "C" void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long long *wgmma, long long *mma,
-                                       long long *decode, bool *wgmma_ok) {
+extern "C" void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long long *wgmma, long long *ws,
+                                       long long *mma, long long *decode, bool *wgmma_ok) {
     *wgmma = engine->grouped_runs[1];
+    *ws = engine->grouped_runs[3];
     *mma = engine->grouped_runs[0];
     *decode = engine->grouped_runs[2];
     *wgmma_ok = engine->wgmma_ok;

@@ -581,21 +581,29 @@ static moe_err_t forward_io(moe_cuda_engine_t *engine, int layer, const void *x,
         free(ids);
         free(w);
     }
-    int max_tokens = 0;
-    MOE_TRY(agree(engine, local, n_tokens, layer, &max_tokens, msg, msg_size));
     cudaStream_t stream = engine->stream;
     const size_t values = (size_t)n_tokens * H, io_bytes = (bf16_io ? sizeof(bf16) : sizeof(float)) * values;
-    /* pinned x and out (the daemon's step buffers): DMA straight from and
-     * to them; else through the pinned staging buffers */
+    /* The step's own buffers before the agreement, so that a rank short of
+     * memory fails the step on every rank instead of leaving the others
+     * waiting in a collective (pinned x and out, the daemon's step buffers:
+     * DMA straight from and to them; else through pinned staging buffers). */
     const bool x_pinned = is_pinned(x), out_pinned = is_pinned(out);
-    void *staging = x_pinned ? nullptr : RESERVE(engine, host_x, uint8_t, io_bytes);
-    float *x_f32 = bf16_io ? nullptr : RESERVE(engine, x_f32, float, values);
-    bf16 *x_bf16 = RESERVE(engine, x, bf16, values);
-    float *d_out = RESERVE(engine, out, float, values);
-    bf16 *d_out_bf16 = bf16_io ? RESERVE(engine, out_bf16, bf16, values) : nullptr;
-    void *h_out = out_pinned ? out : RESERVE(engine, host_out, uint8_t, io_bytes);
-    if ((!x_pinned && !staging) || (!bf16_io && !x_f32) || !x_bf16 || !d_out || (bf16_io && !d_out_bf16) || !h_out)
-        return MOE_ERR_NOMEM;
+    void *staging = nullptr, *h_out = nullptr;
+    float *x_f32 = nullptr, *d_out = nullptr;
+    bf16 *x_bf16 = nullptr, *d_out_bf16 = nullptr;
+    if (local == MOE_OK) {
+        staging = x_pinned ? nullptr : RESERVE(engine, host_x, uint8_t, io_bytes);
+        x_f32 = bf16_io ? nullptr : RESERVE(engine, x_f32, float, values);
+        x_bf16 = RESERVE(engine, x, bf16, values);
+        d_out = RESERVE(engine, out, float, values);
+        d_out_bf16 = bf16_io ? RESERVE(engine, out_bf16, bf16, values) : nullptr;
+        h_out = out_pinned ? out : RESERVE(engine, host_out, uint8_t, io_bytes);
+        if ((!x_pinned && !staging) || (!bf16_io && !x_f32) || !x_bf16 || !d_out || (bf16_io && !d_out_bf16) ||
+            !h_out)
+            local = MOE_ERR_NOMEM; /* msg says which buffer */
+    }
+    int max_tokens = 0;
+    MOE_TRY(agree(engine, local, n_tokens, layer, &max_tokens, msg, msg_size));
     if (engine->poison_out && values > 0) /* tests: an element nothing writes shows as NaN */
         MOE_CUDA_TRY(cudaMemsetAsync(d_out, 0xff, sizeof(float) * values, stream));
     MOE_CUDA_TRY(cudaStreamSynchronize(stream));

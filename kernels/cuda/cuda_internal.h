@@ -184,10 +184,13 @@ struct moe_cuda_engine {
     bool wgmma_ok;       /* and its wgmma form for many rows per slot (sm_90) */
     int wgmma_min_rows;  /* grouped uses wgmma from this many entries per slot on average (MOE_CUDA_WGMMA_MIN_ROWS) */
     int wgmma_bn;        /* weight rows per wgmma work item: 64, 128, 256, or 0 = by size (MOE_CUDA_WGMMA_BN) */
+    bool wgmma_ws;       /* wgmma in its warp-specialised form (MOE_CUDA_WGMMA_WS, where it can run) */
+    int wgmma_order;     /* its items' order: MOE_WGMMA_ORDER_* (MOE_CUDA_WGMMA_ORDER auto|tile|weight) */
     bool pdl;            /* programmatic dependent launch on the decode chain (sm_90; MOE_CUDA_NO_PDL: off) */
     int decode_rows;     /* grouped's decode form up to this many received rows (MOE_CUDA_DECODE_ROWS; 0: never;
                             -1, unset: while the entries stay under half the slots, moe_cuda_use_decode) */
-    long long grouped_runs[3]; /* expert stages run by the grouped GEMM: [0] mma.sync, [1] wgmma, [2] decode (tests) */
+    long long grouped_runs[4]; /* expert stages run by the grouped GEMM: [0] mma.sync, [1] wgmma, [2] decode,
+                                  [3] of [1] the warp-specialised form (tests) */
     bool poison_out;           /* MOE_CUDA_POISON_OUTPUT (tests): NaN in the device output before each forward */
     int cc_major;
     size_t max_smem;     /* opt-in shared memory per block */
@@ -364,9 +367,20 @@ __device__ __forceinline__ int moe_cuda_tile_slot(const int32_t *plan, int S, in
 /* Whether the wgmma kernels load on this GPU and fit its shared memory (the
  * shape checks are moe_cuda_grouped_supported's). */
 bool moe_cuda_wgmma_supported(size_t max_smem, char *why, size_t why_size);
+/* ws: the warp-specialised form (cuda_wgmma_ws.cu), where
+ * moe_cuda_wgmma_ws_supported() says it can run, with its items in `order`
+ * (MOE_WGMMA_ORDER_*; the classic form: always by row tile). */
+enum { MOE_WGMMA_ORDER_AUTO = 0, MOE_WGMMA_ORDER_TILE = 1, MOE_WGMMA_ORDER_WEIGHT = 2 };
 cudaError_t moe_cuda_wgmma_gemm_launch(const bf16 *W, const bf16 *A, const int32_t *a_index, int a_index_div,
                                        const int32_t *plan, int S, bool swiglu, int n_out, int K, int n_entries,
-                                       int bn, bf16 *out, cudaStream_t stream);
+                                       int bn, bool ws, int order, bf16 *out, cudaStream_t stream);
+/* The warp-specialised form: its kernels load on this GPU and the driver
+ * encodes tensor maps. Its launch takes the checked arguments and the
+ * width chosen by moe_cuda_wgmma_gemm_launch. */
+bool moe_cuda_wgmma_ws_supported(void);
+cudaError_t moe_cuda_wgmma_ws_launch(const bf16 *W, const bf16 *A, const int32_t *a_index, int a_index_div,
+                                     const int32_t *plan, int S, bool swiglu, int n_out, int K, int n_entries, int bn,
+                                     int sms, int order, bf16 *out, cudaStream_t stream);
 
 /* moed's grouped GEMM in its decode form (cuda_decode.cu), by row, with
  * no grouping: act [n_rows·k, I] (scratch), then into partial [n_rows, H]

@@ -99,10 +99,11 @@ moe_err_t moe_cuda_check(moe_cuda_engine_t *engine, char *msg, size_t msg_size);
 const char *moe_cuda_gemm_table(const moe_cuda_engine_t *engine);
 
 /* How many expert stages ran moed's grouped GEMM in each form since the
- * engine started (tests): wgmma (sm_90), mma.sync and decode (few rows);
- * *wgmma_ok: the wgmma form can run on this GPU. */
-void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long long *wgmma, long long *mma, long long *decode,
-                            bool *wgmma_ok);
+ * engine started (tests): wgmma (sm_90; *ws of them warp-specialised),
+ * mma.sync and decode (few rows); *wgmma_ok: the wgmma form can run on
+ * this GPU. */
+void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long long *wgmma, long long *ws, long long *mma,
+                            long long *decode, bool *wgmma_ok);
 
 /* "NVIDIA H200, 132 SMs, 139.8 GiB, cc 9.0" */
 const char *moe_cuda_device_name(const moe_cuda_engine_t *engine);
