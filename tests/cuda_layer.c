@@ -457,8 +457,8 @@ static int check_cache(moe_ep_t ep) {
  * per work item (and no decode form), "ws64", "ws128", "ws256": the same
  * in its warp-specialised form, "wsweight": that form at its own widths
  * with each slot's items by weight tile (the order it picks for many column
- * blocks; these shapes have few), or "exact": the engine's own choice under
- * moe.combine exact (with more than one rank: tiles at every size). */
+ * blocks; these shapes have few), or "exact": the engine's own choice
+ * under moe.combine exact (with more than one rank: tiles at every size). */
 static void force_tiles(const char *how) {
     tiles_now = how;
     unsetenv("MOE_CUDA_NO_WGMMA");
@@ -578,7 +578,8 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
     /* wider shapes for moed's grouped kernel: K = 264 (several pipeline
      * stages and a tail), I = 136 and H = 264 (several column blocks and a
      * partial one), 320 slots (a plan scan over many slots), 16
-     * experts with 600 tokens (32- and 64-row tiles), 16 experts with
+     * experts with 600 tokens (32- and 64-row tiles) and 2000 of 2
+     * entries (two row tiles per slot, in either order), 16 experts with
      * 2000 tokens of 8 entries (8 wgmma tiles per slot, more work items
      * than multiprocessors; 2100 tokens: the grouping's multi-CTA path),
      * and the multi-CTA grouping again on a small H (in the quick set);
@@ -589,7 +590,7 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
         int hidden, inter, experts, top_k, tokens[3];
         bool quick; /* in the quick set */
     } wide[] = {{264, 136, 320, 4, {1, 37, 300}, true},
-                {264, 136, 16, 2, {120, 600, 0}, true},
+                {264, 136, 16, 2, {120, 600, 2000}, true},
                 {264, 136, 16, 8, {2000, 333, 2100}, false},
                 {64, 72, 16, 8, {2100, 40, 0}, true},
                 {64, 72, 32, 12, {1, 5, 40}, true},

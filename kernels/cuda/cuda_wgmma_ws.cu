@@ -262,13 +262,14 @@ static cudaError_t ws_launch(const bf16 *W, const bf16 *A, const int32_t *a_inde
     const long col_blocks = ((long)n_out + COLS - 1) / COLS;
     /* Items of a slot with several row tiles: row tile first (its column
      * blocks share the A rows), or by weight tile (its row tiles share the
-     * weights) where a slot has many column blocks: the CTAs at work at one
-     * time then read few weight tiles, each from several CTAs at once,
-     * where row-tile order spreads them over two waves of items and reads
-     * many twice from DRAM (Mixtral T=4096, 56 column blocks: 5.49 -> 4.30
-     * ms; Qwen3, 6: 0.705 / 2.156 ms at T=4096 / 16384 by row tile, 0.709
-     * / 2.235 by weight; README). */
-    const bool by_weight = order == MOE_WGMMA_ORDER_WEIGHT || (order == MOE_WGMMA_ORDER_AUTO && col_blocks >= 16);
+     * weights) where a slot has very many column blocks: row-tile order
+     * then spreads the readers of one weight tile over two waves of items
+     * and reads many twice from DRAM. Measured per kernel on an H200 (`ncu`,
+     * ms by row tile / by weight tile): Mixtral gate/up (56 column blocks)
+     * 3.81 / 2.84 at T=4096, 14.63 / 11.73 at 16384; its down (16) 1.40 /
+     * 1.46 and 5.83 / 5.70; DeepSeek-V3 T=16384 gate/up (16) 15.84 / 18.71,
+     * down (28) 8.66 / 9.13; Qwen3 (6 and 8) 0.426 / 0.443 gate/up at 4096. */
+    const bool by_weight = order == MOE_WGMMA_ORDER_WEIGHT || (order == MOE_WGMMA_ORDER_AUTO && col_blocks >= 32);
     if (tiles * col_blocks > 0x7fffffffL) return cudaErrorInvalidValue;
     const int n_rows_w = SWIGLU ? 2 * n_out : n_out;
     CUtensorMap w_map, a_map;
