@@ -128,12 +128,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
             cta_sync();
             issue();
             if constexpr (decltype(with_mma)::value) {
-                const uint32_t sa = base + (q_use % STAGES) * STAGE, sb = sa + WG_BM * 128;
-                wg_fence();
-#pragma unroll
-                for (int ks = 0; ks < WG_BK / 16; ks++)
-                    wg_mma<BN>(d, wg_desc(sa + wg * 64 * 128 + ks * 32), wg_desc(sb + ks * 32));
-                wg_commit();
+                wg_mma_block<BN>(d, base + (q_use % STAGES) * STAGE, wg);
             }
             if (repoint) repoint = false, point();
             if (kb == 0 && next_item < n_items) next = locate(next_item);

@@ -164,6 +164,17 @@ __device__ __forceinline__ __nv_bfloat162 epi_pair(const float *d, int j, int h)
  * their MMAs). */
 __device__ __forceinline__ void cta_sync() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
 
+/* One k-block of warpgroup wg's MMAs (its 64 rows of the A tile at stage,
+ * the B tile after the A tile's WG_BM rows), committed as one group. */
+template <int BN>
+__device__ __forceinline__ void wg_mma_block(float *d, uint32_t stage, int wg) {
+    const uint32_t sa = stage + wg * 64 * 128, sb = stage + WG_BM * 128;
+    wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < WG_BK / 16; ks++) wg_mma<BN>(d, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32));
+    wg_commit();
+}
+
 /* A work item of a grouping plan (plan[0..S]: row offsets, plan[S+1..2S+1]:
  * first tile of each slot): item = tile · col_blocks + column block, so the
  * CTAs at work at one time share their A rows and slots. */

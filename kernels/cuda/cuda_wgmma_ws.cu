@@ -184,12 +184,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             if constexpr (decltype(with_mma)::value) {
                 /* the producer's cp.async wrote A through the generic proxy */
                 if (!a_tma) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-                const uint32_t sa = base + (q % STAGES) * STAGE, sb = sa + WG_BM * 128;
-                wg_fence();
-#pragma unroll
-                for (int ks = 0; ks < WG_BK / 16; ks++)
-                    wg_mma<BN>(d, wg_desc(sa + wg * 64 * 128 + ks * 32), wg_desc(sb + ks * 32));
-                wg_commit();
+                wg_mma_block<BN>(d, base + (q % STAGES) * STAGE, wg);
             }
             if (kb == 0 && next_item < n_items) next = locate(next_item);
             if constexpr (decltype(with_mma)::value) {
