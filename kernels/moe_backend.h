@@ -18,6 +18,11 @@ typedef struct {
     moe_backend_kind_t kind;
     moe_err_t (*create)(const moe_config_t *cfg, moe_ep_t ep, void **state, char *msg,
                         size_t msg_size);
+    /* Collective over the ranks. MOE_ERR_INVAL: the step was refused
+     * before the ranks agreed on it (this rank's or another's input, or
+     * memory to prepare it), on every rank alike, and serving goes on; any
+     * other error came after the agreement and may have left other ranks
+     * inside a collective (the step loop then ends the job). */
     moe_err_t (*forward)(void *state, int layer, const float *x, int n_tokens,
                          const int32_t *routed_ids, const float *routed_weights, float *out,
                          moe_route_trace_t *trace, char *msg, size_t msg_size);

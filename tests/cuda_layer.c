@@ -507,7 +507,8 @@ static int check_forms(const char *how, const char *what) {
     if (want_mma) bad = bad || forms.wgmma != 0 || forms.mma == 0;
     if (want_wgmma) bad = bad || forms.wgmma == 0;
     /* the form: warp-specialised by default and for "wsNN", classic for a bare width */
-    const bool bare_width = how != NULL && (strcmp(how, "64") == 0 || strcmp(how, "128") == 0 || strcmp(how, "256") == 0);
+    const bool bare_width =
+        how != NULL && (strcmp(how, "64") == 0 || strcmp(how, "128") == 0 || strcmp(how, "256") == 0);
     if (want_wgmma && bare_width) bad = bad || forms.ws != 0;
     else if (want_wgmma) bad = bad || forms.ws == 0;
     /* the exact combine: one form at every row count, so no mma.sync where wgmma runs */

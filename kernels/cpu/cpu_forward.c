@@ -434,10 +434,13 @@ static moe_err_t forward(moe_cpu_engine_t *engine, int layer_id, const float *x,
     if (engine->ep.size > 1)
         MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, agree, 2, MPI_INT, MPI_MAX, engine->ep.comm),
                       "step agreement (MPI_Allreduce)");
-    if (local != MOE_OK) return local;
+    /* refused before the agreement, on every rank alike: MOE_ERR_INVAL
+     * (moe_backend.h), msg keeping this rank's own reason */
+    if (local != MOE_OK) return MOE_ERR_INVAL;
     if (agree[1])
         return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL,
-                           "another rank rejected its input for layer %d; step skipped", layer_id);
+                           "another rank could not start the step of layer %d (its input, or memory for it); "
+                           "step skipped", layer_id);
     layer->step++;
     if (trace != NULL && trace->ids != NULL)
         memcpy(trace->ids, ids, sizeof(int32_t) * (size_t)n_tokens * k);

@@ -270,13 +270,17 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
         /* the warp-specialised wgmma form where it loads and the driver
          * encodes tensor maps (MOE_CUDA_WGMMA_WS=0: the classic form) */
         engine->wgmma_ws = engine->wgmma_ok && ws == 1 && moe_cuda_wgmma_ws_supported();
+        if (engine->wgmma_ok && ws == 1 && !engine->wgmma_ws)
+            moe_log(MOE_LOG_INFO, "cuda",
+                    "grouped GEMM: wgmma in its classic form (the driver encodes no tensor maps)");
+        static const char *const orders[] = {"auto", "tile", "weight"}; /* MOE_WGMMA_ORDER_* */
         const char *order = getenv("MOE_CUDA_WGMMA_ORDER");
-        if (order == nullptr || strcmp(order, "auto") == 0) engine->wgmma_order = MOE_WGMMA_ORDER_AUTO;
-        else if (strcmp(order, "tile") == 0) engine->wgmma_order = MOE_WGMMA_ORDER_TILE;
-        else if (strcmp(order, "weight") == 0) engine->wgmma_order = MOE_WGMMA_ORDER_WEIGHT;
-        else
-            return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "MOE_CUDA_WGMMA_ORDER must be auto, tile or weight (have '%s')",
-                               order);
+        engine->wgmma_order = -1;
+        for (int i = 0; i < 3; i++)
+            if (order == nullptr || strcmp(order, orders[i]) == 0) engine->wgmma_order = order == nullptr ? 0 : i;
+        if (engine->wgmma_order < 0)
+            return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG,
+                               "MOE_CUDA_WGMMA_ORDER must be auto, tile or weight (have '%s')", order);
     }
     engine->exact = engine->cfg.moe.combine == MOE_COMBINE_EXACT && engine->ep.size > 1;
     if (engine->exact && engine->cfg.moe.gemm != MOE_GEMM_GROUPED)

@@ -161,11 +161,13 @@ moe_err_t moe_cuda_experts(moe_cuda_engine_t *engine, cuda_layer_t *L, moe_gemm_
         if (n_entries > 0) engine->grouped_runs[wgmma ? 1 : 0]++;
         if (n_entries > 0 && wgmma && engine->wgmma_ws) engine->grouped_runs[3]++;
         if (wgmma) {
-            MOE_CUDA_TRY(moe_cuda_wgmma_gemm_launch(L->w13, recv_rows, vals_sorted, k, plan, S, true, I, H,
-                                                    n_entries, engine->wgmma_bn, engine->wgmma_ws, engine->wgmma_order, act, stream));
+            const int bn = engine->wgmma_bn, order = engine->wgmma_order;
+            const bool ws = engine->wgmma_ws;
+            MOE_CUDA_TRY(moe_cuda_wgmma_gemm_launch(L->w13, recv_rows, vals_sorted, k, plan, S, true, I, H, n_entries,
+                                                    bn, ws, order, act, stream));
             moe_cuda_mark(engine, 4);
-            MOE_CUDA_TRY(moe_cuda_wgmma_gemm_launch(L->w2, act, nullptr, 1, plan, S, false, H, I, n_entries,
-                                                    engine->wgmma_bn, engine->wgmma_ws, engine->wgmma_order, y, stream));
+            MOE_CUDA_TRY(moe_cuda_wgmma_gemm_launch(L->w2, act, nullptr, 1, plan, S, false, H, I, n_entries, bn, ws,
+                                                    order, y, stream));
         } else {
             MOE_CUDA_TRY(moe_cuda_grouped_gemm_launch(L->w13, recv_rows, vals_sorted, k, plan, S, tile_rows, true, I,
                                                       H, n_entries, act, stream));

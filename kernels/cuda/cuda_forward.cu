@@ -463,16 +463,20 @@ static cuda_layer_t *find_layer(moe_cuda_engine_t *engine, int layer) {
     return nullptr;
 }
 
-/* Every rank runs the same number of chunks, or every rank fails. */
+/* Every rank runs the same number of chunks, or every rank fails, with
+ * MOE_ERR_INVAL (refused before the agreement: the step loop goes on,
+ * moe_backend.h); msg keeps this rank's own reason. */
 static moe_err_t agree(moe_cuda_engine_t *engine, moe_err_t local, int n_tokens, int layer, int *max_tokens,
                        char *msg, size_t msg_size) {
     int values[2] = {local == MOE_OK ? n_tokens : 0, local != MOE_OK};
     if (engine->ep.size > 1 &&
         MPI_Allreduce(MPI_IN_PLACE, values, 2, MPI_INT, MPI_MAX, engine->ep.comm) != MPI_SUCCESS)
         return moe_err_fmt(msg, msg_size, MOE_ERR_MPI, "step agreement (MPI_Allreduce) failed");
-    if (local != MOE_OK) return local;
+    if (local != MOE_OK) return MOE_ERR_INVAL;
     if (values[1])
-        return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL, "another rank rejected its input for layer %d; step skipped",
+        return moe_err_fmt(msg, msg_size, MOE_ERR_INVAL,
+                           "another rank could not start the step of layer %d (its input, or memory for it); step "
+                           "skipped",
                            layer);
     *max_tokens = values[0];
     return MOE_OK;
@@ -600,7 +604,7 @@ static moe_err_t forward_io(moe_cuda_engine_t *engine, int layer, const void *x,
         h_out = out_pinned ? out : RESERVE(engine, host_out, uint8_t, io_bytes);
         if ((!x_pinned && !staging) || (!bf16_io && !x_f32) || !x_bf16 || !d_out || (bf16_io && !d_out_bf16) ||
             !h_out)
-            local = MOE_ERR_NOMEM; /* msg says which buffer */
+            local = MOE_ERR_NOMEM; /* msg says how many bytes of which memory */
     }
     int max_tokens = 0;
     MOE_TRY(agree(engine, local, n_tokens, layer, &max_tokens, msg, msg_size));

@@ -21,6 +21,11 @@
 
 #include "cuda_wgmma_ops.cuh"
 
+/* barrier.sync, not the .aligned bar.sync of __syncthreads(): the two
+ * warpgroups reach it from different copies of the loop (with and without
+ * their MMAs). */
+__device__ __forceinline__ void cta_sync() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
+
 /* Persistent: CTA b computes work items b, b + gridDim.x, ... (item =
  * tile · col_blocks + column block, so the CTAs at work at one time share
  * their A rows and slots), and its copies run STAGES-2 k-blocks ahead
@@ -160,7 +165,7 @@ static cudaError_t wg_launch(const bf16 *W, const bf16 *A, const int32_t *a_inde
     constexpr int COLS = SWIGLU ? BN / 2 : BN;
     const long tiles = moe_cuda_tile_bound(n_entries, S, WG_BM);
     const long col_blocks = ((long)n_out + COLS - 1) / COLS;
-    if (tiles * col_blocks > 0x7fffffffL) return cudaErrorInvalidValue;
+    if (tiles * col_blocks > 0x7fffffffL - 1024) return cudaErrorInvalidValue; /* item += grid stays an int */
     static bool attribute_set = false; /* per instantiation; launches come from one thread */
     if (!attribute_set) {
         cudaError_t e = cudaFuncSetAttribute(wgmma_kernel<BN, SWIGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -159,11 +159,6 @@ __device__ __forceinline__ __nv_bfloat162 epi_pair(const float *d, int j, int h)
     return __floats2bfloat162_rn(v0, v1);
 }
 
-/* barrier.sync, not the .aligned bar.sync of __syncthreads(): the two
- * warpgroups reach it from different copies of the loop (with and without
- * their MMAs). */
-__device__ __forceinline__ void cta_sync() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
-
 /* One k-block of warpgroup wg's MMAs (its 64 rows of the A tile at stage,
  * the B tile after the A tile's WG_BM rows), committed as one group. */
 template <int BN>

@@ -10,18 +10,21 @@
  *   and the A tile either the same way (a_index NULL: the rows in order, as
  *   the down GEMM reads act) or, for the gathered gate/up rows, by
  *   cp.async from all 128 producer threads, 8 chunks of 16 bytes each;
- * - the two MMA warpgroups (registers raised to 224: 56·128 + 224·256 is what 384 threads of 168 hold) each own 64 rows of
- *   the 128-row tile, as in the classic form.
+ * - the two MMA warpgroups (registers raised to 224: 56·128 + 224·256
+ *   is what 384 threads of 168 hold, and neither side spills) each own
+ *   64 rows of the 128-row tile, as in the classic form.
  * A "full" mbarrier per buffer completes when its bytes have landed (the
  *   tensor copies count their bytes on it; each producer thread's cp.async
  *   arrive on it once they complete), an "empty" one when each of the 8
  *   MMA warps has finished the wgmma that read it (one arrival per warp
- *   after wgmma.wait_group 1). The producer waits for "empty" before it
+ *   after wgmma.wait_group 1, or after wait_group 0 for an item's last
+ *   block, or at once from a warpgroup that a partial tile leaves without
+ *   rows). The producer waits for "empty" before it
  *   refills a buffer, so it runs up to STAGES - 1 blocks ahead of the MMAs
  *   (the classic form: STAGES - 2, since every thread copies and
  *   multiplies), and no CTA-wide barrier remains in the loop.
- * Covered by tests/cuda_layer.c (tile forms "ws64", "ws128", "ws256")
- * under compute-sanitizer in scripts/gpu-test.sh. */
+ * Covered by tests/cuda_layer.c (tile forms "ws64", "ws128", "ws256" and
+ * "wsweight") under compute-sanitizer in scripts/gpu-test.sh. */
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -61,8 +64,8 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 /* One box of a tensor map at (k, row) into dst, its bytes counted on bar. */
 __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap *map, int k, int row, uint32_t bar) {
     asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-            dst),
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
         "l"(map), "r"(k), "r"(row), "r"(bar)
         : "memory");
 }
@@ -235,17 +238,26 @@ static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder(void) {
 
 /* A bf16 matrix [rows, K] (row pitch K) as a 2-D tensor of boxes 64 k by
  * box_rows rows in the 128-byte swizzle (the layout wg_desc names); zeros
- * past its ends. */
-static cudaError_t tile_map(CUtensorMap *map, const bf16 *ptr, long rows, int K, int box_rows) {
+ * past its ends. A failure is logged with the map's shape (`what`: which
+ * operand); the launch returns it as a CUDA error. Rows stay below
+ * 2^31 - 256: the kernel adds up to BN/2 to a row index. */
+static cudaError_t tile_map(CUtensorMap *map, const char *what, const bf16 *ptr, long rows, int K, int box_rows) {
     PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
     if (encode == nullptr) return cudaErrorNotSupported;
-    if (rows <= 0 || rows > 0x7fffffffL) return cudaErrorInvalidValue;
+    if (rows <= 0 || rows > 0x7fffffffL - 256) {
+        moe_log(MOE_LOG_ERROR, "cuda", "wgmma: %s tensor map of %ld rows (at most 2^31 - 256)", what, rows);
+        return cudaErrorInvalidValue;
+    }
     const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)rows}, strides[1] = {(cuuint64_t)K * sizeof(bf16)};
     const cuuint32_t box[2] = {WG_BK, (cuuint32_t)box_rows}, unit[2] = {1, 1};
     const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)ptr, dims, strides, box, unit,
                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                               CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+    if (r == CUDA_SUCCESS) return cudaSuccess;
+    moe_log(MOE_LOG_ERROR, "cuda",
+            "wgmma: cuTensorMapEncodeTiled for %s (%ld rows, K %d, boxes of %d rows): CUresult %d", what, rows, K,
+            box_rows, (int)r);
+    return cudaErrorInvalidValue;
 }
 
 template <int BN, bool SWIGLU>
@@ -265,12 +277,12 @@ static cudaError_t ws_launch(const bf16 *W, const bf16 *A, const int32_t *a_inde
      * 1.46 and 5.83 / 5.70; DeepSeek-V3 T=16384 gate/up (16) 15.84 / 18.71,
      * down (28) 8.66 / 9.13; Qwen3 (6 and 8) 0.426 / 0.443 gate/up at 4096. */
     const bool by_weight = order == MOE_WGMMA_ORDER_WEIGHT || (order == MOE_WGMMA_ORDER_AUTO && col_blocks >= 32);
-    if (tiles * col_blocks > 0x7fffffffL) return cudaErrorInvalidValue;
+    if (tiles * col_blocks > 0x7fffffffL - 1024) return cudaErrorInvalidValue; /* item += grid stays an int */
     const int n_rows_w = SWIGLU ? 2 * n_out : n_out;
     CUtensorMap w_map, a_map;
     memset(&a_map, 0, sizeof a_map);
-    cudaError_t e = tile_map(&w_map, W, (long)S * n_rows_w, K, BN / 2);
-    if (e == cudaSuccess && a_index == nullptr) e = tile_map(&a_map, A, n_entries, K, WG_BM);
+    cudaError_t e = tile_map(&w_map, "weights", W, (long)S * n_rows_w, K, BN / 2);
+    if (e == cudaSuccess && a_index == nullptr) e = tile_map(&a_map, "A rows", A, n_entries, K, WG_BM);
     if (e != cudaSuccess) return e;
     static bool attribute_set = false; /* per instantiation; launches come from one thread */
     if (!attribute_set) {
