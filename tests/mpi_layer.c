@@ -3,8 +3,10 @@
  * random token count from a fresh seed, with each moe.comm (round 0
  * alltoall and 1 allgather, each with one rank holding no tokens; 2 auto
  * with the allgather threshold fixed at 5 tokens, so that the chunked
- * case mixes both exchanges in one step). Exit status 0 when
- * every rank matched within 1e-5; run by test_mpi.c. */
+ * case mixes both exchanges in one step); then a step one rank cannot
+ * start (refused on every rank, the next one served) and, on two ranks,
+ * EPLB migration. Exit status 0 when every rank matched within 1e-5; run
+ * by test_mpi.c. */
 #include <math.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -79,6 +81,60 @@ done:
     return failures;
 }
 
+/* A step that one rank cannot start (here: its client routing names an
+ * expert that does not exist) is refused on every rank with MOE_ERR_INVAL,
+ * the step loop's "go on" (moe_backend.h), the bad rank's message naming
+ * its own reason; the next step, valid everywhere, then matches the
+ * reference on every rank (no rank was left in a collective). */
+static int check_refusal(moe_ep_t ep, uint64_t seed) {
+    int c = 0;
+    while (c + 1 < moe_test_case_count && moe_test_cases[c].method != MOE_ROUTE_CLIENT) c++;
+    moe_config_t cfg;
+    moe_test_case_config(&moe_test_cases[c], ep.size, &cfg);
+    const int H = cfg.model.hidden, k = cfg.model.top_k, E = cfg.model.experts, T = 9 + ep.rank * 4;
+    char msg[512] = "";
+    int failures = 0;
+    moe_cpu_engine_t *engine = NULL;
+    moe_test_ref_t *ref = moe_test_ref_create(&cfg, msg, sizeof msg);
+    float *x = malloc(sizeof(float) * (size_t)T * H), *out = malloc(sizeof(float) * (size_t)T * H);
+    double *want = malloc(sizeof(double) * (size_t)T * H);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)T * k);
+    float *w = malloc(sizeof(float) * (size_t)T * k);
+    if (ref == NULL || !x || !out || !want || !ids || !w || moe_cpu_create(&cfg, ep, &engine, msg, sizeof msg) != MOE_OK) {
+        fprintf(stderr, "FAIL rank %d refusal setup: %s\n", ep.rank, msg);
+        failures = 1;
+        goto done;
+    }
+    const int layer = cfg.model.layer_ids[0];
+    moe_test_fill_random(x, (size_t)T * H, seed);
+    moe_test_client_routing(seed, T, k, E, ids, w);
+    if (ep.rank == ep.size - 1) ids[k] = E + 3; /* the second token's first choice */
+    msg[0] = '\0';
+    moe_err_t err = moe_cpu_forward(engine, layer, x, T, ids, w, out, NULL, msg, sizeof msg);
+    if (err != MOE_ERR_INVAL || msg[0] == '\0') {
+        fprintf(stderr, "FAIL rank %d refusal: %s (%s), want MOE_ERR_INVAL with a reason\n", ep.rank,
+                moe_err_name(err), msg);
+        failures = 1;
+    }
+    moe_test_client_routing(seed, T, k, E, ids, w);
+    if (moe_cpu_forward(engine, layer, x, T, ids, w, out, NULL, msg, sizeof msg) != MOE_OK) {
+        fprintf(stderr, "FAIL rank %d step after the refusal: %s\n", ep.rank, msg);
+        failures = 1;
+        goto done;
+    }
+    moe_test_ref_forward(ref, layer, x, T, ep.rank, ep.size, ids, w, want, NULL);
+    const double e = moe_test_rel_error(out, want, (size_t)T * H);
+    if (!(e <= 1e-5)) {
+        fprintf(stderr, "FAIL rank %d step after the refusal: error %g\n", ep.rank, e);
+        failures = 1;
+    }
+done:
+    moe_cpu_destroy(engine);
+    moe_test_ref_destroy(ref);
+    free(x), free(out), free(want), free(ids), free(w);
+    return failures;
+}
+
 int main(int argc, char **argv) {
     unsigned long long seed;
     moe_ep_t ep = moe_test_mpi_start(&argc, &argv, &seed);
@@ -102,6 +158,7 @@ int main(int argc, char **argv) {
             failures += bad;
         }
     }
+    failures += check_refusal(ep, seed + 97);
     if (ep.size == 2) {
         failures += check_migration(ep, seed + 99, MOE_COMM_ALLTOALL);
         failures += check_migration(ep, seed + 98, MOE_COMM_ALLGATHER);
