@@ -15,8 +15,11 @@
 #   daemon  moed under mpirun with 1 rank (and 2 with >= 2 GPUs) on the tiny
 #           config with moe.backend cuda, the same with cpu; the same
 #           moectl forward (64 tokens, seed 5) on both, in bf16 and in f32
-#           (the daemons' bf16 and float32 step rows); outputs must agree
-#           (max|a-b|/max|b| <= 2e-2, no NaN); shutdown, every rank exits 0.
+#           (the daemons' bf16 and float32 step rows), then three equal
+#           3-token forwards; outputs must agree (max|a-b|/max|b| <= 2e-2,
+#           no NaN), and on the Qwen3-shaped model with 1 rank the 3-token
+#           steps must have run as a CUDA graph (its log line); shutdown,
+#           every rank exits 0.
 #           Without --quick also a Qwen3-shaped 1-layer model with 1 rank.
 #           With 2 GPUs also eplb online (12 slots, zipf router): 6
 #           forwards, `moectl rebalance`, the compared forward; the stats
@@ -225,6 +228,12 @@ daemon_run() {
         timeout 300 "${ctl[@]}" forward --layer 0 --tokens 64 --seed 5 --hidden "$hidden" --dtype "$dt" \
             --output "$out.$dt.npy" >> "$log" 2>&1 || frc=1
     done
+    # three equal 3-token steps: on one GPU the second is captured as a CUDA
+    # graph and the third launches it (cuda_graph.cu)
+    for s in 1 2 3; do
+        timeout 300 "${ctl[@]}" forward --layer 0 --tokens 3 --seed 7 --hidden "$hidden" --dtype "$DTYPE" \
+            --output "$out.small$s.npy" >> "$log" 2>&1 || frc=1
+    done
     "${ctl[@]}" stats --json > "$TMP/$tag-stats.json" 2>> "$log"
     cat "$TMP/$tag-stats.json" >> "$log"
     if [ "$warm" -gt 0 ] && ! "$PYTHON" -c 'import json,sys; d=json.load(open(sys.argv[1])); d=d.get("result", d)
@@ -322,6 +331,19 @@ daemon_compare() {
             skip "daemon-$name-np$np-compare-$BACKEND-vs-cpu-$dt: a daemon run failed"
         fi
     done
+    [ $ok = 1 ] && compare_npy "daemon-$name-np$np-compare-$BACKEND-vs-cpu-3-tokens" \
+        "$TMP/daemon-$name-np$np-test.small3.npy" "$TMP/daemon-$name-np$np-ref.small3.npy"
+    # the Qwen3-shaped layer on one GPU (its autotuner picks the grouped
+    # kernels at 3 rows; routing on the device by a method that does not
+    # draw anew each step): the small steps ran as a graph
+    if [ $ok = 1 ] && [ "$BACKEND" = cuda ] && [ "$np" = 1 ] && [ "$name" = qwen3-1layer ] &&
+        [ "${EPLB:-0}" != 1 ] && { [ -z "$method" ] || [ "$method" = perfect ]; }; then
+        if grep -q "captured as a CUDA graph" "$D/daemon-$name-np$np-test.log"; then
+            pass "daemon-$name-np$np-graph: its 3-token steps ran as a CUDA graph"
+        else
+            fail "daemon-$name-np$np-graph: no step was captured as a CUDA graph (detail/daemon-$name-np$np-test.log)"
+        fi
+    fi
 }
 
 # bench SHAPE NP H I E K [GEMM]: moe-bench JSON into $D/moed-SHAPE-npNP.json

@@ -301,6 +301,120 @@ static int check_bf16_io(moe_ep_t ep, uint64_t seed, int *runs) {
     return failed;
 }
 
+/* Small steps as CUDA graphs (one rank, cuda_graph.cu): a step of 1, 3
+ * or 16 tokens with the daemon's trace (slot counts alone) may run as a
+ * graph — the second step of a size at an epoch is captured, later ones
+ * launch it. Every such step is checked bit for bit, with its slot counts,
+ * against the same input through the usual path (a full trace keeps a step
+ * out of graphs), which is checked against the reference; 13 rounds of
+ * fresh inputs per case, and before rounds 4, 7 and 10 what makes every
+ * graph stale: a 300-token step (the workspace grows), a reload
+ * (moe_cuda_reconfigure) and an EPLB migration (new weight buffers and
+ * slot table). Each of the four stretches captures every size once and
+ * launches it twice (the first steps of a size run uncaptured). The cases
+ * with replicas exchange by moe.comm allgather. */
+static int check_graphs(moe_ep_t ep, uint64_t seed, int *runs) {
+    if (ep.size != 1) return 0;
+    int failed = 0;
+    long long captured_all = 0, launched_all = 0;
+    for (int i = 0; i < moe_test_case_count && !failed; i++) {
+        const moe_test_case_t *c = &moe_test_cases[i];
+        moe_config_t cfg, ref_cfg;
+        moe_test_case_config(c, ep.size, &cfg);
+        const moe_route_method_t method = cfg.model.routing.method;
+        if ((method != MOE_ROUTE_SOFTMAX_TOPK && method != MOE_ROUTE_RENORMALIZE && method != MOE_ROUTE_PERFECT) ||
+            c->shared || c->chunk)
+            continue;
+        cfg.moe.gemm = MOE_GEMM_GROUPED;
+        if (c->replicas) cfg.moe.comm = MOE_COMM_ALLGATHER; /* its copies and padding on one rank, captured too */
+        ref_cfg = cfg;
+        ref_cfg.model.routing.method = MOE_ROUTE_CLIENT; /* the reference takes the GPU's decision */
+        const int H = cfg.model.hidden, k = cfg.model.top_k, E = cfg.model.experts, layer = cfg.model.layer_ids[0];
+        const int sizes[] = {1, 3, 16}, T_big = 300;
+        char msg[512] = "";
+        moe_cuda_engine_t *gpu = NULL;
+        moe_test_ref_t *ref = moe_test_ref_create(&ref_cfg, msg, sizeof msg);
+        float *x = malloc(sizeof(float) * (size_t)T_big * H), *out_g = malloc(sizeof(float) * (size_t)T_big * H);
+        float *out_n = malloc(sizeof(float) * (size_t)T_big * H), *w = malloc(sizeof(float) * (size_t)T_big * k);
+        float *logits = malloc(sizeof(float) * (size_t)T_big * E);
+        int32_t *ids = malloc(sizeof(int32_t) * (size_t)T_big * k);
+        double *want = malloc(sizeof(double) * (size_t)T_big * H);
+        static int64_t counts_g[MOE_MAX_SLOTS], counts_n[MOE_MAX_SLOTS];
+        if (ref == NULL || !x || !out_g || !out_n || !w || !logits || !ids || !want ||
+            moe_cuda_create(&cfg, ep, &gpu, msg, sizeof msg) != MOE_OK) {
+            fprintf(stderr, "FAIL graphs %s setup: %s\n", c->name, msg);
+            failed = 1;
+        }
+        const int n_slots = gpu != NULL ? moe_cuda_slot_count(gpu) : 0;
+        for (int round = 0; round < 13 && !failed; round++) {
+            if (round == 4) { /* the workspace grows */
+                moe_test_fill_random(x, (size_t)T_big * H, seed + 99);
+                if (moe_cuda_forward(gpu, layer, x, T_big, NULL, NULL, out_n, NULL, msg, sizeof msg) != MOE_OK) {
+                    fprintf(stderr, "FAIL graphs %s: %d tokens: %s\n", c->name, T_big, msg);
+                    failed = 1;
+                }
+            }
+            if (round == 7) moe_cuda_reconfigure(gpu, &cfg);
+            if (round == 10 && !failed) { /* a new placement: slots permuted */
+                int next[MOE_MAX_SLOTS];
+                for (int sl = 0; sl < n_slots; sl++) next[sl] = sl < E ? (sl * 3 + 1) % E : E - 1 - (sl - E) % E;
+                if (moe_cuda_migrate(gpu, layer, next, NULL, msg, sizeof msg) != MOE_OK) {
+                    fprintf(stderr, "FAIL graphs %s: migration: %s\n", c->name, msg);
+                    failed = 1;
+                }
+            }
+            for (int si = 0; si < 3 && !failed; si++) {
+                const int T = sizes[si];
+                const size_t n = (size_t)T * H;
+                moe_test_fill_random(x, n, seed + (uint64_t)i * 1000 + (uint64_t)round * 10 + (uint64_t)si);
+                for (size_t v = 0; v < n; v++) out_g[v] = out_n[v] = NAN;
+                memset(counts_g, 0, sizeof counts_g);
+                memset(counts_n, 0, sizeof counts_n);
+                moe_route_trace_t daemon_trace = {NULL, NULL, counts_g, NULL, false};
+                moe_route_trace_t full_trace = {ids, w, counts_n, logits, false};
+                if (moe_cuda_forward(gpu, layer, x, T, NULL, NULL, out_g, &daemon_trace, msg, sizeof msg) != MOE_OK ||
+                    moe_cuda_forward(gpu, layer, x, T, NULL, NULL, out_n, &full_trace, msg, sizeof msg) != MOE_OK) {
+                    fprintf(stderr, "FAIL graphs %s, round %d, %d tokens: %s\n", c->name, round, T, msg);
+                    failed = 1;
+                    break;
+                }
+                (*runs)++;
+                moe_test_ref_forward(ref, layer, x, T, ep.rank, ep.size, ids, w, want, NULL);
+                const double err = moe_test_rel_error(out_n, want, n);
+                if (!(err <= 2e-2)) {
+                    fprintf(stderr, "FAIL graphs %s, round %d, %d tokens (seed %llu): relative error %g\n", c->name,
+                            round, T, (unsigned long long)seed, err);
+                    failed = 1;
+                }
+                if (memcmp(out_g, out_n, sizeof(float) * n) != 0 ||
+                    memcmp(counts_g, counts_n, sizeof(int64_t) * (size_t)n_slots) != 0) {
+                    fprintf(stderr, "FAIL graphs %s, round %d, %d tokens: the step with slot counts alone (a graph "
+                            "from round 1 on) differs from the usual path's, outputs or counts\n", c->name, round, T);
+                    failed = 1;
+                }
+            }
+        }
+        if (gpu != NULL) {
+            long long captured = 0, launched = 0;
+            moe_cuda_graph_counts(gpu, &captured, &launched);
+            captured_all += captured, launched_all += launched;
+            if (!failed && (captured < 3 * 4 || launched < 3 * 8)) {
+                fprintf(stderr, "FAIL graphs %s: %lld graphs captured and %lld launched over 13 rounds of 3 sizes "
+                        "(want 4 and 8 per size)\n",
+                        c->name, captured, launched);
+                failed = 1;
+            }
+        }
+        moe_cuda_destroy(gpu);
+        moe_test_ref_destroy(ref);
+        free(x), free(out_g), free(out_n), free(w), free(logits), free(ids), free(want);
+    }
+    if (!failed)
+        printf("cuda_layer: graphs: %lld captured, %lld launched, every step bit-identical to the usual path\n",
+               captured_all, launched_all);
+    return failed;
+}
+
 /* EPLB migration: a forward, a new placement (slots permuted, and the extra
  * slots now replicate the highest experts instead of the lowest: copied on
  * the device, and with more ranks regenerated), the same forward again: on
@@ -650,6 +764,7 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
     memset(&shape, 0, sizeof shape);
     failures += check_cache(ep);
     failures += check_bf16_io(ep, seed + 777, &runs);
+    failures += check_graphs(ep, seed + 888, &runs);
     *runs_out += runs;
     if (worst > *worst_out) *worst_out = worst;
     return failures;

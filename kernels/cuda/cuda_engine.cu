@@ -19,6 +19,12 @@ extern "C" {
 void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t msg_size) {
     if (bytes == 0) bytes = 16;
     if (buffer->ptr != nullptr && buffer->size >= bytes) return buffer->ptr;
+    if (moe_cuda_capturing()) { /* cuda_graph.cu: a capture neither allocates nor frees */
+        moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: a buffer would grow to %zu bytes inside a graph capture",
+                    bytes);
+        return nullptr;
+    }
+    moe_cuda_reserve_moved();
     size_t grown = buffer->size * 3 / 2 > bytes ? buffer->size * 3 / 2 : bytes;
     if (buffer->ptr != nullptr) {
         if (buffer->host) cudaFreeHost(buffer->ptr);
@@ -282,6 +288,9 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
             return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG,
                                "MOE_CUDA_WGMMA_ORDER must be auto, tile or weight (have '%s')", order);
     }
+    /* small steps as CUDA graphs up to this many tokens (cuda_graph.cu) */
+    if (!env_int("MOE_CUDA_GRAPH_TOKENS", 16, 0, MOE_CUDA_ROUTER_MAX_TOKENS, &engine->graphs.max_tokens, msg, msg_size))
+        return MOE_ERR_CONFIG;
     engine->exact = engine->cfg.moe.combine == MOE_COMBINE_EXACT && engine->ep.size > 1;
     if (engine->exact && engine->cfg.moe.gemm != MOE_GEMM_GROUPED)
         return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG, "moe.combine: 'exact' needs moe.gemm: grouped (have '%s')",
@@ -432,6 +441,7 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
     if (ret == MOE_OK && !up)
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda engine: another rank failed to start");
     if (ret == MOE_OK) ret = moe_cuda_tune_comm(engine, msg, msg_size);
+    if (ret == MOE_OK) ret = moe_cuda_graphs_init(engine, engine->graphs.max_tokens, msg, msg_size);
     if (ret != MOE_OK) {
         moe_cuda_destroy(engine);
         return ret;
@@ -468,6 +478,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
         (void)moe_cuda_migrate_end(engine, false, nullptr, msg, sizeof msg);
     }
     if (engine->stream != nullptr) cudaStreamSynchronize(engine->stream);
+    moe_cuda_graphs_destroy(engine);
     for (int l = 0; engine->layers != nullptr && l < engine->n_layers; l++) {
         cuda_layer_t *L = &engine->layers[l];
         cudaFree(L->router), cudaFree(L->bias), cudaFree(L->w13), cudaFree(L->w2);
@@ -508,6 +519,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
 }
 
 extern "C" void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config_t *cfg) {
+    moe_cuda_graphs_invalidate(engine); /* they baked in the chunking and the GEMM table */
     engine->cfg.moe.chunking = cfg->moe.chunking;
     engine->cfg.moe.max_tokens_per_step = cfg->moe.max_tokens_per_step;
     if (cfg->moe.gemm == engine->cfg.moe.gemm) return;

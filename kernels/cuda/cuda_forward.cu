@@ -30,8 +30,6 @@
 #define RESERVE(engine, name, type, n) \
     ((type *)moe_cuda_reserve(&(engine)->ws.name, sizeof(type) * (size_t)(n), msg, msg_size))
 
-enum { EV_FRONT = 0, EV_EXPERTS, EV_COMBINE, EV_FINISH, EV_COUNTED };
-
 /* One chunk in flight: what its phases hand to each other. */
 typedef struct {
     int set; /* buffer set, 0 or 1 */
@@ -246,9 +244,12 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     const int R = engine->ep.size, k = engine->cfg.model.top_k, T = c->T;
     cuda_chunk_ws_t *ws = &engine->ws.chunk[c->set];
     /* the set's buffers are free once the chunk that used them last is
-     * finished and counted */
-    MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_FINISH], 0));
-    MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_COUNTED], 0));
+     * finished and counted (a captured step: waited for before its graph's
+     * launch, cuda_graph.cu) */
+    if (!engine->capturing) {
+        MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_FINISH], 0));
+        MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_COUNTED], 0));
+    }
     c->entry_slot = (int32_t *)moe_cuda_reserve(&ws->entry_slot, sizeof(int32_t) * (size_t)T * k, msg, msg_size);
     c->flags = (int32_t *)moe_cuda_reserve(&ws->flags, sizeof(int32_t) * (size_t)R * T, msg, msg_size);
     c->scan = (int32_t *)moe_cuda_reserve(&ws->scan, sizeof(int32_t) * (size_t)R * T, msg, msg_size);
@@ -518,8 +519,54 @@ static moe_err_t run_chunks(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf
         MOE_TRY(combine(engine, c, st, msg, msg_size));
         MOE_TRY(finish(engine, L, c, trace, msg, msg_size));
     }
-    L->step++;
+    if (engine->capturing && engine->counting) /* the counting branch joins the captured step */
+        MOE_CUDA_TRY(cudaStreamWaitEvent(engine->stream, engine->ev[0][EV_COUNTED], 0));
+    if (!engine->capturing) L->step++; /* a graph's launch counts its step (cuda_graph.cu) */
     return MOE_OK;
+}
+
+/* A step as a CUDA graph (cuda_graph.cu) when it can be one: one rank, one
+ * chunk of at most MOE_CUDA_GRAPH_TOKENS tokens, routing on the device by
+ * a method that does not draw anew at every step, the router's small-T
+ * kernel and moed's grouped kernels (cuBLAS's calls want counts on the
+ * host), no shared expert (its cuBLAS GEMMs are not captured), no routing
+ * trace but the slot counts, no per-phase profile. */
+static bool graphable(const moe_cuda_engine_t *engine, int n_tokens, const int32_t *routed_ids,
+                      const moe_route_trace_t *trace) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    const int chunk = engine->cfg.moe.chunking.max_tokens_per_chunk;
+    const moe_route_method_t method = m->routing.method;
+    const bool device_routing = method == MOE_ROUTE_SOFTMAX_TOPK || method == MOE_ROUTE_RENORMALIZE ||
+                                method == MOE_ROUTE_SIGMOID_GROUP_TOPK || method == MOE_ROUTE_PERFECT;
+    return n_tokens > 0 && n_tokens <= engine->graphs.max_tokens && n_tokens <= MOE_CUDA_ROUTER_MAX_TOKENS &&
+           engine->ep.size == 1 && (chunk <= 0 || n_tokens <= chunk) && device_routing && routed_ids == nullptr &&
+           m->hidden % 8 == 0 && m->shared_intermediate == 0 && !engine->profile.on &&
+           engine->gemm_table[moe_cuda_bucket(n_tokens)] == MOE_IMPL_GROUPED &&
+           (trace == nullptr || (trace->ids == nullptr && trace->weights == nullptr && trace->logits == nullptr));
+}
+
+typedef struct {
+    moe_cuda_engine_t *engine;
+    cuda_layer_t *L;
+    const bf16 *x;
+    int n_tokens;
+    float *out;
+} graph_step_t;
+
+static moe_err_t graph_step(void *ctx, char *msg, size_t msg_size) {
+    graph_step_t *a = (graph_step_t *)ctx;
+    return run_chunks(a->engine, a->L, a->x, a->n_tokens, a->n_tokens, nullptr, nullptr, a->out, nullptr, msg,
+                      msg_size);
+}
+
+/* The step of a layer: its chunks, as a graph where it can be one. */
+static moe_err_t run_step(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf16 *x, int n_tokens, int max_tokens,
+                          const int32_t *routed_ids, const float *routed_weights, float *out,
+                          moe_route_trace_t *trace, char *msg, size_t msg_size) {
+    if (!graphable(engine, n_tokens, routed_ids, trace))
+        return run_chunks(engine, L, x, n_tokens, max_tokens, routed_ids, routed_weights, out, trace, msg, msg_size);
+    graph_step_t a = {engine, L, x, n_tokens, out};
+    return moe_cuda_graph_run(engine, (int)(L - engine->layers), L, n_tokens, x, out, graph_step, &a, msg, msg_size);
 }
 
 /* The step's slot counts (EPLB statistics), counted on aux_balancer:
@@ -624,8 +671,8 @@ static moe_err_t forward_io(moe_cuda_engine_t *engine, int layer, const void *x,
     }
     engine->counting = ret == MOE_OK && trace != nullptr && trace->slot_counts != nullptr;
     if (ret == MOE_OK)
-        ret = run_chunks(engine, L, x_bf16, n_tokens, max_tokens, routed_ids, routed_weights, d_out, trace, msg,
-                         msg_size);
+        ret = run_step(engine, L, x_bf16, n_tokens, max_tokens, routed_ids, routed_weights, d_out, trace, msg,
+                       msg_size);
     if (ret == MOE_OK && engine->counting) ret = step_counts(engine, trace, msg, msg_size);
     if (ret != MOE_OK && engine->counting) /* a failed step's partial counts must not reach the next one */
         cudaMemsetAsync(engine->d_step_counts, 0, sizeof(unsigned long long) * engine->slots.n_slots, engine->balancer);
@@ -701,7 +748,7 @@ extern "C" moe_err_t moe_cuda_bench(moe_cuda_engine_t *engine, int layer, int n_
     for (int it = 0; ret == MOE_OK && it < warmup + iters; it++) {
         if (engine->ep.size > 1) MPI_Barrier(engine->ep.comm);
         cudaEventRecord(start, engine->stream);
-        ret = run_chunks(engine, L, x, n_tokens, n_tokens, ids, weights, out, nullptr, msg, msg_size);
+        ret = run_step(engine, L, x, n_tokens, n_tokens, ids, weights, out, nullptr, msg, msg_size);
         cudaEventRecord(stop, engine->stream);
         cudaError_t e = cudaEventSynchronize(stop);
         if (ret == MOE_OK && e != cudaSuccess)

@@ -130,6 +130,21 @@ typedef enum { MOE_IMPL_CUBLAS = 0, MOE_IMPL_GROUPED = 1, MOE_IMPL_COUNT } moe_g
  * 2^b received rows (bucket 0: one row; rows 0 use bucket 0). */
 #define MOE_GEMM_BUCKETS 25
 
+/* A step's events per buffer set (engine->ev[set][...]). */
+enum { EV_FRONT = 0, EV_EXPERTS, EV_COMBINE, EV_FINISH, EV_COUNTED };
+
+/* One layer's step of one token count as a CUDA graph (cuda_graph.cu). */
+typedef struct {
+    cudaGraphExec_t exec;        /* NULL: not captured (yet) */
+    uint64_t epoch;              /* moe_cuda_graph_epoch when the entry was last reset */
+    const void *x, *out;         /* the step's device input and output it was captured with */
+    bool counting;               /* with the EPLB slot counting */
+    bool failed;                 /* its capture failed in this epoch */
+    int runs;                    /* steps run uncaptured in this epoch */
+    int tokens;
+    long long grouped_runs[4];   /* what one launch adds to engine->grouped_runs */
+} cuda_graph_t;
+
 /* Per-phase CUDA events of one chunk, when MOE_CUDA_PROFILE is set. */
 #define MOE_CUDA_PHASES 8
 typedef struct {
@@ -166,7 +181,7 @@ struct moe_cuda_engine {
         bf16 *w13, *w2;
         int64_t bytes;
     } migration;
-    cudaEvent_t ev_begin, ev[2][5]; /* per buffer set: front, experts, combine, finish, counted done */
+    cudaEvent_t ev_begin, ev[2][5]; /* per buffer set: EV_FRONT .. EV_COUNTED */
     cudaEvent_t ev_input;           /* a forward's input is on the device (its host copy may be reused) */
     unsigned long long *d_step_counts; /* [n_slots] (token, expert) entries per slot this step, on balancer */
     bool counting;                     /* this step counts (a trace asked for slot counts) */
@@ -203,11 +218,37 @@ struct moe_cuda_engine {
     int grouped_min_slots; /* use it only with more local slots than this (16; 0 with MOE_CUDA_FORCE_GROUPED) */
     cuda_profile_t profile;
     cuda_workspace_t ws;
+    struct {                 /* small steps as CUDA graphs (cuda_graph.cu) */
+        cuda_graph_t *entry; /* [n_layers][max_tokens] */
+        int max_tokens;      /* MOE_CUDA_GRAPH_TOKENS (16; 0: none) */
+        uint64_t epoch;      /* bumped by what a graph may have baked in: reload, migration, slot tables */
+        long long captured, launched;
+    } graphs;
+    bool capturing; /* a step is being captured: no waits on events recorded outside it */
 };
 
 /* Returns the buffer grown to at least `bytes` (contents not kept), or NULL
- * with msg set. */
+ * with msg set (also for growth inside a graph capture). */
 void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t msg_size);
+
+/* CUDA graphs of small steps (cuda_graph.cu). A step function runs one
+ * layer's step on the main stream (it may be captured). */
+typedef moe_err_t (*moe_cuda_step_fn)(void *ctx, char *msg, size_t msg_size);
+moe_err_t moe_cuda_graphs_init(moe_cuda_engine_t *engine, int max_tokens, char *msg, size_t msg_size);
+void moe_cuda_graphs_destroy(moe_cuda_engine_t *engine);
+/* Every graph captured so far goes stale (what it baked in changed). */
+void moe_cuda_graphs_invalidate(moe_cuda_engine_t *engine);
+/* The engine's graph epoch: its own plus every workspace move. */
+uint64_t moe_cuda_graph_epoch(const moe_cuda_engine_t *engine);
+void moe_cuda_reserve_moved(void);
+bool moe_cuda_capturing(void);
+/* Runs step(ctx), the step of `n_tokens` (1 .. graphs.max_tokens) tokens
+ * of layer L (engine->layers[layer_index]) from device input x into
+ * device output out: as usual, or captured and launched as a graph, or
+ * by launching the graph captured before; L->step counts a launched one. */
+moe_err_t moe_cuda_graph_run(moe_cuda_engine_t *engine, int layer_index, cuda_layer_t *L, int n_tokens,
+                             const void *x, const void *out, moe_cuda_step_fn step, void *ctx, char *msg,
+                             size_t msg_size);
 
 /* One chunk of the forward on device-resident bf16 input, on the main
  * stream only (cuda_forward.cu): T tokens here, chunk_max the most any rank

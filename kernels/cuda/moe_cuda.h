@@ -105,6 +105,10 @@ const char *moe_cuda_gemm_table(const moe_cuda_engine_t *engine);
 void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long long *wgmma, long long *ws, long long *mma,
                             long long *decode, bool *wgmma_ok);
 
+/* Steps captured as CUDA graphs, and graph launches, since the engine
+ * started (tests, logs). */
+void moe_cuda_graph_counts(const moe_cuda_engine_t *engine, long long *captured, long long *launched);
+
 /* "NVIDIA H200, 132 SMs, 139.8 GiB, cc 9.0" */
 const char *moe_cuda_device_name(const moe_cuda_engine_t *engine);
 

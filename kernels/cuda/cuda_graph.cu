@@ -1,0 +1,135 @@
+/* cuda_graph: small steps replayed as CUDA graphs (DESIGN §4).
+ *
+ * A step of a few tokens is a handful of short kernels (router, routing,
+ * the two decode kernels): on an H200 a Qwen3-shaped layer's kernels take
+ * ~26 µs back to back but ~33 µs issued one call at a time, where the
+ * host's launches, event records and waits set the pace. A graph is one
+ * launch. Each served layer keeps a graph per token count up to
+ * MOE_CUDA_GRAPH_TOKENS (default 16): the first step of a size runs as
+ * usual (its buffers are reserved then), the second is captured on the
+ * main stream and launched, later ones are launched. What a graph bakes in
+ * — buffer addresses, weights, the slot table's address, the GEMM table —
+ * may change: a graph is kept only while the epoch it was captured at is
+ * current (moe_cuda_graph_epoch: workspace growth anywhere, a reload, a
+ * migration or a new slot table), and while the step's input and output
+ * buffers and its counting are the captured ones. A capture that fails
+ * (a call that cannot be captured) runs the step as usual and is not
+ * tried again in that epoch. The caller decides which steps may be
+ * captured (cuda_forward.cu). */
+#include "cuda_internal.h"
+
+/* Every growth of a workspace buffer anywhere moves it (moe_cuda_reserve). */
+static unsigned long long reserve_moves;
+/* This thread is capturing a step: nothing may be allocated or freed. */
+static thread_local bool capturing_here;
+
+void moe_cuda_reserve_moved(void) { __atomic_add_fetch(&reserve_moves, 1, __ATOMIC_RELAXED); }
+
+bool moe_cuda_capturing(void) { return capturing_here; }
+
+uint64_t moe_cuda_graph_epoch(const moe_cuda_engine_t *engine) {
+    return engine->graphs.epoch + __atomic_load_n(&reserve_moves, __ATOMIC_RELAXED);
+}
+
+void moe_cuda_graphs_invalidate(moe_cuda_engine_t *engine) { engine->graphs.epoch++; }
+
+moe_err_t moe_cuda_graphs_init(moe_cuda_engine_t *engine, int max_tokens, char *msg, size_t msg_size) {
+    engine->graphs.max_tokens = max_tokens;
+    if (max_tokens <= 0 || engine->n_layers <= 0) return MOE_OK;
+    engine->graphs.entry =
+        (cuda_graph_t *)calloc((size_t)engine->n_layers * (size_t)max_tokens, sizeof(cuda_graph_t));
+    if (engine->graphs.entry == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda graphs: out of memory");
+    return MOE_OK;
+}
+
+static void drop(cuda_graph_t *g) {
+    if (g->exec != nullptr) cudaGraphExecDestroy(g->exec);
+    g->exec = nullptr;
+}
+
+void moe_cuda_graphs_destroy(moe_cuda_engine_t *engine) {
+    const size_t n = (size_t)engine->n_layers * (size_t)(engine->graphs.max_tokens > 0 ? engine->graphs.max_tokens : 0);
+    for (size_t i = 0; engine->graphs.entry != nullptr && i < n; i++) drop(&engine->graphs.entry[i]);
+    free(engine->graphs.entry);
+    engine->graphs.entry = nullptr;
+}
+
+/* The events a step records, recorded again outside any capture: a wait
+ * on an event last recorded inside a capture fails, and after a graph's
+ * launch they must stand for the step it ran. */
+static void record_events(moe_cuda_engine_t *engine, int sets) {
+    for (int set = 0; set < sets; set++)
+        for (int e = 0; e < 5; e++) (void)cudaEventRecord(engine->ev[set][e], engine->stream);
+}
+
+/* Captures step(ctx) into g->exec; false (g->exec NULL) when it cannot be
+ * captured. Nothing runs: the caller launches the graph. */
+static bool capture(moe_cuda_engine_t *engine, cuda_graph_t *g, moe_cuda_step_fn step, void *ctx) {
+    long long runs[4];
+    memcpy(runs, engine->grouped_runs, sizeof runs);
+    char why[512] = "";
+    cudaGraph_t graph = nullptr;
+    cudaError_t e = cudaStreamBeginCapture(engine->stream, cudaStreamCaptureModeThreadLocal);
+    moe_err_t ret = MOE_OK;
+    if (e == cudaSuccess) {
+        engine->capturing = capturing_here = true;
+        ret = step(ctx, why, sizeof why);
+        engine->capturing = capturing_here = false;
+        cudaError_t end = cudaStreamEndCapture(engine->stream, &graph);
+        if (e == cudaSuccess) e = end;
+    }
+    if (ret == MOE_OK && e == cudaSuccess) e = cudaGraphInstantiate(&g->exec, graph, 0);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    for (int i = 0; i < 4; i++) { /* what a launch of it adds */
+        g->grouped_runs[i] = engine->grouped_runs[i] - runs[i];
+        engine->grouped_runs[i] = runs[i];
+    }
+    if (ret != MOE_OK || e != cudaSuccess) {
+        (void)cudaGetLastError();
+        g->exec = nullptr;
+        moe_log(MOE_LOG_DEBUG, "cuda", "a %d-token step is not captured as a graph: %s", g->tokens,
+                ret != MOE_OK ? why : cudaGetErrorString(e));
+    }
+    record_events(engine, 2);
+    return g->exec != nullptr;
+}
+
+moe_err_t moe_cuda_graph_run(moe_cuda_engine_t *engine, int layer_index, cuda_layer_t *L, int n_tokens,
+                             const void *x, const void *out, moe_cuda_step_fn step, void *ctx, char *msg,
+                             size_t msg_size) {
+    cuda_graph_t *g = &engine->graphs.entry[(size_t)layer_index * engine->graphs.max_tokens + (n_tokens - 1)];
+    const uint64_t epoch = moe_cuda_graph_epoch(engine);
+    if (g->epoch != epoch || g->x != x || g->out != out || g->counting != engine->counting) {
+        drop(g);
+        g->epoch = epoch, g->x = x, g->out = out, g->counting = engine->counting, g->tokens = n_tokens;
+        g->runs = 0, g->failed = false;
+    }
+    if (g->exec == nullptr) {
+        /* the first step of this size reserves its buffers: captured
+         * later, it reserves nothing (capture allows no allocation) */
+        if (g->failed || g->runs++ == 0) return step(ctx, msg, msg_size);
+        if (!capture(engine, g, step, ctx) || moe_cuda_graph_epoch(engine) != epoch) {
+            drop(g); /* not capturable, or a buffer moved meanwhile: this step as usual */
+            g->failed = g->epoch == moe_cuda_graph_epoch(engine);
+            return step(ctx, msg, msg_size);
+        }
+        if (engine->graphs.captured++ == 0)
+            moe_log(MOE_LOG_INFO, "cuda", "rank %d: a %d-token step of layer %d captured as a CUDA graph; steps of up "
+                    "to %d tokens run as graphs (MOE_CUDA_GRAPH_TOKENS)", engine->ep.rank, n_tokens, L->layer,
+                    engine->graphs.max_tokens);
+    }
+    /* the buffers are free once the previous step's counting is done (its
+     * other work is before this on the same stream) */
+    MOE_CUDA_TRY(cudaStreamWaitEvent(engine->stream, engine->ev[0][EV_COUNTED], 0));
+    MOE_CUDA_TRY(cudaGraphLaunch(g->exec, engine->stream));
+    record_events(engine, 1);
+    for (int i = 0; i < 4; i++) engine->grouped_runs[i] += g->grouped_runs[i];
+    engine->graphs.launched++;
+    L->step++;
+    return MOE_OK;
+}
+
+extern "C" void moe_cuda_graph_counts(const moe_cuda_engine_t *engine, long long *captured, long long *launched) {
+    *captured = engine->graphs.captured;
+    *launched = engine->graphs.launched;
+}
