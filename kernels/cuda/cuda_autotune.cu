@@ -4,14 +4,18 @@
  * bucket. `auto` times every capable implementation for each bucket (powers
  * of two up to moe.autotune.max_tokens received rows) on dummy inputs
  * routed only to this rank's own slots — balanced and random, as a real
- * expert-parallel step is — and keeps the faster one (sum over the
+ * expert-parallel step is, and by the model's own router — and keeps the
+ * faster one (sum over the
  * distributions, median of MOE_TUNE_ITERS runs each). Random is drawn two
  * ways: uniform, and skewed as an unbalanced router is (a quarter of the
  * slots take three times the entries of the others: max/mean 2). Uniform
  * alone (a few percent around the mean) hid what uneven counts cost the
  * grouped kernel's 128-row tiles: Mixtral at 1024 tokens was tuned to
  * grouped (1.295 against cuBLAS's 1.354 ms on those inputs) and then ran
- * 1.69-1.71 ms on the synthetic model's routing, cuBLAS 1.40-1.46. The table is cached
+ * 1.69-1.71 ms on the synthetic model's routing, cuBLAS 1.40-1.46; with
+ * the skewed shape the two still tied there (1.291 against 1.301 ms) and
+ * the choice flipped between runs, so the model's own routing of random
+ * tokens is a fourth distribution (model_step). The table is cached
  * in moe.autotune.cache under a key of (device, shapes, dtype, EP size,
  * slot count, implementation set, kernel revision), so a restart on the
  * same machine and model does not tune again. Timing runs on this rank
@@ -22,7 +26,7 @@
 
 #define MOE_TUNE_ITERS 5
 /* Bump when a kernel changes enough that cached choices are stale. */
-#define MOE_TUNE_REVISION "grouped-ws-v4"
+#define MOE_TUNE_REVISION "grouped-ws-v5"
 
 static const char *const impl_names[MOE_IMPL_COUNT] = {"cublas", "grouped"};
 
@@ -126,7 +130,7 @@ static void save_cache(const moe_cuda_engine_t *engine, const char *path, const 
     }
 }
 
-enum { DIST_BALANCED, DIST_UNIFORM, DIST_SKEWED, DIST_COUNT };
+enum { DIST_BALANCED, DIST_UNIFORM, DIST_SKEWED, DIST_MODEL, DIST_COUNT };
 
 /* Dummy received rows: random values, each row with max(1, k/R) entries
  * on this rank's slots: round robin (balanced), pseudo-random (uniform), or
@@ -161,6 +165,59 @@ static moe_err_t dummy_step(moe_cuda_engine_t *engine, int rows, int dist, bf16 
     if (e == cudaSuccess) e = cudaStreamSynchronize(engine->stream);
     free(host);
     MOE_CUDA_TRY(e);
+    *rows_out = x;
+    *meta_out = meta;
+    return MOE_OK;
+}
+
+/* Rows routed by the model itself (layer 0's router and routing, as a step
+ * does, on random tokens), this rank's entries kept (the others -1): the
+ * counts a real step sees, which the shapes above only approximate — on
+ * Mixtral at 1024 rows they tied the two implementations while on the
+ * model's routing cuBLAS was 12-14% faster. Not for client routing (no
+ * router). */
+static moe_err_t model_step(moe_cuda_engine_t *engine, int rows, bf16 **rows_out, cuda_meta_t **meta_out, char *msg,
+                            size_t msg_size) {
+    const moe_model_config_t *m = &engine->cfg.model;
+    const int H = m->hidden, k = m->top_k, E = m->experts, S = engine->slots.slots_per_rank;
+    cuda_layer_t *L = &engine->layers[0];
+    cuda_chunk_ws_t *ws = &engine->ws.chunk[0];
+    bf16 *x = (bf16 *)moe_cuda_reserve(&ws->recv_rows, sizeof(bf16) * (size_t)rows * H, msg, msg_size);
+    cuda_meta_t *meta = (cuda_meta_t *)moe_cuda_reserve(&ws->recv_meta, sizeof(cuda_meta_t) * (size_t)rows * k, msg,
+                                                        msg_size);
+    int32_t *ids = (int32_t *)moe_cuda_reserve(&ws->ids, sizeof(int32_t) * (size_t)rows * k, msg, msg_size);
+    float *weights = (float *)moe_cuda_reserve(&ws->weights, sizeof(float) * (size_t)rows * k, msg, msg_size);
+    int32_t *entry_slot = (int32_t *)moe_cuda_reserve(&ws->entry_slot, sizeof(int32_t) * (size_t)rows * k, msg,
+                                                      msg_size);
+    float *logits = (float *)moe_cuda_reserve(&ws->logits, sizeof(float) * (size_t)rows * E, msg, msg_size);
+    if (!x || !meta || !ids || !weights || !entry_slot || !logits) return MOE_ERR_NOMEM;
+    MOE_CUDA_TRY(moe_cuda_synth_launch(x, nullptr, (size_t)rows * H, 0x7a11e5ull + (uint64_t)engine->ep.rank, 0, 99, 0,
+                                       1, 0, engine->stream));
+    if (moe_route_needs_logits(m->routing.method))
+        MOE_TRY(moe_cuda_gemm(engine->cublas, E, rows, H, L->router, x, logits, CUDA_R_32F, msg, msg_size));
+    moe_route_params_t params;
+    moe_route_params_init(&params, m, nullptr, L->layer, engine->ep.rank, engine->ep.size);
+    moe_route_token_params_t tp = moe_route_token_params(&params);
+    /* slots as on one rank (global ones), made this rank's below */
+    MOE_CUDA_TRY(moe_cuda_route_launch(&tp, logits, L->bias, engine->d_zipf_cdf, 0, 0, rows, ids, weights, L->d_slots,
+                                       entry_slot, meta, false, engine->stream));
+    if (engine->ep.size > 1) {
+        cuda_meta_t *host = (cuda_meta_t *)malloc(sizeof(cuda_meta_t) * (size_t)rows * k);
+        if (host == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "autotune: out of memory");
+        cudaError_t e = cudaMemcpyAsync(host, meta, sizeof(cuda_meta_t) * (size_t)rows * k, cudaMemcpyDeviceToHost,
+                                        engine->stream);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(engine->stream);
+        for (size_t i = 0; e == cudaSuccess && i < (size_t)rows * k; i++) {
+            const int slot = host[i].local_slot;
+            host[i] = slot / S == engine->ep.rank ? cuda_meta_t{slot % S, host[i].weight} : cuda_meta_t{-1, 0.0f};
+        }
+        if (e == cudaSuccess)
+            e = cudaMemcpyAsync(meta, host, sizeof(cuda_meta_t) * (size_t)rows * k, cudaMemcpyHostToDevice,
+                                engine->stream);
+        if (e == cudaSuccess) e = cudaStreamSynchronize(engine->stream);
+        free(host);
+        MOE_CUDA_TRY(e);
+    }
     *rows_out = x;
     *meta_out = meta;
     return MOE_OK;
@@ -204,15 +261,18 @@ static moe_err_t tune(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
     }
     moe_err_t ret = MOE_OK;
     const int last = max_bucket(engine);
+    /* the model's routing too, where the layer routes on the device */
+    const int n_dists = engine->cfg.model.routing.method == MOE_ROUTE_CLIENT ? DIST_MODEL : DIST_COUNT;
     moe_log(MOE_LOG_INFO, "autotune", "rank %d: timing cublas%s on 1..%d received rows (%d buckets)", engine->ep.rank,
             engine->own_grouped_ok ? " and grouped" : "", 1 << last, last + 1);
     for (int b = 0; ret == MOE_OK && b <= last; b++) {
         const int rows = 1 << b;
-        double total[MOE_IMPL_COUNT] = {};
-        for (int dist = 0; ret == MOE_OK && dist < DIST_COUNT; dist++) {
+        double total[MOE_IMPL_COUNT] = {}, model[MOE_IMPL_COUNT] = {};
+        for (int dist = 0; ret == MOE_OK && dist < n_dists; dist++) {
             bf16 *x = nullptr;
             cuda_meta_t *meta = nullptr;
-            ret = dummy_step(engine, rows, dist, &x, &meta, msg, msg_size);
+            ret = dist == DIST_MODEL ? model_step(engine, rows, &x, &meta, msg, msg_size)
+                                     : dummy_step(engine, rows, dist, &x, &meta, msg, msg_size);
             for (int i = 0; ret == MOE_OK && i < MOE_IMPL_COUNT; i++) {
                 if (i == MOE_IMPL_GROUPED && !engine->own_grouped_ok) continue;
                 double ms = 0;
@@ -225,15 +285,19 @@ static moe_err_t tune(moe_cuda_engine_t *engine, char *msg, size_t msg_size) {
                     ret = MOE_OK;
                 }
                 total[i] += ms;
+                if (dist == DIST_MODEL) model[i] = ms;
             }
         }
         if (ret != MOE_OK) break;
         moe_gemm_impl_t best = MOE_IMPL_CUBLAS;
         if (engine->own_grouped_ok && total[MOE_IMPL_GROUPED] < total[MOE_IMPL_CUBLAS]) best = MOE_IMPL_GROUPED;
         engine->gemm_table[b] = best;
-        for (int i = 0; i < MOE_IMPL_COUNT; i++) engine->tune_ms[b][i] = total[i] / DIST_COUNT;
-        moe_log(MOE_LOG_INFO, "autotune", "rank %d: %d rows: cublas %.3f ms, grouped %.3f ms -> %s", engine->ep.rank,
-                rows, total[0] / DIST_COUNT, total[1] / DIST_COUNT, impl_names[best]);
+        for (int i = 0; i < MOE_IMPL_COUNT; i++) engine->tune_ms[b][i] = total[i] / n_dists;
+        char routed[96] = "";
+        if (n_dists > DIST_MODEL)
+            snprintf(routed, sizeof routed, " (on the model's routing: %.3f, %.3f)", model[0], model[1]);
+        moe_log(MOE_LOG_INFO, "autotune", "rank %d: %d rows: cublas %.3f ms, grouped %.3f ms%s -> %s",
+                engine->ep.rank, rows, total[0] / n_dists, total[1] / n_dists, routed, impl_names[best]);
     }
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
