@@ -19,12 +19,12 @@ extern "C" {
 void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t msg_size) {
     if (bytes == 0) bytes = 16;
     if (buffer->ptr != nullptr && buffer->size >= bytes) return buffer->ptr;
-    if (moe_cuda_capturing()) { /* cuda_graph.cu: a capture neither allocates nor frees */
+    if (moe_cuda_is_capturing()) { /* cuda_graph.cu: a capture neither allocates nor frees */
         moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: a buffer would grow to %zu bytes inside a graph capture",
                     bytes);
         return nullptr;
     }
-    moe_cuda_reserve_moved();
+    moe_cuda_count_reserve_move();
     size_t grown = buffer->size * 3 / 2 > bytes ? buffer->size * 3 / 2 : bytes;
     if (buffer->ptr != nullptr) {
         if (buffer->host) cudaFreeHost(buffer->ptr);
@@ -313,7 +313,7 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
     MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev_begin, cudaEventDisableTiming));
     MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev_input, cudaEventDisableTiming));
     for (int set = 0; set < 2; set++)
-        for (int e = 0; e < 5; e++) MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev[set][e], cudaEventDisableTiming));
+        for (int e = 0; e < EV_COUNT; e++) MOE_CUDA_TRY(cudaEventCreateWithFlags(&engine->ev[set][e], cudaEventDisableTiming));
     engine->rank_counts = (int *)calloc((size_t)16 * engine->ep.size, sizeof(int));
     if (engine->rank_counts == nullptr) return moe_err_fmt(msg, msg_size, MOE_ERR_NOMEM, "cuda: out of memory");
     engine->grouped_gemm = getenv("MOE_CUDA_NO_GROUPED") == nullptr;
@@ -441,7 +441,7 @@ extern "C" moe_err_t moe_cuda_create(const moe_config_t *cfg, moe_ep_t ep, moe_c
     if (ret == MOE_OK && !up)
         ret = moe_err_fmt(msg, msg_size, MOE_ERR_INTERNAL, "cuda engine: another rank failed to start");
     if (ret == MOE_OK) ret = moe_cuda_tune_comm(engine, msg, msg_size);
-    if (ret == MOE_OK) ret = moe_cuda_graphs_init(engine, engine->graphs.max_tokens, msg, msg_size);
+    if (ret == MOE_OK) ret = moe_cuda_graph_init(engine, engine->graphs.max_tokens, msg, msg_size);
     if (ret != MOE_OK) {
         moe_cuda_destroy(engine);
         return ret;
@@ -478,7 +478,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
         (void)moe_cuda_migrate_end(engine, false, nullptr, msg, sizeof msg);
     }
     if (engine->stream != nullptr) cudaStreamSynchronize(engine->stream);
-    moe_cuda_graphs_destroy(engine);
+    moe_cuda_graph_destroy(engine);
     for (int l = 0; engine->layers != nullptr && l < engine->n_layers; l++) {
         cuda_layer_t *L = &engine->layers[l];
         cudaFree(L->router), cudaFree(L->bias), cudaFree(L->w13), cudaFree(L->w2);
@@ -507,7 +507,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
     if (engine->ev_begin != nullptr) cudaEventDestroy(engine->ev_begin);
     if (engine->ev_input != nullptr) cudaEventDestroy(engine->ev_input);
     for (int set = 0; set < 2; set++)
-        for (int e = 0; e < 5; e++)
+        for (int e = 0; e < EV_COUNT; e++)
             if (engine->ev[set][e] != nullptr) cudaEventDestroy(engine->ev[set][e]);
     free(engine->rank_counts);
     if (engine->stream != nullptr) cudaStreamDestroy(engine->stream);
@@ -519,7 +519,7 @@ extern "C" void moe_cuda_destroy(moe_cuda_engine_t *engine) {
 }
 
 extern "C" void moe_cuda_reconfigure(moe_cuda_engine_t *engine, const moe_config_t *cfg) {
-    moe_cuda_graphs_invalidate(engine); /* they baked in the chunking and the GEMM table */
+    moe_cuda_graph_invalidate(engine); /* they baked in the chunking and the GEMM table */
     engine->cfg.moe.chunking = cfg->moe.chunking;
     engine->cfg.moe.max_tokens_per_step = cfg->moe.max_tokens_per_step;
     if (cfg->moe.gemm == engine->cfg.moe.gemm) return;

@@ -40,7 +40,7 @@ moe_err_t moe_cuda_layer_slots(moe_cuda_engine_t *engine, cuda_layer_t *L, const
     cudaFree(L->d_slots);
     L->slots = table;
     L->d_slots = device;
-    moe_cuda_graphs_invalidate(engine); /* the table's address is in them */
+    moe_cuda_graph_invalidate(engine); /* the table's address is in them */
     return MOE_OK;
 }
 
@@ -203,7 +203,7 @@ extern "C" moe_err_t moe_cuda_migrate_end(moe_cuda_engine_t *engine, bool commit
     engine->migration.w13 = engine->migration.w2 = nullptr;
     engine->migration.table = nullptr;
     engine->migration.active = false;
-    moe_cuda_graphs_invalidate(engine); /* the old weights' addresses are in them */
+    moe_cuda_graph_invalidate(engine); /* the old weights' addresses are in them */
     return MOE_OK;
 }
 

@@ -246,7 +246,7 @@ static moe_err_t front(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t 
     /* the set's buffers are free once the chunk that used them last is
      * finished and counted (a captured step: waited for before its graph's
      * launch, cuda_graph.cu) */
-    if (!engine->capturing) {
+    if (!moe_cuda_is_capturing()) {
         MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_FINISH], 0));
         MOE_CUDA_TRY(cudaStreamWaitEvent(st.front, engine->ev[c->set][EV_COUNTED], 0));
     }
@@ -519,9 +519,7 @@ static moe_err_t run_chunks(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf
         MOE_TRY(combine(engine, c, st, msg, msg_size));
         MOE_TRY(finish(engine, L, c, trace, msg, msg_size));
     }
-    if (engine->capturing && engine->counting) /* the counting branch joins the captured step */
-        MOE_CUDA_TRY(cudaStreamWaitEvent(engine->stream, engine->ev[0][EV_COUNTED], 0));
-    if (!engine->capturing) L->step++; /* a graph's launch counts its step (cuda_graph.cu) */
+    if (!moe_cuda_is_capturing()) L->step++; /* a graph's launch counts its step (cuda_graph.cu) */
     return MOE_OK;
 }
 
@@ -566,7 +564,7 @@ static moe_err_t run_step(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf16
     if (!graphable(engine, n_tokens, routed_ids, trace))
         return run_chunks(engine, L, x, n_tokens, max_tokens, routed_ids, routed_weights, out, trace, msg, msg_size);
     graph_step_t a = {engine, L, x, n_tokens, out};
-    return moe_cuda_graph_run(engine, (int)(L - engine->layers), L, n_tokens, x, out, graph_step, &a, msg, msg_size);
+    return moe_cuda_graph_run(engine, L, n_tokens, x, out, graph_step, &a, msg, msg_size);
 }
 
 /* The step's slot counts (EPLB statistics), counted on aux_balancer:

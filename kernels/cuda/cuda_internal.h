@@ -131,7 +131,7 @@ typedef enum { MOE_IMPL_CUBLAS = 0, MOE_IMPL_GROUPED = 1, MOE_IMPL_COUNT } moe_g
 #define MOE_GEMM_BUCKETS 25
 
 /* A step's events per buffer set (engine->ev[set][...]). */
-enum { EV_FRONT = 0, EV_EXPERTS, EV_COMBINE, EV_FINISH, EV_COUNTED };
+enum { EV_FRONT = 0, EV_EXPERTS, EV_COMBINE, EV_FINISH, EV_COUNTED, EV_COUNT };
 
 /* One layer's step of one token count as a CUDA graph (cuda_graph.cu). */
 typedef struct {
@@ -181,7 +181,7 @@ struct moe_cuda_engine {
         bf16 *w13, *w2;
         int64_t bytes;
     } migration;
-    cudaEvent_t ev_begin, ev[2][5]; /* per buffer set: EV_FRONT .. EV_COUNTED */
+    cudaEvent_t ev_begin, ev[2][EV_COUNT]; /* per buffer set: EV_FRONT .. EV_COUNTED */
     cudaEvent_t ev_input;           /* a forward's input is on the device (its host copy may be reused) */
     unsigned long long *d_step_counts; /* [n_slots] (token, expert) entries per slot this step, on balancer */
     bool counting;                     /* this step counts (a trace asked for slot counts) */
@@ -224,7 +224,6 @@ struct moe_cuda_engine {
         uint64_t epoch;      /* bumped by what a graph may have baked in: reload, migration, slot tables */
         long long captured, launched;
     } graphs;
-    bool capturing; /* a step is being captured: no waits on events recorded outside it */
 };
 
 /* Returns the buffer grown to at least `bytes` (contents not kept), or NULL
@@ -233,22 +232,24 @@ void *moe_cuda_reserve(cuda_buffer_t *buffer, size_t bytes, char *msg, size_t ms
 
 /* CUDA graphs of small steps (cuda_graph.cu). A step function runs one
  * layer's step on the main stream (it may be captured). */
-typedef moe_err_t (*moe_cuda_step_fn)(void *ctx, char *msg, size_t msg_size);
-moe_err_t moe_cuda_graphs_init(moe_cuda_engine_t *engine, int max_tokens, char *msg, size_t msg_size);
-void moe_cuda_graphs_destroy(moe_cuda_engine_t *engine);
+typedef moe_err_t (*moe_cuda_step_fn_t)(void *ctx, char *msg, size_t msg_size);
+moe_err_t moe_cuda_graph_init(moe_cuda_engine_t *engine, int max_tokens, char *msg, size_t msg_size);
+void moe_cuda_graph_destroy(moe_cuda_engine_t *engine);
 /* Every graph captured so far goes stale (what it baked in changed). */
-void moe_cuda_graphs_invalidate(moe_cuda_engine_t *engine);
+void moe_cuda_graph_invalidate(moe_cuda_engine_t *engine);
 /* The engine's graph epoch: its own plus every workspace move. */
 uint64_t moe_cuda_graph_epoch(const moe_cuda_engine_t *engine);
-void moe_cuda_reserve_moved(void);
-bool moe_cuda_capturing(void);
+/* moe_cuda_reserve moved a buffer (every graph goes stale). */
+void moe_cuda_count_reserve_move(void);
+/* This thread is capturing a step: no allocation, and no wait on events
+ * recorded outside the capture. */
+bool moe_cuda_is_capturing(void);
 /* Runs step(ctx), the step of `n_tokens` (1 .. graphs.max_tokens) tokens
- * of layer L (engine->layers[layer_index]) from device input x into
- * device output out: as usual, or captured and launched as a graph, or
- * by launching the graph captured before; L->step counts a launched one. */
-moe_err_t moe_cuda_graph_run(moe_cuda_engine_t *engine, int layer_index, cuda_layer_t *L, int n_tokens,
-                             const void *x, const void *out, moe_cuda_step_fn step, void *ctx, char *msg,
-                             size_t msg_size);
+ * of layer L (one of engine->layers) from device input x into device
+ * output out: as usual, or captured and launched as a graph, or by
+ * launching the graph captured before; L->step counts a launched one. */
+moe_err_t moe_cuda_graph_run(moe_cuda_engine_t *engine, cuda_layer_t *L, int n_tokens, const void *x,
+                             const void *out, moe_cuda_step_fn_t step, void *ctx, char *msg, size_t msg_size);
 
 /* One chunk of the forward on device-resident bf16 input, on the main
  * stream only (cuda_forward.cu): T tokens here, chunk_max the most any rank
