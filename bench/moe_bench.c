@@ -1,5 +1,5 @@
 /* moe-bench: the MoE layer without sockets, alone or under mpirun.
- *   moe-bench --config F [--tokens 1,16,256,4096] [--iters N] [--warmup N] [--json]
+ *   moe-bench --config F [--tokens 1,16,256,4096] [--iters N] [--warmup N] [--settle-ms N] [--json]
  *             [--peak-tbps 3.0] [--peak-tflops 750] [--rebalance]
  * For each token count (per rank) it runs the layers of the config in turn
  * and prints ms per layer (median over iterations of the slowest rank),
@@ -41,6 +41,7 @@ typedef struct {
     double peak_tbps;   /* memory bandwidth of the roofline, TB/s */
     double peak_tflops; /* bf16 rate of the roofline, TFLOP/s */
     int rebalance;      /* time the sizes, rebalance from their loads, time them again */
+    int settle_ms;      /* idle before the first size; -1: 2000 after the CUDA autotuner, else 0 */
 } bench_args_t;
 
 static void usage(FILE *out) {
@@ -53,7 +54,9 @@ static void usage(FILE *out) {
             "  --json    one JSON document instead of the table\n"
             "  --peak-tbps, --peak-tflops  the roofline's ceilings per GPU (default 3.0 TB/s, 750 TFLOP/s: H100;\n"
             "               with R ranks the roofline has R times both)\n"
-            "  --rebalance  (eplb.mode online) then a placement from the measured loads, and the sizes again\n");
+            "  --rebalance  (eplb.mode online) then a placement from the measured loads, and the sizes again\n"
+            "  --settle-ms  idle this long before the first size (default 2000 after the CUDA backend's\n"
+            "               autotuner, moe.gemm auto, whose load leaves the GPU at its power cap for ~1 s; else 0)\n");
 }
 
 static int parse_int(const char *text, int min, int max, int *out) {
@@ -71,10 +74,10 @@ static int parse_args(int argc, char **argv, bench_args_t *args) {
         {"iters", required_argument, NULL, 'i'},  {"warmup", required_argument, NULL, 'w'},
         {"json", no_argument, NULL, 'j'},         {"help", no_argument, NULL, 'h'},
         {"peak-tbps", required_argument, NULL, 'b'}, {"peak-tflops", required_argument, NULL, 'f'},
-        {"rebalance", no_argument, NULL, 'r'}, {NULL, 0, NULL, 0}};
-    *args = (bench_args_t){NULL, {1, 16, 256, 4096}, 4, 20, 3, 0, 3.0, 750.0, 0};
+        {"rebalance", no_argument, NULL, 'r'}, {"settle-ms", required_argument, NULL, 's'}, {NULL, 0, NULL, 0}};
+    *args = (bench_args_t){NULL, {1, 16, 256, 4096}, 4, 20, 3, 0, 3.0, 750.0, 0, -1};
     int opt;
-    while ((opt = getopt_long(argc, argv, "c:t:i:w:jhb:f:r", options, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "c:t:i:w:jhb:f:rs:", options, NULL)) != -1) {
         switch (opt) {
         case 'c': args->config = optarg; break;
         case 't': {
@@ -102,6 +105,12 @@ static int parse_args(int argc, char **argv, bench_args_t *args) {
         case 'w':
             if (parse_int(optarg, 0, 1000000, &args->warmup) != 0) {
                 fprintf(stderr, "moe-bench: --warmup must be in [0, 1000000]\n");
+                return -1;
+            }
+            break;
+        case 's':
+            if (parse_int(optarg, 0, 600000, &args->settle_ms) != 0) {
+                fprintf(stderr, "moe-bench: --settle-ms must be in [0, 600000]\n");
                 return -1;
             }
             break;
@@ -356,9 +365,25 @@ int main(int argc, char **argv) {
                cfg.model.shared_intermediate, moe_route_method_name(cfg.model.routing.method),
                cfg.model.n_layers, cfg.model.n_layers == 1 ? "" : "s", args.iters);
         if (backend.ops->gemm != NULL) printf("expert GEMM %s\n", backend.ops->gemm(backend.state));
+    }
+    /* The autotuner's large buckets run the GPU at its power cap (an H200:
+     * ~690 W, 1425-1740 MHz), and its clocks take about a second to come
+     * back: the first small sizes timed right after it read high. */
+    const int settle_ms = args.settle_ms >= 0 ? args.settle_ms
+                          : cfg.moe.backend == MOE_BACKEND_CUDA && cfg.moe.gemm == MOE_GEMM_AUTO ? 2000
+                                                                                                  : 0;
+    if (settle_ms > 0) {
+        if (!args.json && ep.rank == 0) {
+            printf("settling %d ms before timing (--settle-ms)\n", settle_ms);
+            fflush(stdout);
+        }
+        struct timespec wait = {settle_ms / 1000, (long)(settle_ms % 1000) * 1000000L};
+        while (nanosleep(&wait, &wait) != 0 && errno == EINTR) {
+        }
+    }
+    if (!args.json && ep.rank == 0)
         printf("%12s %10s %10s %12s %9s %10s %10s %9s %9s %10s\n", "tokens/rank", "tokens", "ms/layer", "tokens/s",
                "TFLOP/s", "weight GB/s", "roofline ms", "of roof", "imbalance", "a2a GB/s");
-    }
     int status = 0, n_rows = 0;
     for (int pass = 0; status == 0 && pass < (args.rebalance ? 2 : 1); pass++) {
         if (pass == 1) { /* the placement the first pass's loads ask for */
