@@ -47,6 +47,7 @@ static char worst_l2_case[200];
 static struct {
     long long wgmma, ws, mma, decode;
     bool wgmma_ok;
+    long long shared_cublas, shared_small; /* chunks' shared experts by each form (moe_cuda_shared_forms) */
 } forms;
 static moe_comm_kind_t comm_kind = MOE_COMM_AUTO;
 static moe_combine_kind_t combine_kind = MOE_COMBINE_PARTIAL;
@@ -211,6 +212,9 @@ done:
         long long wgmma = 0, ws = 0, mma = 0, decode = 0;
         moe_cuda_grouped_forms(gpu, &wgmma, &ws, &mma, &decode, &forms.wgmma_ok);
         forms.wgmma += wgmma, forms.ws += ws, forms.mma += mma, forms.decode += decode;
+        long long shared_cublas = 0, shared_small = 0;
+        moe_cuda_shared_forms(gpu, &shared_cublas, &shared_small);
+        forms.shared_cublas += shared_cublas, forms.shared_small += shared_small;
     }
     moe_cuda_destroy(gpu);
     moe_test_ref_destroy(ref);
@@ -302,8 +306,8 @@ static int check_bf16_io(moe_ep_t ep, uint64_t seed, int *runs) {
 }
 
 /* Small steps as CUDA graphs (one rank, cuda_graph.cu): a step of 1, 3
- * or 16 tokens with the daemon's trace (slot counts alone) may run as a
- * graph — the second step of a size at an epoch is captured, later ones
+ * or 16 tokens (1 or 2 with a shared expert: its small-T kernels) with the
+ * daemon's trace (slot counts alone) may run as a graph — the second step of a size at an epoch is captured, later ones
  * launch it. Every such step is checked bit for bit, with its slot counts,
  * against the same input through the usual path (a full trace keeps a step
  * out of graphs), which is checked against the reference; 16 rounds of
@@ -315,7 +319,7 @@ static int check_bf16_io(moe_ep_t ep, uint64_t seed, int *runs) {
  * launches it at least twice: a size's first step in a stretch runs
  * uncaptured, and in round 0 the larger sizes' first steps grow buffers,
  * so the first capture is in round 2. The cases with replicas exchange by
- * moe.comm allgather; sigmoid_group_topk runs without its shared expert. */
+ * moe.comm allgather; the chunked cases run in one chunk. */
 static int check_graphs(moe_ep_t ep, uint64_t seed, int *runs) {
     if (ep.size != 1) return 0;
     int failed = 0;
@@ -326,17 +330,20 @@ static int check_graphs(moe_ep_t ep, uint64_t seed, int *runs) {
         moe_test_case_config(c, ep.size, &cfg);
         const moe_route_method_t method = cfg.model.routing.method;
         const bool group = method == MOE_ROUTE_SIGMOID_GROUP_TOPK && !c->replicas;
-        if ((method != MOE_ROUTE_SOFTMAX_TOPK && method != MOE_ROUTE_RENORMALIZE && method != MOE_ROUTE_PERFECT &&
-             !group) ||
-            (c->shared && !group) || c->chunk)
+        if (method != MOE_ROUTE_SOFTMAX_TOPK && method != MOE_ROUTE_RENORMALIZE && method != MOE_ROUTE_PERFECT &&
+            !group)
             continue;
-        if (group) cfg.model.shared_intermediate = 0; /* its cases have one; a layer with it is not captured */
+        /* one chunk: graphs take single-chunk steps (the chunked cases are
+         * the softmax and renormalize ones with a shared expert and its
+         * gate, whose small-T kernels a graph captures) */
+        cfg.moe.chunking.max_tokens_per_chunk = 4096;
         cfg.moe.gemm = MOE_GEMM_GROUPED;
         if (c->replicas) cfg.moe.comm = MOE_COMM_ALLGATHER; /* its copies and padding on one rank, captured too */
         ref_cfg = cfg;
         ref_cfg.model.routing.method = MOE_ROUTE_CLIENT; /* the reference takes the GPU's decision */
         const int H = cfg.model.hidden, k = cfg.model.top_k, E = cfg.model.experts, layer = cfg.model.layer_ids[0];
-        const int sizes[] = {1, 3, 16}, T_big = 300;
+        /* with a shared expert, graphs up to MOE_CUDA_SHARED_SMALL_TOKENS (2) */
+        const int sizes[] = {1, c->shared ? 2 : 3, 16}, n_sizes = c->shared ? 2 : 3, T_big = 300;
         char msg[512] = "";
         moe_cuda_engine_t *gpu = NULL;
         moe_test_ref_t *ref = moe_test_ref_create(&ref_cfg, msg, sizeof msg);
@@ -369,7 +376,7 @@ static int check_graphs(moe_ep_t ep, uint64_t seed, int *runs) {
                     failed = 1;
                 }
             }
-            for (int si = 0; si < 3 && !failed; si++) {
+            for (int si = 0; si < n_sizes && !failed; si++) {
                 const int T = sizes[si];
                 const size_t n = (size_t)T * H;
                 moe_test_fill_random(x, n, seed + (uint64_t)i * 1000 + (uint64_t)round * 10 + (uint64_t)si);
@@ -406,10 +413,10 @@ static int check_graphs(moe_ep_t ep, uint64_t seed, int *runs) {
             long long captured = 0, launched = 0;
             moe_cuda_graph_counts(gpu, &captured, &launched);
             captured_all += captured, launched_all += launched;
-            if (!failed && (captured < 3 * 5 || launched < 3 * 10)) {
-                fprintf(stderr, "FAIL graphs %s: %lld graphs captured and %lld launched over 16 rounds of 3 sizes "
+            if (!failed && (captured < n_sizes * 5 || launched < n_sizes * 10)) {
+                fprintf(stderr, "FAIL graphs %s: %lld graphs captured and %lld launched over 16 rounds of %d sizes "
                         "(want 5 and 10 per size)\n",
-                        c->name, captured, launched);
+                        c->name, captured, launched, n_sizes);
                 failed = 1;
             }
         }
@@ -571,7 +578,8 @@ static int check_cache(moe_ep_t ep) {
 
 /* moe.gemm grouped's tiles: NULL its own choice (decode for a few rows,
  * launched with programmatic dependent launch on sm_90; "nopdl" the same
- * without it),
+ * without it; "sharedblas" the same with the shared expert by cuBLAS at
+ * every size, MOE_CUDA_SHARED_SMALL=0),
  * then wgmma on sm_90, widths by size), "mma" the mma.sync kernel alone
  * (what other GPUs run beyond decode sizes), "decode" the decode form at
  * every size (several tiles per slot), "nodecode" the tiles from one row
@@ -590,8 +598,10 @@ static void force_tiles(const char *how) {
     unsetenv("MOE_CUDA_WGMMA_MIN_ROWS");
     unsetenv("MOE_CUDA_DECODE_ROWS");
     unsetenv("MOE_CUDA_NO_PDL");
+    unsetenv("MOE_CUDA_SHARED_SMALL");
     combine_kind = how != NULL && strcmp(how, "exact") == 0 ? MOE_COMBINE_EXACT : MOE_COMBINE_PARTIAL;
     if (how != NULL && strcmp(how, "nopdl") == 0) setenv("MOE_CUDA_NO_PDL", "1", 1);
+    else if (how != NULL && strcmp(how, "sharedblas") == 0) setenv("MOE_CUDA_SHARED_SMALL", "0", 1);
     else if (how != NULL && strcmp(how, "mma") == 0) setenv("MOE_CUDA_NO_WGMMA", "1", 1);
     else if (how != NULL && strcmp(how, "decode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "1000000", 1);
     else if (how != NULL && strcmp(how, "nodecode") == 0) setenv("MOE_CUDA_DECODE_ROWS", "0", 1);
@@ -621,7 +631,20 @@ static int check_forms(const char *how, const char *what) {
     const bool want_decode_only = how != NULL && strcmp(how, "decode") == 0;
     const bool want_mma = how != NULL && strcmp(how, "mma") == 0;
     const bool nopdl = how != NULL && strcmp(how, "nopdl") == 0;
-    if (nopdl) how = NULL; /* the default choice, launched without programmatic dependent launch */
+    const bool sharedblas = how != NULL && strcmp(how, "sharedblas") == 0;
+    /* the default choice, launched without programmatic dependent launch,
+     * or with the shared expert by cuBLAS at every size */
+    if (nopdl || sharedblas) how = NULL;
+    /* the layer cases' shared experts (some at 1 and 3 tokens, some at 13
+     * and more): by the small-T kernels and by cuBLAS, or by cuBLAS alone
+     * for sharedblas */
+    if (strcmp(what, "layer cases") == 0 &&
+        (forms.shared_cublas == 0 || (sharedblas ? forms.shared_small != 0 : forms.shared_small == 0))) {
+        fprintf(stderr, "FAIL %s (tiles %s): the shared expert ran %lld times by cuBLAS and %lld times by the "
+                "small-T kernels\n", what, sharedblas ? "sharedblas" : how != NULL ? how : "default",
+                forms.shared_cublas, forms.shared_small);
+        return 1;
+    }
     const bool want_decode = how == NULL || want_decode_only || want_mma;
     const bool want_wgmma = !want_decode_only && !want_mma && forms.wgmma_ok;
     bool bad = want_decode ? forms.decode == 0 : forms.decode != 0;
@@ -670,6 +693,7 @@ static int single_gpu_checks(moe_ep_t ep, unsigned long long seed, bool quick, i
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "decode"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "nodecode"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "nopdl"},
+                 {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "sharedblas"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "exact"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "64"},
                  {MOE_GEMM_GROUPED, false, MOE_COMM_AUTO, "128"},

@@ -245,7 +245,7 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
                            prop.name, prop.major, prop.minor);
     engine->cc_major = prop.major;
     engine->pdl = prop.major >= 9 && getenv("MOE_CUDA_NO_PDL") == nullptr && moe_cuda_decode_pdl_built() &&
-                  moe_cuda_route_pdl_built();
+                  moe_cuda_route_pdl_built() && moe_cuda_shared_pdl_built();
     if (prop.major >= 9 && !engine->pdl && getenv("MOE_CUDA_NO_PDL") == nullptr)
         moe_log(MOE_LOG_INFO, "cuda", "programmatic dependent launch off: the kernels were built for an "
                                       "architecture before sm_90 (CUDA_ARCH)");
@@ -288,6 +288,10 @@ static moe_err_t prepare(moe_cuda_engine_t *engine, char *msg, size_t msg_size) 
             return moe_err_fmt(msg, msg_size, MOE_ERR_CONFIG,
                                "MOE_CUDA_WGMMA_ORDER must be auto, tile or weight (have '%s')", order);
     }
+    /* the shared expert of a few tokens by moed's kernels (cuda_shared.cu; 0: cuBLAS at every size) */
+    int shared_small = 1;
+    if (!env_int("MOE_CUDA_SHARED_SMALL", 1, 0, 1, &shared_small, msg, msg_size)) return MOE_ERR_CONFIG;
+    engine->shared_small = shared_small == 1;
     /* small steps as CUDA graphs up to this many tokens (cuda_graph.cu) */
     if (!env_int("MOE_CUDA_GRAPH_TOKENS", 16, 0, MOE_CUDA_ROUTER_MAX_TOKENS, &engine->graphs.max_tokens, msg, msg_size))
         return MOE_ERR_CONFIG;
@@ -549,6 +553,11 @@ extern "C" void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long lon
     *mma = engine->grouped_runs[0];
     *decode = engine->grouped_runs[2];
     *wgmma_ok = engine->wgmma_ok;
+}
+
+extern "C" void moe_cuda_shared_forms(const moe_cuda_engine_t *engine, long long *cublas, long long *small) {
+    *cublas = engine->shared_runs[0];
+    *small = engine->shared_runs[1];
 }
 
 extern "C" int moe_cuda_slot_count(const moe_cuda_engine_t *engine) { return engine->slots.n_slots; }

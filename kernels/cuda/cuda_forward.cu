@@ -385,13 +385,23 @@ static moe_err_t finish(moe_cuda_engine_t *engine, cuda_layer_t *L, cuda_chunk_t
     cudaStream_t stream = engine->stream;
     float *shared_y = nullptr, *gate = nullptr;
     if (Is > 0 && T > 0 && !c->comm_only) {
-        float *shared_h13 = RESERVE(engine, shared_h13, float, (size_t)T * 2 * Is);
         bf16 *shared_act = RESERVE(engine, shared_act, bf16, (size_t)T * Is);
         shared_y = RESERVE(engine, shared_y, float, (size_t)T * H);
-        if (!shared_h13 || !shared_act || !shared_y) return MOE_ERR_NOMEM;
-        MOE_TRY(moe_cuda_gemm(engine->cublas, 2 * Is, T, H, L->shared_w13, c->x, shared_h13, CUDA_R_32F, msg, msg_size));
-        MOE_CUDA_TRY(moe_cuda_swiglu_launch(shared_h13, T, Is, shared_act, stream));
-        MOE_TRY(moe_cuda_gemm(engine->cublas, H, T, Is, L->shared_w2, shared_act, shared_y, CUDA_R_32F, msg, msg_size));
+        if (!shared_act || !shared_y) return MOE_ERR_NOMEM;
+        if (engine->shared_small && moe_cuda_shared_small_ok(T, H, Is)) { /* cuda_shared.cu */
+            MOE_CUDA_TRY(moe_cuda_shared_small_launch(L->shared_w13, L->shared_w2, c->x, T, H, Is, shared_act,
+                                                      shared_y, engine->pdl, stream));
+            engine->shared_runs[1]++;
+        } else {
+            float *shared_h13 = RESERVE(engine, shared_h13, float, (size_t)T * 2 * Is);
+            if (shared_h13 == nullptr) return MOE_ERR_NOMEM;
+            MOE_TRY(moe_cuda_gemm(engine->cublas, 2 * Is, T, H, L->shared_w13, c->x, shared_h13, CUDA_R_32F, msg,
+                                  msg_size));
+            MOE_CUDA_TRY(moe_cuda_swiglu_launch(shared_h13, T, Is, shared_act, stream));
+            MOE_TRY(moe_cuda_gemm(engine->cublas, H, T, Is, L->shared_w2, shared_act, shared_y, CUDA_R_32F, msg,
+                                  msg_size));
+            engine->shared_runs[0]++;
+        }
         if (L->shared_gate != nullptr) {
             gate = RESERVE(engine, gate, float, T);
             if (gate == nullptr) return MOE_ERR_NOMEM;
@@ -527,7 +537,8 @@ static moe_err_t run_chunks(moe_cuda_engine_t *engine, cuda_layer_t *L, const bf
  * chunk of at most MOE_CUDA_GRAPH_TOKENS tokens, routing on the device by
  * a method that does not draw anew at every step, the router's small-T
  * kernel and moed's grouped kernels (cuBLAS's calls want counts on the
- * host), no shared expert (its cuBLAS GEMMs are not captured), no routing
+ * host), no shared expert or one of at most MOE_CUDA_SHARED_SMALL_TOKENS
+ * tokens by cuda_shared.cu (cuBLAS's GEMMs are not captured), no routing
  * trace but the slot counts, no per-phase profile. */
 static bool graphable(const moe_cuda_engine_t *engine, int n_tokens, const int32_t *routed_ids,
                       const moe_route_trace_t *trace) {
@@ -538,7 +549,10 @@ static bool graphable(const moe_cuda_engine_t *engine, int n_tokens, const int32
                                 method == MOE_ROUTE_SIGMOID_GROUP_TOPK || method == MOE_ROUTE_PERFECT;
     return n_tokens > 0 && n_tokens <= engine->graphs.max_tokens && n_tokens <= MOE_CUDA_ROUTER_MAX_TOKENS &&
            engine->ep.size == 1 && (chunk <= 0 || n_tokens <= chunk) && device_routing && routed_ids == nullptr &&
-           m->hidden % 8 == 0 && m->shared_intermediate == 0 && !engine->profile.on &&
+           m->hidden % 8 == 0 &&
+           (m->shared_intermediate == 0 ||
+            (engine->shared_small && moe_cuda_shared_small_ok(n_tokens, m->hidden, m->shared_intermediate))) &&
+           !engine->profile.on &&
            engine->gemm_table[moe_cuda_bucket(n_tokens)] == MOE_IMPL_GROUPED &&
            (trace == nullptr || (trace->ids == nullptr && trace->weights == nullptr && trace->logits == nullptr));
 }

@@ -185,6 +185,8 @@ struct moe_cuda_engine {
     cudaEvent_t ev_input;           /* a forward's input is on the device (its host copy may be reused) */
     unsigned long long *d_step_counts; /* [n_slots] (token, expert) entries per slot this step, on balancer */
     bool counting;                     /* this step counts (a trace asked for slot counts) */
+    bool shared_small; /* the shared expert of a few tokens by cuda_shared.cu (MOE_CUDA_SHARED_SMALL, default 1) */
+    long long shared_runs[2]; /* shared-expert steps: [0] cuBLAS, [1] cuda_shared.cu (tests) */
     int64_t comm_bytes;                /* bytes this rank sent to other ranks (dispatch, combine), for moe-bench */
     bool exact;                        /* moe.combine exact with more than one rank (cuda_exact.cu) */
     int *rank_counts;          /* [2][8·R]: send/recv counts and offsets per buffer set, rows then entries */
@@ -369,6 +371,7 @@ static inline cudaError_t moe_cuda_launch(bool pdl, void (*kernel)(Params...), d
  * has no griddepcontrol: its kernels must not be launched with PDL). */
 bool moe_cuda_decode_pdl_built(void);
 bool moe_cuda_route_pdl_built(void);
+bool moe_cuda_shared_pdl_built(void);
 
 /* An upper bound of a grouping plan's tiles of tile_rows rows before the
  * counts are known (host side): one partial tile per used slot plus the
@@ -439,6 +442,14 @@ bool moe_cuda_use_decode(const moe_cuda_engine_t *engine, int n_rows);
 #define MOE_CUDA_ROUTER_MAX_TOKENS 16
 cudaError_t moe_cuda_router_launch(const bf16 *router, const bf16 *x, int T, int E, int H, float *logits, bool pdl,
                                    cudaStream_t stream);
+
+/* The shared expert of T <= MOE_CUDA_SHARED_SMALL_TOKENS tokens
+ * (cuda_shared.cu; cuBLAS for more): act [T, Is] (scratch), y [T, H] (f32)
+ * = the shared expert of x [T, H], as finish()'s cuBLAS path computes it. */
+#define MOE_CUDA_SHARED_SMALL_TOKENS 2
+bool moe_cuda_shared_small_ok(int T, int H, int Is);
+cudaError_t moe_cuda_shared_small_launch(const bf16 *W13, const bf16 *W2, const bf16 *x, int T, int H, int Is,
+                                         bf16 *act, float *y, bool pdl, cudaStream_t stream);
 
 /* Launchers (cuda_kernels.cu): each checks its arguments, sizes its grid,
  * launches on `stream` and returns cudaGetLastError(). */

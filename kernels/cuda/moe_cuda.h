@@ -105,6 +105,11 @@ const char *moe_cuda_gemm_table(const moe_cuda_engine_t *engine);
 void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long long *wgmma, long long *ws, long long *mma,
                             long long *decode, bool *wgmma_ok);
 
+/* Chunks whose shared expert ran since the engine started (tests): by
+ * cuBLAS, and by the small-T kernels (MOE_CUDA_SHARED_SMALL). A graph's
+ * launch adds nothing: its capture counted once. */
+void moe_cuda_shared_forms(const moe_cuda_engine_t *engine, long long *cublas, long long *small);
+
 /* Steps captured as CUDA graphs, and graph launches, since the engine
  * started (tests, logs). */
 void moe_cuda_graph_counts(const moe_cuda_engine_t *engine, long long *captured, long long *launched);
