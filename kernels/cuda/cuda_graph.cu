@@ -72,7 +72,9 @@ static cudaError_t record_events(moe_cuda_engine_t *engine) {
 static bool capture(moe_cuda_engine_t *engine, cuda_graph_t *g, moe_cuda_step_fn_t step, void *ctx) {
     const size_t forms = sizeof engine->grouped_runs / sizeof engine->grouped_runs[0];
     long long runs[sizeof engine->grouped_runs / sizeof engine->grouped_runs[0]];
+    long long shared_runs[sizeof engine->shared_runs / sizeof engine->shared_runs[0]];
     memcpy(runs, engine->grouped_runs, sizeof runs);
+    memcpy(shared_runs, engine->shared_runs, sizeof shared_runs);
     char why[512] = "";
     cudaGraph_t graph = nullptr;
     cudaError_t e = cudaStreamBeginCapture(engine->stream, cudaStreamCaptureModeThreadLocal);
@@ -96,6 +98,10 @@ static bool capture(moe_cuda_engine_t *engine, cuda_graph_t *g, moe_cuda_step_fn
     for (size_t i = 0; i < forms; i++) { /* what a launch of it adds */
         g->grouped_runs[i] = engine->grouped_runs[i] - runs[i];
         engine->grouped_runs[i] = runs[i];
+    }
+    for (size_t i = 0; i < sizeof shared_runs / sizeof shared_runs[0]; i++) {
+        g->shared_runs[i] = engine->shared_runs[i] - shared_runs[i];
+        engine->shared_runs[i] = shared_runs[i];
     }
     if (ret != MOE_OK || e != cudaSuccess) {
         (void)cudaGetLastError();
@@ -156,6 +162,8 @@ moe_err_t moe_cuda_graph_run(moe_cuda_engine_t *engine, cuda_layer_t *L, int n_t
     MOE_CUDA_TRY(record_events(engine));
     for (size_t i = 0; i < sizeof g->grouped_runs / sizeof g->grouped_runs[0]; i++)
         engine->grouped_runs[i] += g->grouped_runs[i];
+    for (size_t i = 0; i < sizeof g->shared_runs / sizeof g->shared_runs[0]; i++)
+        engine->shared_runs[i] += g->shared_runs[i];
     engine->graphs.launched++;
     L->step++;
     return MOE_OK;

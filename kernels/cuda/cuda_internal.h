@@ -143,6 +143,7 @@ typedef struct {
     int runs;                    /* steps run uncaptured in this epoch */
     int tokens;
     long long grouped_runs[4];   /* what one launch adds to engine->grouped_runs */
+    long long shared_runs[2];    /* and to engine->shared_runs */
 } cuda_graph_t;
 
 /* Per-phase CUDA events of one chunk, when MOE_CUDA_PROFILE is set. */
@@ -186,7 +187,7 @@ struct moe_cuda_engine {
     unsigned long long *d_step_counts; /* [n_slots] (token, expert) entries per slot this step, on balancer */
     bool counting;                     /* this step counts (a trace asked for slot counts) */
     bool shared_small; /* the shared expert of a few tokens by cuda_shared.cu (MOE_CUDA_SHARED_SMALL, default 1) */
-    long long shared_runs[2]; /* shared-expert steps: [0] cuBLAS, [1] cuda_shared.cu (tests) */
+    long long shared_runs[2]; /* chunks' shared experts: [0] cuBLAS, [1] cuda_shared.cu (tests; graphs count their launches) */
     int64_t comm_bytes;                /* bytes this rank sent to other ranks (dispatch, combine), for moe-bench */
     bool exact;                        /* moe.combine exact with more than one rank (cuda_exact.cu) */
     int *rank_counts;          /* [2][8·R]: send/recv counts and offsets per buffer set, rows then entries */

@@ -106,8 +106,8 @@ void moe_cuda_grouped_forms(const moe_cuda_engine_t *engine, long long *wgmma, l
                             long long *decode, bool *wgmma_ok);
 
 /* Chunks whose shared expert ran since the engine started (tests): by
- * cuBLAS, and by the small-T kernels (MOE_CUDA_SHARED_SMALL). A graph's
- * launch adds nothing: its capture counted once. */
+ * cuBLAS, and by the small-T kernels (MOE_CUDA_SHARED_SMALL); a graph's
+ * launch counts as its step would. */
 void moe_cuda_shared_forms(const moe_cuda_engine_t *engine, long long *cublas, long long *small);
 
 /* Steps captured as CUDA graphs, and graph launches, since the engine
