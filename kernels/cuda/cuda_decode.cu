@@ -238,12 +238,7 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32)
 }
 
 bool moe_cuda_decode_pdl_built(void) {
-    cudaFuncAttributes a[3];
-    const bool ok = cudaFuncGetAttributes(&a[0], router_kernel<1>) == cudaSuccess &&
-                    cudaFuncGetAttributes(&a[1], decode_up_kernel<UP_KB, UP_U>) == cudaSuccess &&
-                    cudaFuncGetAttributes(&a[2], decode_down_kernel<8, true>) == cudaSuccess;
-    if (!ok) (void)cudaGetLastError();
-    return ok && a[0].ptxVersion >= 90 && a[1].ptxVersion >= 90 && a[2].ptxVersion >= 90;
+    return moe_cuda_built_for_sm90(router_kernel<1>, decode_up_kernel<UP_KB, UP_U>, decode_down_kernel<8, true>);
 }
 
 cudaError_t moe_cuda_router_launch(const bf16 *router, const bf16 *x, int T, int E, int H, float *logits, bool pdl,

@@ -367,9 +367,25 @@ static inline cudaError_t moe_cuda_launch(bool pdl, void (*kernel)(Params...), d
     if (e != cudaSuccess) (void)cudaGetLastError(); /* returned here, not left for the next launcher */
     return e;
 }
-/* Whether the PDL kernels of cuda_decode.cu and cuda_kernels.cu were
- * compiled for sm_90 or later (a compute_80 build JIT-compiled on an H200
- * has no griddepcontrol: its kernels must not be launched with PDL). */
+/* Whether the PDL kernels of cuda_decode.cu, cuda_kernels.cu and
+ * cuda_shared.cu were compiled for sm_90 or later (a compute_80 build
+ * JIT-compiled on an H200 has no griddepcontrol: its kernels must not be
+ * launched with PDL); each asks moe_cuda_built_for_sm90 about its own. */
+template <typename... Kernels>
+static inline bool moe_cuda_built_for_sm90(Kernels... kernels) {
+    bool ok = true;
+    auto check = [&ok](const void *kernel) {
+        cudaFuncAttributes a;
+        if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+            (void)cudaGetLastError();
+            ok = false;
+        } else if (a.ptxVersion < 90) {
+            ok = false;
+        }
+    };
+    (check((const void *)kernels), ...);
+    return ok;
+}
 bool moe_cuda_decode_pdl_built(void);
 bool moe_cuda_route_pdl_built(void);
 bool moe_cuda_shared_pdl_built(void);

@@ -335,11 +335,7 @@ __global__ void __launch_bounds__(ROUTE_GROUP_WARPS * 32)
 }
 
 bool moe_cuda_route_pdl_built(void) {
-    cudaFuncAttributes a[2];
-    const bool ok = cudaFuncGetAttributes(&a[0], route_warp_kernel<4>) == cudaSuccess &&
-                    cudaFuncGetAttributes(&a[1], route_group_warp_kernel<8>) == cudaSuccess;
-    if (!ok) (void)cudaGetLastError();
-    return ok && a[0].ptxVersion >= 90 && a[1].ptxVersion >= 90;
+    return moe_cuda_built_for_sm90(route_warp_kernel<4>, route_group_warp_kernel<8>);
 }
 
 cudaError_t moe_cuda_route_launch(const moe_route_token_params_t *params, const float *logits, const float *bias,

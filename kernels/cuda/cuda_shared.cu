@@ -109,11 +109,7 @@ bool moe_cuda_shared_small_ok(int T, int H, int Is) {
 }
 
 bool moe_cuda_shared_pdl_built(void) {
-    cudaFuncAttributes a[2];
-    const bool ok = cudaFuncGetAttributes(&a[0], shared_up_kernel<1>) == cudaSuccess &&
-                    cudaFuncGetAttributes(&a[1], shared_down_kernel<1>) == cudaSuccess;
-    if (!ok) (void)cudaGetLastError();
-    return ok && a[0].ptxVersion >= 90 && a[1].ptxVersion >= 90;
+    return moe_cuda_built_for_sm90(shared_up_kernel<1>, shared_down_kernel<1>);
 }
 
 template <int TB>
